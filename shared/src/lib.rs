@@ -1,0 +1,23 @@
+//! What crosses a Herald service boundary lives here, once: the message types and subjects that
+//! make up the public contract, stream provisioning, dead-lettering, configuration loading,
+//! telemetry, the admin HTTP server and graceful shutdown. A service never re-declares a subject
+//! string or a header name; it asks this crate.
+
+pub mod admin;
+pub mod config;
+pub mod dlq;
+pub mod headers;
+pub mod messages;
+pub mod nats;
+pub mod retry;
+pub mod service;
+pub mod shutdown;
+pub mod streams;
+pub mod subjects;
+pub mod telemetry;
+
+pub use messages::{
+    ActionOutcome, ActionRequest, EntityEvent, JobRequest, JobState, JobStatus, Op, OutcomeStatus,
+    SCHEMA_VERSION,
+};
+pub use retry::RetryPolicy;

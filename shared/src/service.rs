@@ -1,0 +1,93 @@
+//! What every service binary shares around its own logic: the command line (`--config`), the
+//! config sections every service has, and the start-up sequence config → telemetry → connect →
+//! streams → admin server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Readiness};
+use crate::config::{AdminConfig, NatsConfig, Problems, StreamsConfig, TelemetryConfig, Validate};
+use crate::nats::{self, Nats};
+use crate::streams::{self, StreamSpec};
+
+/// The command line every service accepts.
+#[derive(Debug, Clone, clap::Parser)]
+pub struct ServiceArgs {
+    /// TOML configuration file; `HERALD_<SECTION>__<KEY>` variables override it.
+    #[arg(long, env = "HERALD_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// A service's whole configuration: the sections every service has, plus its own settings
+/// under `[service]`. One shape for every binary, so one loader, one set of environment names
+/// (`HERALD_NATS__URL`, `HERALD_SERVICE__DATABASE_URL`) and one validation path.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig<S> {
+    pub nats: NatsConfig,
+    pub admin: AdminConfig,
+    pub telemetry: TelemetryConfig,
+    pub streams: StreamsConfig,
+    pub service: S,
+}
+
+impl<S: Validate> Validate for ServiceConfig<S> {
+    fn validate(&self, problems: &mut Problems) {
+        problems.section("nats", &self.nats);
+        problems.section("admin", &self.admin);
+        problems.section("telemetry", &self.telemetry);
+        problems.section("streams", &self.streams);
+        problems.section("service", &self.service);
+    }
+}
+
+impl<S: DeserializeOwned + Validate + Default> ServiceConfig<S> {
+    /// Loads the file named on the command line (if any) with environment overrides.
+    pub fn load(args: &ServiceArgs) -> Result<Self, crate::config::ConfigError> {
+        crate::config::load(args.config.as_deref())
+    }
+}
+
+/// Settings for a service that has none of its own yet.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoSettings {}
+
+impl Validate for NoSettings {
+    fn validate(&self, _: &mut Problems) {}
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Connect(#[from] nats::ConnectError),
+    #[error(transparent)]
+    Streams(#[from] streams::ProvisionError),
+    #[error("cannot bind the admin server: {0}")]
+    Admin(#[from] std::io::Error),
+}
+
+/// Connects to NATS and makes sure the streams this service touches exist.
+pub async fn connect<S>(
+    common: &ServiceConfig<S>,
+    service: &str,
+    touches: &[StreamSpec],
+) -> Result<Nats, StartError> {
+    let nats = nats::connect(&common.nats, service).await?;
+    streams::ensure(&nats.jetstream, &common.streams, touches).await?;
+    Ok(nats)
+}
+
+/// Starts the admin server with the given readiness checks.
+pub async fn admin<S>(
+    common: &ServiceConfig<S>,
+    readiness: Readiness,
+    shutdown: &CancellationToken,
+) -> Result<(SocketAddr, JoinHandle<()>), StartError> {
+    Ok(admin::serve(common.admin.listen, readiness, shutdown.child_token()).await?)
+}

@@ -1,0 +1,100 @@
+//! The five Herald streams and their idempotent provisioning. File storage, Msg-Id duplicate
+//! window and retention come from `StreamsConfig`; running `ensure` again with the same config
+//! changes nothing, with a new config updates the stream in place.
+
+use async_nats::jetstream::{self, stream};
+
+use crate::config::StreamsConfig;
+use crate::subjects::{
+    ACTIONS_ALL, ACTIONS_STREAM, DLQ_ALL, DLQ_STREAM, EVENTS_ALL, EVENTS_STREAM, JOBS_STATUS_ALL,
+    JOBS_STREAM, JOBS_SUBMIT_ALL, OUTCOMES_ALL, OUTCOMES_STREAM,
+};
+
+/// One stream of the subject map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamSpec {
+    pub name: &'static str,
+    pub subjects: &'static [&'static str],
+    pub description: &'static str,
+}
+
+pub const EVENTS: StreamSpec = StreamSpec {
+    name: EVENTS_STREAM,
+    subjects: &[EVENTS_ALL],
+    description: "Entity events: one per committed row change",
+};
+pub const ACTIONS: StreamSpec = StreamSpec {
+    name: ACTIONS_STREAM,
+    subjects: &[ACTIONS_ALL],
+    description: "Action requests emitted by observers",
+};
+pub const OUTCOMES: StreamSpec = StreamSpec {
+    name: OUTCOMES_STREAM,
+    subjects: &[OUTCOMES_ALL],
+    description: "One outcome per action attempt",
+};
+pub const JOBS: StreamSpec = StreamSpec {
+    name: JOBS_STREAM,
+    subjects: &[JOBS_SUBMIT_ALL, JOBS_STATUS_ALL],
+    description: "Job submissions and job status transitions",
+};
+pub const DLQ: StreamSpec = StreamSpec {
+    name: DLQ_STREAM,
+    subjects: &[DLQ_ALL],
+    description: "Dead letters with their reason, original subject and attempts",
+};
+
+pub const ALL: [StreamSpec; 5] = [EVENTS, ACTIONS, OUTCOMES, JOBS, DLQ];
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot provision stream {stream}: {source}")]
+pub struct ProvisionError {
+    pub stream: &'static str,
+    #[source]
+    pub source: jetstream::context::CreateStreamError,
+}
+
+/// The JetStream configuration of one stream.
+pub fn stream_config(spec: &StreamSpec, config: &StreamsConfig) -> stream::Config {
+    let limits = config.limits(spec.name);
+    stream::Config {
+        name: spec.name.to_owned(),
+        description: Some(spec.description.to_owned()),
+        subjects: spec.subjects.iter().map(|s| (*s).to_owned()).collect(),
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        num_replicas: config.replicas,
+        duplicate_window: config.duplicate_window,
+        max_age: limits.max_age,
+        max_bytes: limits.max_bytes,
+        // Direct get lets the CLI and Flight read single messages cheaply.
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Creates each stream that does not exist and brings each that does to `config`.
+pub async fn ensure(
+    js: &jetstream::Context,
+    config: &StreamsConfig,
+    specs: &[StreamSpec],
+) -> Result<(), ProvisionError> {
+    for spec in specs {
+        js.create_or_update_stream(stream_config(spec, config))
+            .await
+            .map_err(|source| ProvisionError {
+                stream: spec.name,
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Every Herald stream.
+pub async fn ensure_all(
+    js: &jetstream::Context,
+    config: &StreamsConfig,
+) -> Result<(), ProvisionError> {
+    ensure(js, config, &ALL).await
+}

@@ -1,0 +1,182 @@
+//! The subject map of the public contract (contracts/README.md). Every subject a Herald service
+//! publishes or consumes is built here, so the map cannot drift between services.
+//!
+//! Names that become subject tokens (entities, observers, kinds, queues) are checked: a `.`, a
+//! wildcard or white space inside a token would silently change which consumers see a message.
+
+use crate::messages::Op;
+
+pub const EVENTS_STREAM: &str = "HERALD_EVENTS";
+pub const ACTIONS_STREAM: &str = "HERALD_ACTIONS";
+pub const OUTCOMES_STREAM: &str = "HERALD_OUTCOMES";
+pub const JOBS_STREAM: &str = "HERALD_JOBS";
+pub const DLQ_STREAM: &str = "HERALD_DLQ";
+
+pub const EVENTS_ALL: &str = "herald.events.>";
+pub const ACTIONS_ALL: &str = "herald.actions.>";
+pub const OUTCOMES_ALL: &str = "herald.outcomes.>";
+pub const JOBS_SUBMIT_ALL: &str = "herald.jobs.submit.>";
+pub const JOBS_STATUS_ALL: &str = "herald.jobs.status.>";
+pub const DLQ_ALL: &str = "herald.dlq.>";
+
+/// Request/reply subjects for managing jobs (core NATS, not stored in a stream).
+pub const JOBS_CONTROL_PREFIX: &str = "herald.control.jobs";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("`{value}` cannot be a subject token for {what}: {reason}")]
+pub struct InvalidToken {
+    pub what: &'static str,
+    pub value: String,
+    pub reason: &'static str,
+}
+
+/// Checks that `value` is usable as exactly one subject token.
+pub fn token<'a>(what: &'static str, value: &'a str) -> Result<&'a str, InvalidToken> {
+    let fail = |reason| {
+        Err(InvalidToken {
+            what,
+            value: value.to_owned(),
+            reason,
+        })
+    };
+    if value.is_empty() {
+        return fail("it is empty");
+    }
+    if value.contains('.') {
+        return fail("it contains `.`, which splits subject tokens");
+    }
+    if value.contains(['*', '>']) {
+        return fail("it contains a wildcard (`*` or `>`)");
+    }
+    if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return fail("it contains white space or a control character");
+    }
+    Ok(value)
+}
+
+/// `herald.events.<Entity>.<op>`
+pub fn event(entity: &str, op: Op) -> Result<String, InvalidToken> {
+    Ok(format!("herald.events.{}.{}", token("an entity", entity)?, op.as_str()))
+}
+
+/// `herald.events.<Entity>.>`: every event of one entity.
+pub fn events_of(entity: &str) -> Result<String, InvalidToken> {
+    Ok(format!("herald.events.{}.>", token("an entity", entity)?))
+}
+
+/// `herald.actions.<kind>.<observer>`
+pub fn action(kind: &str, observer: &str) -> Result<String, InvalidToken> {
+    Ok(format!(
+        "herald.actions.{}.{}",
+        token("an action kind", kind)?,
+        token("an observer", observer)?
+    ))
+}
+
+/// `herald.actions.<kind>.>`: every action of one kind, whichever observer emitted it.
+pub fn actions_of_kind(kind: &str) -> Result<String, InvalidToken> {
+    Ok(format!("herald.actions.{}.>", token("an action kind", kind)?))
+}
+
+/// `herald.outcomes.<kind>.<observer>`
+pub fn outcome(kind: &str, observer: &str) -> Result<String, InvalidToken> {
+    Ok(format!(
+        "herald.outcomes.{}.{}",
+        token("an action kind", kind)?,
+        token("an observer", observer)?
+    ))
+}
+
+/// `herald.jobs.submit.<queue>`
+pub fn job_submit(queue: &str) -> Result<String, InvalidToken> {
+    Ok(format!("herald.jobs.submit.{}", token("a job queue", queue)?))
+}
+
+/// `herald.jobs.status.<queue>`
+pub fn job_status(queue: &str) -> Result<String, InvalidToken> {
+    Ok(format!("herald.jobs.status.{}", token("a job queue", queue)?))
+}
+
+/// Where dead letters from one kind of source go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DlqSource {
+    Events,
+    Actions,
+    Jobs,
+}
+
+impl DlqSource {
+    pub const ALL: [DlqSource; 3] = [DlqSource::Events, DlqSource::Actions, DlqSource::Jobs];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DlqSource::Events => "events",
+            DlqSource::Actions => "actions",
+            DlqSource::Jobs => "jobs",
+        }
+    }
+
+    /// `herald.dlq.<source>`
+    pub fn subject(self) -> String {
+        format!("herald.dlq.{}", self.as_str())
+    }
+}
+
+impl std::str::FromStr for DlqSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|source| source.as_str() == s)
+            .ok_or_else(|| format!("unknown DLQ source `{s}` (expected events, actions or jobs)"))
+    }
+}
+
+/// The parts of a subject below its fixed prefix, e.g. `("Order", "insert")` for
+/// `herald.events.Order.insert`. `None` when the subject does not start with `prefix`.
+pub fn tail_tokens<'a>(subject: &'a str, prefix: &str) -> Option<Vec<&'a str>> {
+    let rest = subject.strip_prefix(prefix)?.strip_prefix('.')?;
+    Some(rest.split('.').collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_follow_the_contract() {
+        assert_eq!(
+            event("Order", Op::Update).as_deref(),
+            Ok("herald.events.Order.update")
+        );
+        assert_eq!(
+            action("webhook", "order_created").as_deref(),
+            Ok("herald.actions.webhook.order_created")
+        );
+        assert_eq!(
+            outcome("slack", "shipped").as_deref(),
+            Ok("herald.outcomes.slack.shipped")
+        );
+        assert_eq!(job_submit("default").as_deref(), Ok("herald.jobs.submit.default"));
+        assert_eq!(job_status("default").as_deref(), Ok("herald.jobs.status.default"));
+        assert_eq!(DlqSource::Actions.subject(), "herald.dlq.actions");
+    }
+
+    #[test]
+    fn names_that_would_change_routing_are_refused() {
+        for bad in ["", "a.b", "a*", ">", "has space", "tab\t"] {
+            assert!(event(bad, Op::Insert).is_err(), "{bad:?} accepted");
+            assert!(action("webhook", bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn tail_tokens_split_below_the_prefix() {
+        assert_eq!(
+            tail_tokens("herald.events.Order.insert", "herald.events"),
+            Some(vec!["Order", "insert"])
+        );
+        assert_eq!(tail_tokens("herald.eventsX.a", "herald.events"), None);
+    }
+}
