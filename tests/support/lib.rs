@@ -1,1 +1,36 @@
+//! The one test harness: real nats-server (2.15, JetStream), PostgreSQL and Redis, each started
+//! by the test itself on a free loopback port with a temporary data directory, so tests are
+//! isolated from each other and from the machine's own services, and can kill (-9) and restart
+//! a server mid-test. Servers stop when their handle is dropped.
+//!
+//! Tests wait for effects with `eventually`, never with a fixed sleep.
 
+mod binaries;
+mod nats;
+mod postgres;
+mod process;
+mod redis;
+mod wait;
+
+pub use nats::NatsServer;
+pub use postgres::Postgres;
+pub use redis::RedisServer;
+pub use wait::{eventually, eventually_async};
+
+use std::path::PathBuf;
+
+/// The workspace root (where `Cargo.toml`, `nats/` and `contracts/` are).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral loopback port")
+}
