@@ -37,7 +37,10 @@ async fn the_harness_refuses_nats_older_than_2_10() {
     let version = client.server_info().version;
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    assert!((major, minor) >= (2, 10), "harness started nats-server {version}");
+    assert!(
+        (major, minor) >= (2, 10),
+        "harness started nats-server {version}"
+    );
 }
 
 #[tokio::test]
@@ -66,7 +69,11 @@ async fn postgres_recovers_committed_rows_after_a_crash() {
             .args(["-d", "postgres", "-Atc", sql])
             .output()
             .expect("run psql");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
     psql(pg.port(), "create table t(x int); insert into t values (1)");

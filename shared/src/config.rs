@@ -179,7 +179,10 @@ impl Validate for NatsConfig {
             .split(',')
             .all(|u| u.starts_with("nats://") || u.starts_with("tls://"))
         {
-            problems.push("url", "must be nats://host:port (comma-separated for a cluster)");
+            problems.push(
+                "url",
+                "must be nats://host:port (comma-separated for a cluster)",
+            );
         }
         if self.user.is_some() != self.password.is_some() {
             problems.push("password", "user and password go together");
@@ -324,7 +327,10 @@ impl Validate for StreamsConfig {
                 );
             }
             if limits.max_bytes == 0 || limits.max_bytes < -1 {
-                problems.push(&format!("{name}.max_bytes"), "must be -1 (no limit) or positive");
+                problems.push(
+                    &format!("{name}.max_bytes"),
+                    "must be -1 (no limit) or positive",
+                );
             }
         }
     }
@@ -361,11 +367,9 @@ mod tests {
     #[test]
     fn the_environment_overrides_the_file() {
         let file = write("[nats]\nurl = \"nats://file:4222\"\n");
-        let config: Sample = load_with_env(
-            Some(file.path()),
-            [("HERALD_NATS__URL", "nats://env:4222")],
-        )
-        .expect("valid");
+        let config: Sample =
+            load_with_env(Some(file.path()), [("HERALD_NATS__URL", "nats://env:4222")])
+                .expect("valid");
         assert_eq!(config.nats.url, "nats://env:4222");
     }
 
@@ -389,7 +393,8 @@ mod tests {
     #[test]
     fn an_unknown_key_is_an_error_that_names_it() {
         let file = write("[nats]\nurll = \"nats://x:1\"\n");
-        let err = load_with_env::<Sample, _, _, _>(Some(file.path()), NO_ENV).expect_err("unknown key");
+        let err =
+            load_with_env::<Sample, _, _, _>(Some(file.path()), NO_ENV).expect_err("unknown key");
         assert!(err.to_string().contains("urll"), "{err}");
     }
 

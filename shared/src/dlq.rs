@@ -83,7 +83,10 @@ impl DeadLetter {
         out.insert(headers::ORIGINAL_MSG_ID, self.original_msg_id.as_str());
         out.insert(headers::ERROR, header_safe(&self.error).as_str());
         out.insert(headers::ATTEMPTS, self.attempts.to_string().as_str());
-        out.insert(headers::FIRST_FAILED_AT, rfc3339(self.first_failed_at).as_str());
+        out.insert(
+            headers::FIRST_FAILED_AT,
+            rfc3339(self.first_failed_at).as_str(),
+        );
         out.insert(headers::DEAD_LETTERED_AT, rfc3339(Utc::now()).as_str());
         out.insert(headers::DEAD_LETTERED_BY, dead_lettered_by);
         out
@@ -139,10 +142,7 @@ pub async fn dead_letter_message(
         dead_lettered_by,
     )
     .await?;
-    if let Err(e) = message
-        .ack_with(jetstream::AckKind::Term)
-        .await
-    {
+    if let Err(e) = message.ack_with(jetstream::AckKind::Term).await {
         // The dead letter is stored; a redelivery will be dead-lettered again under the same
         // Msg-Id and absorbed.
         tracing::warn!(error = %e, "could not terminate a dead-lettered message");
@@ -225,7 +225,10 @@ mod tests {
         original.insert(headers::TRACEPARENT, "00-abc-def-01");
         let l = letter("receiver answered 410");
         let h = l.headers(Some(&original), "action-worker");
-        assert_eq!(h.get(headers::MSG_ID).map(|v| v.as_str()), Some("e:o:0:dlq"));
+        assert_eq!(
+            h.get(headers::MSG_ID).map(|v| v.as_str()),
+            Some("e:o:0:dlq")
+        );
         assert_eq!(
             h.get(headers::TRACEPARENT).map(|v| v.as_str()),
             Some("00-abc-def-01")

@@ -17,3 +17,7 @@ pub const DEAD_LETTERED_BY: &str = "Herald-Dead-Lettered-By";
 /// Set on a message that the CLI re-published from the DLQ, so its consumers and the audit trail
 /// can tell a replay from a first delivery.
 pub const REPLAYED_FROM: &str = "Herald-Replayed-From";
+
+/// HTTP header a job's `http` handler sends with the job id, so a receiver can absorb the repeat
+/// of a job whose worker died after the call but before recording success.
+pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";

@@ -39,10 +39,16 @@ impl RetryPolicy {
     pub fn problems(&self, prefix: &str) -> Vec<(String, String)> {
         let mut problems = Vec::new();
         if self.max_attempts == 0 {
-            problems.push((format!("{prefix}.max_attempts"), "must be at least 1".into()));
+            problems.push((
+                format!("{prefix}.max_attempts"),
+                "must be at least 1".into(),
+            ));
         }
         if self.initial_delay_ms == 0 {
-            problems.push((format!("{prefix}.initial_delay_ms"), "must be positive".into()));
+            problems.push((
+                format!("{prefix}.initial_delay_ms"),
+                "must be positive".into(),
+            ));
         }
         if self.max_delay_ms < self.initial_delay_ms {
             problems.push((
@@ -51,7 +57,10 @@ impl RetryPolicy {
             ));
         }
         if !(self.multiplier >= 1.0 && self.multiplier.is_finite()) {
-            problems.push((format!("{prefix}.multiplier"), "must be a number >= 1".into()));
+            problems.push((
+                format!("{prefix}.multiplier"),
+                "must be a number >= 1".into(),
+            ));
         }
         problems
     }
@@ -123,7 +132,10 @@ mod tests {
         let p = policy(true);
         for _ in 0..50 {
             let d = p.delay_after(2).expect("attempt 2 of 5 retries");
-            assert!(d >= Duration::from_millis(200) && d <= Duration::from_millis(400), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(200) && d <= Duration::from_millis(400),
+                "{d:?}"
+            );
         }
     }
 
@@ -148,7 +160,11 @@ mod tests {
         let keys: Vec<_> = p.problems("retry").into_iter().map(|(k, _)| k).collect();
         assert_eq!(
             keys,
-            ["retry.max_attempts", "retry.max_delay_ms", "retry.multiplier"]
+            [
+                "retry.max_attempts",
+                "retry.max_delay_ms",
+                "retry.multiplier"
+            ]
         );
     }
 }

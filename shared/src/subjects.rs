@@ -21,6 +21,16 @@ pub const DLQ_ALL: &str = "herald.dlq.>";
 
 /// Request/reply subjects for managing jobs (core NATS, not stored in a stream).
 pub const JOBS_CONTROL_PREFIX: &str = "herald.control.jobs";
+/// List jobs by queue and state.
+pub const JOBS_CONTROL_LIST: &str = "herald.control.jobs.list";
+/// Show one job.
+pub const JOBS_CONTROL_SHOW: &str = "herald.control.jobs.show";
+/// Cancel a pending, delayed or running job (a running one cooperatively).
+pub const JOBS_CONTROL_CANCEL: &str = "herald.control.jobs.cancel";
+/// Put a dead job back in its queue.
+pub const JOBS_CONTROL_RETRY: &str = "herald.control.jobs.retry";
+/// Every job management request.
+pub const JOBS_CONTROL_ALL: &str = "herald.control.jobs.*";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("`{value}` cannot be a subject token for {what}: {reason}")]
@@ -56,7 +66,11 @@ pub fn token<'a>(what: &'static str, value: &'a str) -> Result<&'a str, InvalidT
 
 /// `herald.events.<Entity>.<op>`
 pub fn event(entity: &str, op: Op) -> Result<String, InvalidToken> {
-    Ok(format!("herald.events.{}.{}", token("an entity", entity)?, op.as_str()))
+    Ok(format!(
+        "herald.events.{}.{}",
+        token("an entity", entity)?,
+        op.as_str()
+    ))
 }
 
 /// `herald.events.<Entity>.>`: every event of one entity.
@@ -75,7 +89,10 @@ pub fn action(kind: &str, observer: &str) -> Result<String, InvalidToken> {
 
 /// `herald.actions.<kind>.>`: every action of one kind, whichever observer emitted it.
 pub fn actions_of_kind(kind: &str) -> Result<String, InvalidToken> {
-    Ok(format!("herald.actions.{}.>", token("an action kind", kind)?))
+    Ok(format!(
+        "herald.actions.{}.>",
+        token("an action kind", kind)?
+    ))
 }
 
 /// `herald.outcomes.<kind>.<observer>`
@@ -89,12 +106,18 @@ pub fn outcome(kind: &str, observer: &str) -> Result<String, InvalidToken> {
 
 /// `herald.jobs.submit.<queue>`
 pub fn job_submit(queue: &str) -> Result<String, InvalidToken> {
-    Ok(format!("herald.jobs.submit.{}", token("a job queue", queue)?))
+    Ok(format!(
+        "herald.jobs.submit.{}",
+        token("a job queue", queue)?
+    ))
 }
 
 /// `herald.jobs.status.<queue>`
 pub fn job_status(queue: &str) -> Result<String, InvalidToken> {
-    Ok(format!("herald.jobs.status.{}", token("a job queue", queue)?))
+    Ok(format!(
+        "herald.jobs.status.{}",
+        token("a job queue", queue)?
+    ))
 }
 
 /// Where dead letters from one kind of source go.
@@ -158,8 +181,14 @@ mod tests {
             outcome("slack", "shipped").as_deref(),
             Ok("herald.outcomes.slack.shipped")
         );
-        assert_eq!(job_submit("default").as_deref(), Ok("herald.jobs.submit.default"));
-        assert_eq!(job_status("default").as_deref(), Ok("herald.jobs.status.default"));
+        assert_eq!(
+            job_submit("default").as_deref(),
+            Ok("herald.jobs.submit.default")
+        );
+        assert_eq!(
+            job_status("default").as_deref(),
+            Ok("herald.jobs.status.default")
+        );
         assert_eq!(DlqSource::Actions.subject(), "herald.dlq.actions");
     }
 

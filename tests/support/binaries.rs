@@ -73,7 +73,9 @@ pub fn postgres(name: &str) -> PathBuf {
 
 pub fn redis_server() -> PathBuf {
     on_path("redis-server").unwrap_or_else(|| {
-        panic!("no redis-server on PATH: install Debian's redis-server package (scripts/install-deps)")
+        panic!(
+            "no redis-server on PATH: install Debian's redis-server package (scripts/install-deps)"
+        )
     })
 }
 

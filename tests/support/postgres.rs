@@ -35,7 +35,15 @@ impl Postgres {
             Command::new(binaries::postgres("initdb"))
                 .arg("-D")
                 .arg(&data)
-                .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "-N"]),
+                .args([
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "-N",
+                ]),
             "initdb",
         );
         // Durability settings off: the tests crash servers on purpose, but a test cluster need
@@ -151,7 +159,9 @@ impl Drop for Postgres {
     fn drop(&mut self) {
         if let Some(pid) = self.postmaster_pid() {
             // Immediate: the data is thrown away with the directory anyway.
-            let _ = Command::new("kill").args(["-QUIT", &pid.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-QUIT", &pid.to_string()])
+                .status();
             let deadline = Instant::now() + Duration::from_secs(5);
             while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
@@ -161,7 +171,9 @@ impl Drop for Postgres {
 }
 
 fn running_as_root() -> bool {
-    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }
 
 fn postgres_user() -> (u32, u32) {

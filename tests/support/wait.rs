@@ -6,7 +6,11 @@ use std::time::{Duration, Instant};
 const POLL: Duration = Duration::from_millis(25);
 
 /// Polls `probe` until it returns `Some`, panicking with `what` after `timeout`.
-pub async fn eventually<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+pub async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Option<T>,
+) -> T {
     eventually_async(what, timeout, || std::future::ready(probe())).await
 }
 
