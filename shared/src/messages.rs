@@ -231,20 +231,31 @@ pub enum DecodeError {
     UnsupportedVersion { found: u64 },
     #[error("missing schema_version")]
     MissingVersion,
+    #[error("schema_version must be a whole number, found {0}")]
+    NotAnInteger(String),
 }
 
 /// Decodes a contract message, refusing a schema version this build does not understand before
-/// looking at any other field (a newer producer's message must not be half-read).
+/// looking at any other field (a newer producer's message must not be half-read). An embedded
+/// event (ActionRequest's `event`) is held to the same rule.
 pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
     let value: Value = serde_json::from_slice(body)?;
-    match value.get("schema_version").and_then(Value::as_u64) {
-        None => return Err(DecodeError::MissingVersion),
-        Some(found) if found != u64::from(SCHEMA_VERSION) => {
-            return Err(DecodeError::UnsupportedVersion { found });
-        }
-        Some(_) => {}
+    check_version(&value)?;
+    if let Some(event) = value.get("event").filter(|e| e.is_object()) {
+        check_version(event)?;
     }
     Ok(serde_json::from_value(value)?)
+}
+
+fn check_version(value: &Value) -> Result<(), DecodeError> {
+    match value.get("schema_version") {
+        None | Some(Value::Null) => Err(DecodeError::MissingVersion),
+        Some(version) => match version.as_u64() {
+            Some(found) if found == u64::from(SCHEMA_VERSION) => Ok(()),
+            Some(found) => Err(DecodeError::UnsupportedVersion { found }),
+            None => Err(DecodeError::NotAnInteger(version.to_string())),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -292,6 +303,34 @@ mod tests {
         assert!(matches!(
             decode::<EntityEvent>(b"{}"),
             Err(DecodeError::MissingVersion)
+        ));
+    }
+
+    #[test]
+    fn an_embedded_event_of_an_unknown_version_is_refused_too() {
+        let request = ActionRequest {
+            id: "x".into(),
+            kind: "webhook".into(),
+            observer: "o".into(),
+            action_index: 0,
+            config: serde_json::json!({}),
+            retry: RetryPolicy::default(),
+            timeout_ms: 1000,
+            event: event(),
+            created_at: Utc::now(),
+            schema_version: SCHEMA_VERSION,
+        };
+        let mut value = serde_json::to_value(&request).expect("serialise");
+        assert!(decode::<ActionRequest>(value.to_string().as_bytes()).is_ok());
+        value["event"]["schema_version"] = 2.into();
+        assert!(matches!(
+            decode::<ActionRequest>(value.to_string().as_bytes()),
+            Err(DecodeError::UnsupportedVersion { found: 2 })
+        ));
+        value["event"]["schema_version"] = "1".into();
+        assert!(matches!(
+            decode::<ActionRequest>(value.to_string().as_bytes()),
+            Err(DecodeError::NotAnInteger(_))
         ));
     }
 

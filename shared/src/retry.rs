@@ -18,7 +18,8 @@ pub struct RetryPolicy {
     pub initial_delay_ms: u64,
     pub max_delay_ms: u64,
     pub multiplier: f32,
-    /// Adds a random share of the delay, so retries from many failures do not arrive together.
+    /// Adds up to one more delay at random (never past `max_delay_ms`), so retries from many
+    /// failures do not arrive together.
     pub jitter: bool,
 }
 
@@ -84,11 +85,13 @@ impl RetryPolicy {
         if attempt == 0 {
             return Some(Duration::ZERO);
         }
-        // Whole milliseconds: backon multiplies by an f32, and NAK delays are sent in ns anyway.
+        // backon adds jitter after capping, so cap again: max_delay_ms is a real ceiling. Whole
+        // milliseconds, because backon multiplies by an f32.
+        let max = Duration::from_millis(self.max_delay_ms);
         self.builder()
             .build()
             .nth(attempt as usize - 1)
-            .map(|d| Duration::from_millis(d.as_millis() as u64))
+            .map(|d| Duration::from_millis(d.as_millis() as u64).min(max))
     }
 
     /// The same policy as a `backon` builder, for in-process retry loops.
@@ -136,6 +139,14 @@ mod tests {
                 d >= Duration::from_millis(200) && d <= Duration::from_millis(400),
                 "{d:?}"
             );
+        }
+    }
+
+    #[test]
+    fn jitter_never_pushes_a_delay_past_the_ceiling() {
+        let p = policy(true);
+        for _ in 0..50 {
+            assert!(p.delay_after(4).expect("attempt 4 of 5") <= Duration::from_millis(500));
         }
     }
 
