@@ -1,0 +1,513 @@
+//! `nats/auth.conf` against a real nats-server: each service user can do its own job (provision
+//! the streams it touches, publish its own subjects, consume what it reads) and is refused
+//! everything else; only the `cli` admin user may delete or purge a stream.
+//!
+//! A refused publish is not an error the publisher sees on the publish itself: the server drops
+//! the message and sends `-ERR 'Permissions Violation ...'`, which async-nats reports through the
+//! connection's event callback. The tests capture those events, and also check that nothing was
+//! stored, so a refusal is proven by both the server's word and its effect.
+
+use std::path::{Component, PathBuf};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+use async_nats::{Event, ServerError};
+use futures::StreamExt;
+use herald_shared::config::StreamsConfig;
+use herald_shared::streams::{self, StreamSpec};
+use herald_test_support::{NatsServer, eventually_async, free_port, workspace_root};
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A nats-server with JetStream whose users are exactly those of the repo's `nats/auth.conf`.
+fn server_with_repo_users() -> NatsServer {
+    NatsServer::start_with(&format!("include \"{}\"", auth_conf_include_path()))
+}
+
+/// nats-server resolves `include` relative to the including file, even for an absolute path
+/// (it joins the two), so the path to the repo's file is written relative to the harness's
+/// config directory, a fresh directory directly under the system temp dir.
+fn auth_conf_include_path() -> String {
+    let temp = std::env::temp_dir()
+        .canonicalize()
+        .expect("the system temp dir exists");
+    let depth = temp
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .count()
+        + 1;
+    let auth = workspace_root()
+        .join("nats/auth.conf")
+        .canonicalize()
+        .expect("nats/auth.conf exists");
+    let below_root: PathBuf = auth
+        .components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect();
+    let mut relative = PathBuf::new();
+    for _ in 0..depth {
+        relative.push("..");
+    }
+    relative.join(below_root).display().to_string()
+}
+
+/// The dev password of `user`, read from `nats/auth.conf` so the test and the file cannot
+/// disagree.
+fn password_of(user: &str) -> String {
+    let text = std::fs::read_to_string(workspace_root().join("nats/auth.conf"))
+        .expect("read nats/auth.conf");
+    let mut lines = text.lines().map(str::trim);
+    lines
+        .by_ref()
+        .find(|line| *line == format!("user: {user}"))
+        .unwrap_or_else(|| panic!("no user {user} in nats/auth.conf"));
+    let line = lines
+        .next()
+        .unwrap_or_else(|| panic!("no line after user {user}"));
+    line.strip_prefix("password: \"")
+        .and_then(|rest| rest.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("the line after user {user} is not its password: {line}"))
+        .to_owned()
+}
+
+/// A connection as one of the configured users, with the server's complaints about it.
+struct Session {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    server_errors: mpsc::UnboundedReceiver<String>,
+}
+
+impl Session {
+    async fn open(nats: &NatsServer, user: &str) -> Self {
+        let (tx, server_errors) = mpsc::unbounded_channel();
+        let client = async_nats::ConnectOptions::new()
+            .user_and_password(user.to_owned(), password_of(user))
+            .event_callback(move |event| {
+                let tx = tx.clone();
+                async move {
+                    if let Event::ServerError(ServerError::Other(text)) = event {
+                        let _ = tx.send(text);
+                    }
+                }
+            })
+            .connect(nats.url())
+            .await
+            .unwrap_or_else(|e| panic!("connect as {user}: {e}"));
+        let js = jetstream::new(client.clone());
+        Self {
+            client,
+            js,
+            server_errors,
+        }
+    }
+
+    /// Waits for the server to report a permissions violation naming `subject`.
+    async fn refused(&mut self, subject: &str) -> String {
+        let wanted = format!("\"{subject}\"");
+        let wait = async {
+            while let Some(text) = self.server_errors.recv().await {
+                if text.to_lowercase().contains("permissions violation") && text.contains(&wanted) {
+                    return text;
+                }
+            }
+            panic!("the connection closed before the server refused {subject}");
+        };
+        tokio::time::timeout(WAIT, wait)
+            .await
+            .unwrap_or_else(|_| panic!("the server never refused {subject}"))
+    }
+
+    async fn publish_acked(&self, subject: &str) {
+        self.js
+            .publish(subject.to_owned(), "{}".into())
+            .await
+            .unwrap_or_else(|e| panic!("publish to {subject}: {e}"))
+            .await
+            .unwrap_or_else(|e| panic!("ack for {subject}: {e}"));
+    }
+}
+
+async fn messages_in(js: &jetstream::Context, stream: &str) -> u64 {
+    let mut stream = js.get_stream(stream).await.expect("stream exists");
+    stream.info().await.expect("stream info").state.messages
+}
+
+async fn provision(session: &Session, specs: &[StreamSpec]) {
+    streams::ensure(&session.js, &StreamsConfig::default(), specs)
+        .await
+        .expect("the service user provisions the streams it touches");
+}
+
+#[tokio::test]
+async fn every_service_user_can_provision_its_streams_and_publish_its_own_subjects() {
+    let nats = server_with_repo_users();
+    let cases: [(&str, &[StreamSpec], &[&str]); 6] = [
+        (
+            "gateway",
+            &[streams::EVENTS, streams::DLQ],
+            &["herald.events.Order.insert", "herald.dlq.events"],
+        ),
+        (
+            "dispatcher",
+            &[streams::EVENTS, streams::ACTIONS, streams::DLQ],
+            &["herald.actions.webhook.order_created", "herald.dlq.events"],
+        ),
+        (
+            "action-worker",
+            &[
+                streams::ACTIONS,
+                streams::OUTCOMES,
+                streams::JOBS,
+                streams::DLQ,
+            ],
+            &[
+                "herald.outcomes.webhook.order_created",
+                "herald.jobs.submit.default",
+                "herald.dlq.actions",
+            ],
+        ),
+        (
+            "job-worker",
+            &[streams::JOBS, streams::DLQ],
+            &["herald.jobs.status.default", "herald.dlq.jobs"],
+        ),
+        ("auditor", &streams::ALL, &[]),
+        ("flight-streamer", &[streams::EVENTS], &[]),
+    ];
+    for (user, specs, subjects) in cases {
+        let session = Session::open(&nats, user).await;
+        provision(&session, specs).await;
+        // Provisioning is idempotent under the same user: a restart must not be refused.
+        provision(&session, specs).await;
+        for subject in subjects {
+            session.publish_acked(subject).await;
+        }
+    }
+    let admin = Session::open(&nats, "cli").await;
+    assert_eq!(messages_in(&admin.js, "HERALD_EVENTS").await, 1);
+    assert_eq!(messages_in(&admin.js, "HERALD_DLQ").await, 4);
+}
+
+#[tokio::test]
+async fn consumers_can_pull_ack_and_read_by_sequence_on_the_streams_they_read() {
+    let nats = server_with_repo_users();
+    let gateway = Session::open(&nats, "gateway").await;
+    provision(&gateway, &[streams::EVENTS, streams::DLQ]).await;
+    gateway.publish_acked("herald.events.Order.insert").await;
+
+    let dispatcher = Session::open(&nats, "dispatcher").await;
+    let events = dispatcher
+        .js
+        .get_stream("HERALD_EVENTS")
+        .await
+        .expect("dispatcher reads HERALD_EVENTS");
+    let consumer = events
+        .get_or_create_consumer(
+            "dispatcher",
+            pull::Config {
+                durable_name: Some("dispatcher".into()),
+                filter_subject: "herald.events.>".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("dispatcher creates its durable consumer");
+    let mut batch = consumer
+        .fetch()
+        .max_messages(1)
+        .messages()
+        .await
+        .expect("dispatcher pulls");
+    let message = batch
+        .next()
+        .await
+        .expect("one event")
+        .expect("event delivered");
+    message.double_ack().await.expect("dispatcher acks");
+    // The dispatcher recreates its consumer when a checkpoint moves it (dispatcher/checkpoint.rs).
+    events
+        .delete_consumer("dispatcher")
+        .await
+        .expect("dispatcher deletes its own consumer");
+
+    let streamer = Session::open(&nats, "flight-streamer").await;
+    let events = streamer
+        .js
+        .get_stream("HERALD_EVENTS")
+        .await
+        .expect("flight-streamer reads HERALD_EVENTS");
+    let first = events
+        .direct_get(1)
+        .await
+        .expect("flight-streamer reads an event by sequence");
+    assert_eq!(first.subject.as_str(), "herald.events.Order.insert");
+
+    let auditor = Session::open(&nats, "auditor").await;
+    let dlq = auditor
+        .js
+        .get_stream("HERALD_DLQ")
+        .await
+        .expect("auditor reads HERALD_DLQ");
+    dlq.get_or_create_consumer(
+        "auditor",
+        pull::Config {
+            durable_name: Some("auditor".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("auditor creates its durable consumer");
+}
+
+#[tokio::test]
+async fn the_dispatcher_keeps_checkpoints_and_leases_in_its_kv_buckets() {
+    let nats = server_with_repo_users();
+    let dispatcher = Session::open(&nats, "dispatcher").await;
+    for bucket in ["herald_checkpoints", "herald_leases"] {
+        let kv = dispatcher
+            .js
+            .create_key_value(jetstream::kv::Config {
+                bucket: bucket.into(),
+                history: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("dispatcher creates KV bucket {bucket}: {e}"));
+        kv.put("observer_a", "42".into())
+            .await
+            .unwrap_or_else(|e| panic!("put into {bucket}: {e}"));
+        let value = kv
+            .get("observer_a")
+            .await
+            .unwrap_or_else(|e| panic!("get from {bucket}: {e}"));
+        assert_eq!(value.as_deref(), Some(b"42".as_slice()));
+    }
+}
+
+#[tokio::test]
+async fn a_service_user_is_refused_outside_its_subjects() {
+    let nats = server_with_repo_users();
+    let admin = Session::open(&nats, "cli").await;
+    streams::ensure_all(&admin.js, &StreamsConfig::default())
+        .await
+        .expect("cli provisions every stream");
+
+    let cases = [
+        ("gateway", "herald.actions.webhook.x"),
+        ("gateway", "herald.dlq.actions"),
+        ("dispatcher", "herald.events.Order.insert"),
+        ("action-worker", "herald.events.Order.insert"),
+        ("job-worker", "herald.jobs.submit.default"),
+        ("auditor", "herald.outcomes.webhook.x"),
+        ("flight-streamer", "herald.events.Order.insert"),
+    ];
+    for (user, subject) in cases {
+        let mut session = Session::open(&nats, user).await;
+        session
+            .client
+            .publish(subject, "{}".into())
+            .await
+            .expect("the client sends the publish");
+        session.client.flush().await.expect("flush");
+        session.refused(subject).await;
+    }
+
+    // The refusals were real: nothing reached any stream.
+    for spec in streams::ALL {
+        assert_eq!(messages_in(&admin.js, spec.name).await, 0, "{}", spec.name);
+    }
+}
+
+#[tokio::test]
+async fn a_service_user_cannot_read_a_stream_it_does_not_consume() {
+    let nats = server_with_repo_users();
+    let admin = Session::open(&nats, "cli").await;
+    streams::ensure_all(&admin.js, &StreamsConfig::default())
+        .await
+        .expect("cli provisions every stream");
+    let mut gateway = Session::open(&nats, "gateway").await;
+    let subject = "$JS.API.CONSUMER.CREATE.HERALD_ACTIONS";
+    let js = gateway.js.clone();
+    tokio::select! {
+        created = js.get_stream("HERALD_ACTIONS") => {
+            panic!("gateway's look-up of HERALD_ACTIONS was answered (ok: {})", created.is_ok());
+        }
+        _ = gateway.refused("$JS.API.STREAM.INFO.HERALD_ACTIONS") => {}
+    }
+    gateway
+        .client
+        .publish(subject, "{}".into())
+        .await
+        .expect("the client sends the request");
+    gateway.refused(subject).await;
+}
+
+#[tokio::test]
+async fn no_service_user_can_delete_or_purge_a_stream_or_a_message() {
+    let nats = server_with_repo_users();
+    let admin = Session::open(&nats, "cli").await;
+    streams::ensure_all(&admin.js, &StreamsConfig::default())
+        .await
+        .expect("cli provisions every stream");
+    admin.publish_acked("herald.jobs.submit.default").await;
+
+    let mut worker = Session::open(&nats, "job-worker").await;
+    let js = worker.js.clone();
+    tokio::select! {
+        deleted = js.delete_stream("HERALD_JOBS") => {
+            panic!("job-worker deleting HERALD_JOBS was answered (ok: {})", deleted.is_ok());
+        }
+        _ = worker.refused("$JS.API.STREAM.DELETE.HERALD_JOBS") => {}
+    }
+
+    let mut worker = Session::open(&nats, "action-worker").await;
+    let jobs = worker
+        .js
+        .get_stream("HERALD_JOBS")
+        .await
+        .expect("action-worker looks up a stream it provisions");
+    tokio::select! {
+        purged = jobs.purge() => {
+            panic!("action-worker purging HERALD_JOBS was answered: {purged:?}");
+        }
+        _ = worker.refused("$JS.API.STREAM.PURGE.HERALD_JOBS") => {}
+    }
+    tokio::select! {
+        deleted = jobs.delete_message(1) => {
+            panic!("action-worker deleting message 1 was answered: {deleted:?}");
+        }
+        _ = worker.refused("$JS.API.STREAM.MSG.DELETE.HERALD_JOBS") => {}
+    }
+
+    assert_eq!(messages_in(&admin.js, "HERALD_JOBS").await, 1);
+}
+
+#[tokio::test]
+async fn the_cli_user_can_purge_and_delete_a_stream() {
+    let nats = server_with_repo_users();
+    let admin = Session::open(&nats, "cli").await;
+    streams::ensure_all(&admin.js, &StreamsConfig::default())
+        .await
+        .expect("cli provisions every stream");
+    admin.publish_acked("herald.dlq.jobs").await;
+    let dlq = admin.js.get_stream("HERALD_DLQ").await.expect("DLQ exists");
+    dlq.purge().await.expect("cli purges HERALD_DLQ");
+    assert_eq!(messages_in(&admin.js, "HERALD_DLQ").await, 0);
+    admin
+        .js
+        .delete_stream("HERALD_JOBS")
+        .await
+        .expect("cli deletes HERALD_JOBS");
+    assert!(admin.js.get_stream("HERALD_JOBS").await.is_err());
+}
+
+#[tokio::test]
+async fn the_job_worker_answers_job_management_requests() {
+    let nats = server_with_repo_users();
+    let worker = Session::open(&nats, "job-worker").await;
+    let mut requests = worker
+        .client
+        .queue_subscribe(
+            herald_shared::subjects::JOBS_CONTROL_ALL,
+            "job-workers".to_owned(),
+        )
+        .await
+        .expect("job-worker subscribes to job management");
+    worker.client.flush().await.expect("flush");
+    let responder = worker.client.clone();
+    tokio::spawn(async move {
+        if let Some(request) = requests.next().await
+            && let Some(reply) = request.reply
+        {
+            responder
+                .publish(reply, "[]".into())
+                .await
+                .expect("job-worker answers");
+        }
+    });
+    let admin = Session::open(&nats, "cli").await;
+    let answer = tokio::time::timeout(
+        WAIT,
+        admin
+            .client
+            .request("herald.control.jobs.list", "{}".into()),
+    )
+    .await
+    .expect("answered in time")
+    .expect("job-worker's answer reaches the requester");
+    assert_eq!(answer.payload.as_ref(), b"[]");
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_refused() {
+    let nats = server_with_repo_users();
+    let refused = async_nats::ConnectOptions::new()
+        .user_and_password("gateway".into(), "not-the-password".into())
+        .connect(nats.url())
+        .await;
+    assert!(refused.is_err(), "a wrong password got a connection");
+}
+
+/// A server process that is killed when the test ends, however it ends.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_shipped_server_config_runs_jetstream_with_the_service_users() {
+    // Started the way scripts/dev starts it: the shipped file, placed by command-line flags.
+    let store = tempfile::tempdir().expect("store dir");
+    let (port, monitor) = (free_port(), free_port());
+    let binary = herald_test_support::nats_server_binary();
+    let _server = Running(
+        std::process::Command::new(&binary)
+            .arg("-c")
+            .arg(workspace_root().join("nats/nats-server.conf"))
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-m", &monitor.to_string(), "-sd"])
+            .arg(store.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "start {} -c nats/nats-server.conf: {e} (scripts/install-deps installs it; \
+                     HERALD_NATS_SERVER names another)",
+                    binary.display()
+                )
+            }),
+    );
+    let url = format!("nats://127.0.0.1:{port}");
+    let client = eventually_async(
+        "the shipped config to accept the gateway user",
+        WAIT,
+        || async {
+            async_nats::ConnectOptions::new()
+                .user_and_password("gateway".into(), password_of("gateway"))
+                .connect(url.as_str())
+                .await
+                .ok()
+        },
+    )
+    .await;
+    assert_eq!(client.server_info().max_payload, 8 * 1024 * 1024);
+    let js = jetstream::new(client);
+    streams::ensure(
+        &js,
+        &StreamsConfig::default(),
+        &[streams::EVENTS, streams::DLQ],
+    )
+    .await
+    .expect("the gateway provisions its streams on the shipped config");
+    js.publish("herald.events.Order.insert", "{}".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored by JetStream");
+}

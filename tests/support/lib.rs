@@ -17,6 +17,9 @@ pub use postgres::Postgres;
 pub use redis::RedisServer;
 pub use wait::{eventually, eventually_async};
 
+/// The nats-server binary the harness uses (2.10 or newer, never Debian's 2.9).
+pub use binaries::nats_server as nats_server_binary;
+
 use std::path::PathBuf;
 
 /// The workspace root (where `Cargo.toml`, `nats/` and `contracts/` are).
