@@ -21,3 +21,8 @@ pub const REPLAYED_FROM: &str = "Herald-Replayed-From";
 /// HTTP header a job's `http` handler sends with the job id, so a receiver can absorb the repeat
 /// of a job whose worker died after the call but before recording success.
 pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+
+/// On an action's dead letter: the receiver's last HTTP status, when the action speaks HTTP.
+pub const HTTP_STATUS: &str = "Herald-Http-Status";
+/// On an action's dead letter: the start of the receiver's last answer, as one header line.
+pub const RESPONSE_SNIPPET: &str = "Herald-Response-Snippet";
