@@ -644,22 +644,22 @@ fn the_readme_subject_map_names_every_stream_with_its_subjects() {
 #[test]
 fn the_readme_documents_every_header_herald_sets() {
     let readme = readme();
-    let mut names: BTreeSet<String> = [
-        headers::MSG_ID,
-        headers::TRACEPARENT,
-        headers::TRACESTATE,
-        headers::ORIGINAL_SUBJECT,
-        headers::ORIGINAL_MSG_ID,
-        headers::ERROR,
-        headers::ATTEMPTS,
-        headers::FIRST_FAILED_AT,
-        headers::DEAD_LETTERED_AT,
-        headers::DEAD_LETTERED_BY,
-        headers::REPLAYED_FROM,
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .collect();
+    // Every `pub const` in headers.rs, read from the source so a new header cannot skip the docs.
+    let source = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/src/headers.rs"
+    ))
+    .expect("read shared/src/headers.rs");
+    let mut names: BTreeSet<String> = source
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("pub const "))
+        .filter_map(|rest| rest.split('"').nth(1))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        names.contains(headers::MSG_ID) && names.contains(headers::REPLAYED_FROM),
+        "header constants not found in headers.rs: {names:?}"
+    );
     // Whatever the DLQ code actually writes must be documented too, even if it never got a
     // constant in `headers`.
     let letter = DeadLetter {
