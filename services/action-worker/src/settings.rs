@@ -1,0 +1,193 @@
+//! The worker's own settings (`[service]` in TOML, `HERALD_SERVICE__<KEY>` in the environment),
+//! with every default in one place and validation that names every bad key.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use herald_shared::config::{Problems, Validate};
+use serde::Deserialize;
+
+use crate::breaker::BreakerSettings;
+use crate::dedup::DedupSettings;
+use crate::email::SmtpSettings;
+use crate::ssrf::SsrfGuard;
+use crate::webhook;
+
+/// The kinds this build implements.
+pub const BUILTIN_KINDS: [&str; 4] = ["webhook", "slack", "email", "job"];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub redis_url: String,
+    /// The durable consumer on HERALD_ACTIONS; replicas with the same name share the work.
+    pub consumer: String,
+    /// This replica's name in lease tokens and logs; default `action-worker-<pid>-<random>`.
+    pub worker_name: Option<String>,
+    /// Which kinds this replica runs (each becomes a filter subject `herald.actions.<kind>.>`).
+    pub kinds: Vec<String>,
+    /// Actions in flight at once in this replica.
+    pub concurrency: usize,
+    /// JetStream's redelivery timer; renewed while an action runs or waits for Redis.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// How often a worker that lost Redis tries again.
+    #[serde(with = "humantime_serde")]
+    pub redis_retry: Duration,
+    pub dedup: DedupSettings,
+    pub breaker: BreakerSettings,
+    /// Internal destinations that are allowed anyway: CIDRs, addresses or host names.
+    pub ssrf_allow: Vec<String>,
+    /// Observer name → `whsec_` secret for signing its webhooks.
+    pub webhook_secrets: HashMap<String, String>,
+    pub smtp: SmtpSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            redis_url: "redis://127.0.0.1:6379".into(),
+            consumer: "action-worker".into(),
+            worker_name: None,
+            kinds: BUILTIN_KINDS.iter().map(|k| (*k).to_owned()).collect(),
+            concurrency: 32,
+            ack_wait: Duration::from_secs(30),
+            redis_retry: Duration::from_millis(500),
+            dedup: DedupSettings::default(),
+            breaker: BreakerSettings::default(),
+            ssrf_allow: Vec::new(),
+            webhook_secrets: HashMap::new(),
+            smtp: SmtpSettings::default(),
+        }
+    }
+}
+
+impl Settings {
+    pub fn worker_name(&self) -> String {
+        self.worker_name.clone().unwrap_or_else(|| {
+            let nonce = uuid::Uuid::now_v7().simple().to_string();
+            format!(
+                "action-worker-{}-{}",
+                std::process::id(),
+                &nonce[nonce.len() - 6..]
+            )
+        })
+    }
+}
+
+impl Validate for Settings {
+    fn validate(&self, problems: &mut Problems) {
+        if !(self.redis_url.starts_with("redis://") || self.redis_url.starts_with("rediss://")) {
+            problems.push(
+                "redis_url",
+                "must be redis://host:port or rediss://host:port",
+            );
+        }
+        if let Err(e) = herald_shared::subjects::token("a consumer name", &self.consumer) {
+            problems.push("consumer", e.to_string());
+        }
+        if self.kinds.is_empty() {
+            problems.push("kinds", "must name at least one kind");
+        }
+        for kind in &self.kinds {
+            if !BUILTIN_KINDS.contains(&kind.as_str()) {
+                problems.push(
+                    "kinds",
+                    format!("unknown kind `{kind}` (built in: {BUILTIN_KINDS:?})"),
+                );
+            }
+        }
+        if self.concurrency == 0 {
+            problems.push("concurrency", "must be at least 1");
+        }
+        if self.ack_wait < Duration::from_millis(300) {
+            problems.push("ack_wait", "must be at least 300ms");
+        }
+        if self.redis_retry.is_zero() || self.redis_retry >= self.ack_wait {
+            problems.push("redis_retry", "must be positive and below ack_wait");
+        }
+        if self.dedup.lease < Duration::from_millis(300) {
+            problems.push("dedup.lease", "must be at least 300ms");
+        }
+        if self.dedup.done_ttl <= self.dedup.lease {
+            problems.push("dedup.done_ttl", "must be longer than dedup.lease");
+        }
+        if self.dedup.timeout.is_zero() {
+            problems.push("dedup.timeout", "must be positive");
+        }
+        if self.breaker.failure_threshold == 0 {
+            problems.push("breaker.failure_threshold", "must be at least 1");
+        }
+        if self.breaker.cool_down.is_zero() {
+            problems.push("breaker.cool_down", "must be positive");
+        }
+        if let Err(e) = SsrfGuard::new(&self.ssrf_allow) {
+            problems.push("ssrf_allow", e.to_string());
+        }
+        for (observer, secret) in &self.webhook_secrets {
+            if let Err(e) = webhook::secret_key(secret) {
+                problems.push(&format!("webhook_secrets.{observer}"), e.to_string());
+            }
+        }
+        if self.smtp.username.is_some() != self.smtp.password.is_some() {
+            problems.push("smtp.password", "username and password go together");
+        }
+        if self.smtp.from.parse::<lettre::message::Mailbox>().is_err() {
+            problems.push("smtp.from", "must be an email address");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid() {
+        let mut problems = Problems::default();
+        Settings::default().validate(&mut problems);
+        assert!(problems.into_result().is_ok());
+    }
+
+    #[test]
+    fn the_example_config_loads_and_matches_the_defaults() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("action-worker.example.toml");
+        let config: herald_shared::service::ServiceConfig<Settings> =
+            herald_shared::config::load_with_env(Some(&path), [("", ""); 0])
+                .expect("example is valid");
+        let defaults = Settings::default();
+        assert_eq!(config.service.kinds, defaults.kinds);
+        assert_eq!(config.service.dedup, defaults.dedup);
+        assert_eq!(config.service.breaker, defaults.breaker);
+        assert_eq!(config.service.smtp, defaults.smtp);
+        assert_eq!(
+            (config.service.concurrency, config.service.ack_wait),
+            (defaults.concurrency, defaults.ack_wait)
+        );
+    }
+
+    #[test]
+    fn every_bad_key_is_named() {
+        let settings = Settings {
+            redis_url: "http://x".into(),
+            kinds: vec!["fax".into()],
+            concurrency: 0,
+            ssrf_allow: vec!["not a host/1".into()],
+            webhook_secrets: HashMap::from([("o".into(), "nope".into())]),
+            ..Settings::default()
+        };
+        let mut problems = Problems::default();
+        settings.validate(&mut problems);
+        let text = problems.into_result().expect_err("invalid").to_string();
+        for key in [
+            "redis_url",
+            "kinds",
+            "concurrency",
+            "ssrf_allow",
+            "webhook_secrets.o",
+        ] {
+            assert!(text.contains(key), "{key} missing from {text}");
+        }
+    }
+}

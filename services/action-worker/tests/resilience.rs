@@ -1,0 +1,343 @@
+//! What keeps an action's effect single and the pipeline moving when things go wrong: Redis
+//! leases across replicas and crashes, Redis itself going away, circuit breakers, the SSRF
+//! guard and slow receivers.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{App, Reply, Sink, WAIT, action, header, retry};
+use herald_shared::headers;
+use herald_shared::messages::OutcomeStatus;
+use herald_shared::subjects::ACTIONS_STREAM;
+use herald_test_support::eventually_async;
+use serde_json::json;
+
+/// Waits until the worker's consumer holds nothing: every action acked or terminated.
+async fn wait_settled(app: &App) {
+    eventually_async("every action acknowledged", WAIT, || async {
+        let stream = app.jetstream.get_stream(ACTIONS_STREAM).await.ok()?;
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer("action-worker").await.ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.num_ack_pending == 0 && info.num_pending == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_same_action_delivered_twice_to_two_workers_runs_once() {
+    let mut app = App::start().await;
+    let sink = Sink::start(|_| Reply::status(200).after(Duration::from_millis(500))).await;
+    // One slot each: while the first worker runs the action, the copy goes to the second.
+    for _ in 0..2 {
+        let mut settings = app.settings();
+        settings.concurrency = 1;
+        app.spawn_worker(settings);
+    }
+    let request = action(
+        "webhook",
+        "orders",
+        json!({"url": sink.url("/once")}),
+        retry(3, 50),
+    );
+    app.publish_with_id(&request, None).await;
+    app.publish_with_id(&request, None).await;
+
+    let outcomes = app
+        .wait_outcomes(&request.id, "a success and a duplicate", |o| o.len() >= 2)
+        .await;
+    let mut statuses: Vec<_> = outcomes.iter().map(|o| o.status).collect();
+    statuses.sort_by_key(|s| format!("{s:?}"));
+    assert_eq!(
+        statuses,
+        [OutcomeStatus::Duplicate, OutcomeStatus::Succeeded]
+    );
+    wait_settled(&app).await;
+    assert_eq!(sink.received().len(), 1, "executed once");
+}
+
+#[tokio::test]
+async fn a_long_action_keeps_its_lease_and_ack_timer_alive() {
+    let mut app = App::start().await;
+    let sink = Sink::start(|_| Reply::status(200).after(Duration::from_millis(2500))).await;
+    for _ in 0..2 {
+        let mut settings = app.settings();
+        settings.concurrency = 1;
+        settings.ack_wait = Duration::from_secs(1);
+        app.spawn_worker(settings);
+    }
+    let request = action(
+        "webhook",
+        "orders",
+        json!({"url": sink.url("/long")}),
+        retry(3, 50),
+    );
+    app.publish_with_id(&request, None).await;
+    app.publish_with_id(&request, None).await;
+
+    app.wait_outcomes(&request.id, "a success and a duplicate", |o| o.len() >= 2)
+        .await;
+    wait_settled(&app).await;
+    let outcomes = app.outcomes(&request.id).await;
+    // A lapsed lease would let the copy run (two requests); a lapsed ack timer would redeliver
+    // the running message (a second duplicate outcome).
+    assert_eq!(
+        sink.received().len(),
+        1,
+        "the copy ran: the lease was not kept alive"
+    );
+    assert_eq!(outcomes.len(), 2, "{outcomes:?}");
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_action_has_it_completed_once_its_lease_expires() {
+    let mut app = App::start().await;
+    let sink = Sink::start(|n| {
+        if n == 0 {
+            Reply::hang()
+        } else {
+            Reply::status(200)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[nats]\nurl = \"{}\"\n[telemetry]\nlog_format = \"pretty\"\n[service]\nredis_url = \"{}\"\n\
+             ssrf_allow = [\"127.0.0.1\"]\nack_wait = \"2s\"\n[service.dedup]\nlease = \"1s\"\n\
+             [service.webhook_secrets]\norders = \"{}\"\n",
+            app.nats.url(),
+            app.redis.url(),
+            common::SECRET
+        ),
+    )
+    .expect("write config");
+    let log = std::fs::File::create(dir.path().join("worker.log")).expect("log file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herald-action-worker"))
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log handle"))
+        .stderr(log)
+        .spawn()
+        .expect("start the worker binary");
+
+    let request = action(
+        "webhook",
+        "orders",
+        json!({"url": sink.url("/slow")}),
+        retry(5, 50),
+    );
+    app.publish(&request).await;
+    sink.wait_for(1).await;
+    child.kill().expect("kill -9 the worker");
+    child.wait().expect("reap the worker");
+
+    app.spawn_worker(app.settings());
+    let outcomes = app
+        .wait_outcomes(&request.id, "a success", |o| {
+            o.iter().any(|o| o.status == OutcomeStatus::Succeeded)
+        })
+        .await;
+    wait_settled(&app).await;
+    let received = sink.received();
+    assert_eq!(
+        received.len(),
+        2,
+        "the killed attempt and the one that completed it"
+    );
+    assert!(
+        received
+            .iter()
+            .all(|r| r.header("webhook-id").as_deref() == Some(request.id.as_str()))
+    );
+    let succeeded: Vec<_> = outcomes
+        .iter()
+        .filter(|o| o.status == OutcomeStatus::Succeeded)
+        .collect();
+    assert_eq!(succeeded.len(), 1);
+    assert_eq!(
+        succeeded[0].attempt, 2,
+        "the crashed delivery counts as an attempt"
+    );
+}
+
+#[tokio::test]
+async fn redis_down_pauses_actions_and_they_run_exactly_once_when_it_returns() {
+    let mut app = App::start().await;
+    let sink = Sink::start(|_| Reply::status(200)).await;
+    app.spawn_worker(app.settings());
+    let warm = action(
+        "webhook",
+        "orders",
+        json!({"url": sink.url("/warm")}),
+        retry(3, 50),
+    );
+    app.publish(&warm).await;
+    sink.wait_for(1).await;
+
+    app.redis.kill();
+    let requests: Vec<_> = (0..3)
+        .map(|_| {
+            action(
+                "webhook",
+                "orders",
+                json!({"url": sink.url("/while-down")}),
+                retry(3, 50),
+            )
+        })
+        .collect();
+    for request in &requests {
+        app.publish(request).await;
+    }
+    // A bounded look at the absence of an effect: nothing may run without its dedup claim.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        sink.received().len(),
+        1,
+        "an action ran while Redis was down"
+    );
+
+    app.redis.restart();
+    let received = sink.wait_for(4).await;
+    wait_settled(&app).await;
+    assert_eq!(sink.received().len(), 4);
+    for request in &requests {
+        let hits = received
+            .iter()
+            .filter(|r| r.header("webhook-id").as_deref() == Some(request.id.as_str()))
+            .count();
+        assert_eq!(hits, 1, "{} ran {hits} times", request.id);
+        let outcomes = app.outcomes(&request.id).await;
+        assert_eq!(outcomes.len(), 1);
+        assert_eq!(outcomes[0].status, OutcomeStatus::Succeeded);
+    }
+}
+
+#[tokio::test]
+async fn an_open_breaker_delays_actions_without_spending_attempts_and_a_probe_closes_it() {
+    let mut app = App::start().await;
+    let sink = Sink::start(|n| {
+        if n < 2 {
+            Reply::status(503)
+        } else {
+            Reply::status(200)
+        }
+    })
+    .await;
+    let mut settings = app.settings();
+    settings.breaker.failure_threshold = 2;
+    settings.breaker.cool_down = Duration::from_millis(1500);
+    app.spawn_worker(settings);
+    let request = action(
+        "webhook",
+        "orders",
+        json!({"url": sink.url("/flaky")}),
+        retry(3, 50),
+    );
+    app.publish(&request).await;
+
+    let outcomes = app
+        .wait_outcomes(&request.id, "a success", |o| {
+            o.iter().any(|o| o.status == OutcomeStatus::Succeeded)
+        })
+        .await;
+    let mut seen: Vec<_> = outcomes.iter().map(|o| (o.attempt, o.status)).collect();
+    seen.sort_by_key(|(a, _)| *a);
+    assert_eq!(
+        seen,
+        [
+            (1, OutcomeStatus::Retrying),
+            (2, OutcomeStatus::Retrying),
+            (3, OutcomeStatus::Succeeded)
+        ],
+        "deliveries held back by the open circuit spent no attempt"
+    );
+    let received = sink.received();
+    assert_eq!(received.len(), 3);
+    assert!(
+        received[2].at - received[1].at >= Duration::from_millis(1400),
+        "the third attempt waited for the cool-down, not the 100ms backoff: {:?}",
+        received[2].at - received[1].at
+    );
+
+    // Closed again: the next action goes straight through.
+    let next = action(
+        "webhook",
+        "orders",
+        json!({"url": sink.url("/flaky")}),
+        retry(1, 50),
+    );
+    app.publish(&next).await;
+    let outcomes = app
+        .wait_outcomes(&next.id, "an outcome", |o| !o.is_empty())
+        .await;
+    assert_eq!(outcomes[0].status, OutcomeStatus::Succeeded);
+}
+
+#[tokio::test]
+async fn a_loopback_destination_is_refused_unless_allow_listed() {
+    let mut app = App::start().await;
+    let sink = Sink::start(|_| Reply::status(200)).await;
+    let mut settings = app.settings();
+    settings.ssrf_allow.clear();
+    app.spawn_worker(settings);
+    let request = action(
+        "webhook",
+        "orders",
+        json!({"url": sink.url("/internal")}),
+        retry(5, 50),
+    );
+    app.publish(&request).await;
+
+    let letter = eventually_async("a dead letter", WAIT, || async {
+        app.dead_letters().await.pop()
+    })
+    .await;
+    let error = header(&letter, headers::ERROR).expect("error");
+    assert!(
+        error.contains("SSRF") && error.contains("127.0.0.1") && error.contains("loopback"),
+        "{error}"
+    );
+    assert_eq!(header(&letter, headers::ATTEMPTS).as_deref(), Some("1"));
+    assert!(sink.received().is_empty(), "nothing was sent");
+}
+
+#[tokio::test]
+async fn a_slow_receiver_does_not_stall_other_destinations() {
+    let mut app = App::start().await;
+    let slow = Sink::start(|_| Reply::hang()).await;
+    let fast = Sink::start(|_| Reply::status(200)).await;
+    let mut settings = app.settings();
+    settings.concurrency = 4;
+    app.spawn_worker(settings);
+    for _ in 0..2 {
+        app.publish(&action(
+            "webhook",
+            "orders",
+            json!({"url": slow.url("/slow")}),
+            retry(3, 50),
+        ))
+        .await;
+    }
+    slow.wait_for(2).await;
+    for _ in 0..5 {
+        app.publish(&action(
+            "webhook",
+            "orders",
+            json!({"url": fast.url("/fast")}),
+            retry(3, 50),
+        ))
+        .await;
+    }
+    fast.wait_for(5).await;
+    assert_eq!(
+        slow.received().len(),
+        2,
+        "the slow receiver still holds both of its requests"
+    );
+}
