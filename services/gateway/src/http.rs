@@ -1,0 +1,123 @@
+//! GraphQL over HTTP: `POST /graphql` (JSON body) and `GET /graphql` (query string), answers in
+//! the GraphQL JSON shape with error paths; `GET /graphiql` serves the GraphiQL page.
+//!
+//! Authentication happens here, before execution, so a wrong credential is refused with 401 and
+//! the resolvers only ever see a known caller.
+
+use std::sync::Arc;
+
+use async_graphql::dynamic::Schema;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+
+use crate::auth::{Authenticator, Caller};
+use crate::graphql::RequestContext;
+
+pub struct Http {
+    pub schema: Schema,
+    pub auth: Authenticator,
+    pub max_body_bytes: usize,
+}
+
+pub fn router(http: Http) -> Router {
+    let limit = http.max_body_bytes;
+    Router::new()
+        .route("/graphql", get(get_graphql).post(post_graphql))
+        .route("/graphiql", get(graphiql))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(Arc::new(http))
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    let body = serde_json::json!({ "errors": [{ "message": message.into() }] });
+    (status, axum::Json(body)).into_response()
+}
+
+async fn post_graphql(
+    State(http): State<Arc<Http>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "request body is larger than the limit of {} bytes (limits.max_body_bytes)",
+                    http.max_body_bytes
+                ),
+            );
+        }
+        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+    };
+    match serde_json::from_slice::<async_graphql::Request>(&body) {
+        Ok(request) => execute(&http, &headers, request).await,
+        Err(e) => error(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not a GraphQL request: {e}"),
+        ),
+    }
+}
+
+async fn get_graphql(
+    State(http): State<Arc<Http>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    match async_graphql::http::parse_query_string(query.as_deref().unwrap_or_default()) {
+        Ok(request) if is_mutation(&request.query) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "mutations are only accepted with POST",
+        ),
+        Ok(request) => execute(&http, &headers, request).await,
+        Err(e) => error(StatusCode::BAD_REQUEST, format!("bad query string: {e}")),
+    }
+}
+
+/// GraphQL over HTTP forbids mutations over GET (a link or a prefetch must not write).
+fn is_mutation(query: &str) -> bool {
+    async_graphql::parser::parse_query(query).is_ok_and(|document| {
+        document.operations.iter().any(|(_, operation)| {
+            operation.node.ty == async_graphql::parser::types::OperationType::Mutation
+        })
+    })
+}
+
+async fn execute(http: &Http, headers: &HeaderMap, request: async_graphql::Request) -> Response {
+    let caller = match http.auth.authenticate(headers) {
+        Ok(caller) => caller,
+        Err(e) => return error(StatusCode::UNAUTHORIZED, e.to_string()),
+    };
+    if caller == Caller::Anonymous && http.auth.queries_require_auth() {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "this gateway requires a JWT or an API key for every request",
+        );
+    }
+    let traceparent = headers
+        .get(herald_shared::headers::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let response = http
+        .schema
+        .execute(request.data(RequestContext {
+            caller,
+            traceparent,
+        }))
+        .await;
+    axum::Json(response).into_response()
+}
+
+async fn graphiql() -> impl IntoResponse {
+    Html(
+        async_graphql::http::GraphiQLSource::build()
+            .endpoint("/graphql")
+            .finish(),
+    )
+}

@@ -1,0 +1,151 @@
+//! The Herald gateway: GraphQL over PostgreSQL whose every committed change becomes an event.
+//!
+//! Two halves share one pool: the GraphQL server (`graphql`, `query`, `http`, `auth`) reads and
+//! writes the declared tables, and the relay (`relay`) moves the outbox rows that the capture
+//! trigger (`capture`) wrote in the same transactions to JetStream. Capture being a trigger is
+//! what makes the promise hold for writes that never pass through the gateway.
+
+pub mod auth;
+pub mod capture;
+pub mod graphql;
+pub mod http;
+pub mod query;
+pub mod relay;
+pub mod schema;
+pub mod settings;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use herald_shared::admin::Readiness;
+use herald_shared::nats::Nats;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use schema::{SchemaFile, introspect};
+pub use settings::GatewaySettings;
+
+/// The service name, as NATS and telemetry know it.
+pub const SERVICE: &str = "gateway";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Schema(#[from] schema::SchemaError),
+    #[error(transparent)]
+    Capture(#[from] capture::CaptureError),
+    #[error("cannot build the GraphQL schema: {0}")]
+    Graphql(String),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Connects a pool whose every statement is bounded by `limits.statement_timeout`.
+pub async fn connect_database(settings: &GatewaySettings) -> Result<PgPool, GatewayError> {
+    let timeout = settings.limits.statement_timeout.as_millis().to_string();
+    let options: PgConnectOptions = settings.database_url.parse()?;
+    let options = options.options([("statement_timeout", timeout.as_str())]);
+    Ok(PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .connect_with(options)
+        .await?)
+}
+
+/// A started gateway.
+pub struct Running {
+    /// Where GraphQL is served.
+    pub address: SocketAddr,
+    pub pool: PgPool,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Ready while NATS is connected and PostgreSQL answers.
+    pub fn readiness(&self, nats: &Nats) -> Readiness {
+        let pool = self.pool.clone();
+        Readiness::new().nats(nats).check("postgres", move || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query("SELECT 1")
+                    .execute(&pool)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        })
+    }
+
+    /// Waits for the server and the relay to stop (after `shutdown` is cancelled).
+    pub async fn wait(self) {
+        for task in self.tasks {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "a gateway task panicked");
+            }
+        }
+    }
+}
+
+/// Checks the schema file against the database, installs capture, starts GraphQL and (unless
+/// disabled) the relay. Refuses to start, naming the problem, when the file and database differ.
+pub async fn start(
+    settings: &GatewaySettings,
+    nats: &Nats,
+    shutdown: CancellationToken,
+) -> Result<Running, GatewayError> {
+    let pool = connect_database(settings).await?;
+    let file = SchemaFile::load(&settings.schema_file)?;
+    let catalog = Arc::new(schema::check(&pool, &file).await?);
+    capture::install(&pool, &file).await?;
+    let schema = graphql::build(pool.clone(), catalog, &settings.limits)
+        .map_err(|e| GatewayError::Graphql(e.to_string()))?;
+    let app = http::router(http::Http {
+        schema,
+        auth: auth::Authenticator::new(&settings.auth)?,
+        max_body_bytes: settings.limits.max_body_bytes,
+    });
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| GatewayError::Bind {
+            address: settings.listen,
+            source,
+        })?;
+    let address = listener.local_addr().map_err(|source| GatewayError::Bind {
+        address: settings.listen,
+        source,
+    })?;
+    let mut tasks = Vec::new();
+    let server_shutdown = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(server_shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "GraphQL server failed");
+        }
+    }));
+    if settings.relay.enabled {
+        let relay = relay::Relay::new(
+            pool.clone(),
+            nats.jetstream.clone(),
+            nats.client.server_info().max_payload,
+            settings.relay.clone(),
+        );
+        tasks.push(tokio::spawn(relay.run(shutdown)));
+    }
+    tracing::info!(%address, "GraphQL listening on /graphql");
+    Ok(Running {
+        address,
+        pool,
+        tasks,
+    })
+}

@@ -1,0 +1,708 @@
+//! Compiles one GraphQL root field into ONE parameterised SQL statement that returns the whole
+//! answer as a single `jsonb` value: nested relations become correlated sub-selects aggregated
+//! with `jsonb_agg`, so a query never fans out into one statement per row.
+//!
+//! Safety rule: values only ever travel as bound parameters (cast in SQL to the column's type as
+//! the catalogue reported it); identifiers only ever come from the checked `Catalog` and are
+//! quoted. Nothing a client sends is spliced into SQL text.
+
+use async_graphql::{Name, Value};
+
+use crate::capture::quote_ident;
+use crate::schema::{Catalog, CheckedEntity, Column, FieldType, RelationKind};
+use crate::settings::Limits;
+
+/// `jsonb_build_object` takes at most 100 arguments: objects are built in chunks and joined.
+const PAIRS_PER_CALL: usize = 40;
+
+/// A value bound to a placeholder.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Param {
+    Text(Option<String>),
+    TextArray(Vec<String>),
+    Int(i64),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Statement {
+    pub sql: String,
+    pub params: Vec<Param>,
+}
+
+/// What the client asked for below a field, independent of the GraphQL engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Selection {
+    /// The response key (the alias, else the field name).
+    pub key: String,
+    pub field: String,
+    pub arguments: Vec<(Name, Value)>,
+    pub children: Vec<Selection>,
+}
+
+impl Selection {
+    fn argument(&self, name: &str) -> Option<&Value> {
+        self.arguments
+            .iter()
+            .find(|(n, _)| n.as_str() == name)
+            .map(|(_, v)| v)
+    }
+}
+
+/// Why a request cannot be compiled. Every variant is the client's mistake (a permanent error).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum QueryError {
+    #[error("unknown entity {0}")]
+    UnknownEntity(String),
+    #[error("{entity} has no field `{field}`")]
+    UnknownField { entity: String, field: String },
+    #[error("unknown filter operator `{0}`")]
+    UnknownOperator(String),
+    #[error("`{argument}` {message}")]
+    BadArgument {
+        argument: &'static str,
+        message: String,
+    },
+}
+
+fn bad(argument: &'static str, message: impl Into<String>) -> QueryError {
+    QueryError::BadArgument {
+        argument,
+        message: message.into(),
+    }
+}
+
+/// Arguments of a list: `where`, `order_by`, `limit`, `offset`.
+pub struct ListArgs<'a> {
+    pub filter: Option<&'a Value>,
+    pub order_by: Option<&'a Value>,
+    pub limit: Option<&'a Value>,
+    pub offset: Option<&'a Value>,
+}
+
+impl<'a> ListArgs<'a> {
+    pub fn of(selection: &'a Selection) -> Self {
+        Self {
+            filter: selection.argument("where"),
+            order_by: selection.argument("order_by"),
+            limit: selection.argument("limit"),
+            offset: selection.argument("offset"),
+        }
+    }
+}
+
+pub struct Compiler<'a> {
+    catalog: &'a Catalog,
+    limits: &'a Limits,
+    params: Vec<Param>,
+    aliases: usize,
+}
+
+impl<'a> Compiler<'a> {
+    pub fn new(catalog: &'a Catalog, limits: &'a Limits) -> Self {
+        Self {
+            catalog,
+            limits,
+            params: Vec::new(),
+            aliases: 0,
+        }
+    }
+
+    fn finish(self, sql: String) -> Statement {
+        Statement {
+            sql,
+            params: self.params,
+        }
+    }
+
+    fn bind(&mut self, param: Param) -> String {
+        self.params.push(param);
+        format!("${}", self.params.len())
+    }
+
+    fn alias(&mut self) -> String {
+        let alias = format!("t{}", self.aliases);
+        self.aliases += 1;
+        alias
+    }
+
+    fn entity(&self, name: &str) -> Result<&'a CheckedEntity, QueryError> {
+        self.catalog
+            .entity(name)
+            .ok_or_else(|| QueryError::UnknownEntity(name.to_owned()))
+    }
+
+    /// `SELECT <row> FROM table WHERE key = $1`.
+    pub fn by_key(
+        mut self,
+        entity: &str,
+        key: &Value,
+        selection: &[Selection],
+    ) -> Result<Statement, QueryError> {
+        let entity = self.entity(entity)?;
+        let alias = self.alias();
+        let object = self.object(entity, &alias, selection)?;
+        let key_param = self.value_param(&entity.key, key, "key")?;
+        let sql = format!(
+            "SELECT {object} FROM {table} {alias} WHERE {alias}.{key} = CAST({key_param} AS {ty})",
+            table = quote_ident(&entity.table),
+            key = quote_ident(&entity.key.name),
+            ty = entity.key.sql_type,
+        );
+        Ok(self.finish(sql))
+    }
+
+    /// A JSON array of rows, filtered, ordered and paged.
+    pub fn list(
+        mut self,
+        entity: &str,
+        args: &ListArgs<'_>,
+        selection: &[Selection],
+    ) -> Result<Statement, QueryError> {
+        let entity = self.entity(entity)?;
+        let sql = self.list_expr(entity, args, selection, None)?;
+        Ok(self.finish(sql))
+    }
+
+    /// `INSERT ... RETURNING *`, then the row as JSON, in one statement.
+    pub fn create(
+        mut self,
+        entity: &str,
+        input: &Value,
+        selection: &[Selection],
+    ) -> Result<Statement, QueryError> {
+        let entity = self.entity(entity)?;
+        let assignments = self.assignments(entity, input)?;
+        let alias = self.alias();
+        let insert = if assignments.is_empty() {
+            format!("INSERT INTO {} DEFAULT VALUES", quote_ident(&entity.table))
+        } else {
+            let (columns, values): (Vec<_>, Vec<_>) = assignments.into_iter().unzip();
+            format!(
+                "INSERT INTO {} ({}) VALUES ({})",
+                quote_ident(&entity.table),
+                columns.join(", "),
+                values.join(", ")
+            )
+        };
+        let object = self.object(entity, &alias, selection)?;
+        let sql = format!("WITH {alias} AS ({insert} RETURNING *) SELECT {object} FROM {alias}");
+        Ok(self.finish(sql))
+    }
+
+    /// `UPDATE ... WHERE key = $n RETURNING *`, then the row as JSON.
+    pub fn update(
+        mut self,
+        entity: &str,
+        key: &Value,
+        input: &Value,
+        selection: &[Selection],
+    ) -> Result<Statement, QueryError> {
+        let entity = self.entity(entity)?;
+        let assignments = self.assignments(entity, input)?;
+        if assignments.is_empty() {
+            return Err(bad("input", "sets no field"));
+        }
+        let set = assignments
+            .into_iter()
+            .map(|(column, value)| format!("{column} = {value}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let key_param = self.value_param(&entity.key, key, "key")?;
+        let alias = self.alias();
+        let object = self.object(entity, &alias, selection)?;
+        let sql = format!(
+            "WITH {alias} AS (UPDATE {table} SET {set} WHERE {key} = CAST({key_param} AS {ty}) \
+             RETURNING *) SELECT {object} FROM {alias}",
+            table = quote_ident(&entity.table),
+            key = quote_ident(&entity.key.name),
+            ty = entity.key.sql_type,
+        );
+        Ok(self.finish(sql))
+    }
+
+    /// `DELETE ... WHERE key = $1 RETURNING *`, then the deleted row as JSON.
+    pub fn delete(
+        mut self,
+        entity: &str,
+        key: &Value,
+        selection: &[Selection],
+    ) -> Result<Statement, QueryError> {
+        let entity = self.entity(entity)?;
+        let key_param = self.value_param(&entity.key, key, "key")?;
+        let alias = self.alias();
+        let object = self.object(entity, &alias, selection)?;
+        let sql = format!(
+            "WITH {alias} AS (DELETE FROM {table} WHERE {key} = CAST({key_param} AS {ty}) \
+             RETURNING *) SELECT {object} FROM {alias}",
+            table = quote_ident(&entity.table),
+            key = quote_ident(&entity.key.name),
+            ty = entity.key.sql_type,
+        );
+        Ok(self.finish(sql))
+    }
+
+    fn assignments(
+        &mut self,
+        entity: &CheckedEntity,
+        input: &Value,
+    ) -> Result<Vec<(String, String)>, QueryError> {
+        let Value::Object(fields) = input else {
+            return Err(bad("input", "must be an object"));
+        };
+        let mut assignments = Vec::new();
+        for (name, value) in fields {
+            let column = column(entity, name.as_str())?;
+            let param = self.value_param(column, value, "input")?;
+            assignments.push((
+                quote_ident(&column.name),
+                format!("CAST({param} AS {})", column.sql_type),
+            ));
+        }
+        Ok(assignments)
+    }
+
+    /// The row at `alias` as a `jsonb` object holding exactly the selected fields.
+    fn object(
+        &mut self,
+        entity: &CheckedEntity,
+        alias: &str,
+        selection: &[Selection],
+    ) -> Result<String, QueryError> {
+        let mut pairs = Vec::new();
+        for selected in selection {
+            if selected.field.starts_with("__") {
+                continue;
+            }
+            let key = self.bind(Param::Text(Some(selected.key.clone())));
+            let value = if let Some(column) = entity.column(&selected.field) {
+                format!("{alias}.{}", quote_ident(&column.name))
+            } else if let Some(relation) = entity.relations.get(&selected.field) {
+                let target = self.entity(&relation.entity)?;
+                let from = column(entity, &relation.from)?;
+                let to = column(target, &relation.to)?;
+                let link = (alias, from, to);
+                match relation.kind {
+                    RelationKind::One => {
+                        let inner = self.alias();
+                        let object = self.object(target, &inner, &selected.children)?;
+                        format!(
+                            "(SELECT {object} FROM {table} {inner} WHERE {inner}.{to} = {alias}.{from} LIMIT 1)",
+                            table = quote_ident(&target.table),
+                            to = quote_ident(&to.name),
+                            from = quote_ident(&from.name),
+                        )
+                    }
+                    RelationKind::Many => format!(
+                        "({})",
+                        self.list_expr(
+                            target,
+                            &ListArgs::of(selected),
+                            &selected.children,
+                            Some(link)
+                        )?
+                    ),
+                }
+            } else {
+                return Err(QueryError::UnknownField {
+                    entity: entity.name.clone(),
+                    field: selected.field.clone(),
+                });
+            };
+            pairs.push(format!("{key}::text, {value}"));
+        }
+        if pairs.is_empty() {
+            return Ok("jsonb_build_object()".into());
+        }
+        Ok(pairs
+            .chunks(PAIRS_PER_CALL)
+            .map(|chunk| format!("jsonb_build_object({})", chunk.join(", ")))
+            .collect::<Vec<_>>()
+            .join(" || "))
+    }
+
+    /// `SELECT coalesce(jsonb_agg(...), '[]')` over a filtered, ordered, paged sub-select;
+    /// `link` correlates it with a parent row for a `many` relation.
+    fn list_expr(
+        &mut self,
+        entity: &CheckedEntity,
+        args: &ListArgs<'_>,
+        selection: &[Selection],
+        link: Option<(&str, &Column, &Column)>,
+    ) -> Result<String, QueryError> {
+        let alias = self.alias();
+        let object = self.object(entity, &alias, selection)?;
+        let mut conditions = Vec::new();
+        if let Some((parent, from, to)) = link {
+            conditions.push(format!(
+                "{alias}.{} = {parent}.{}",
+                quote_ident(&to.name),
+                quote_ident(&from.name)
+            ));
+        }
+        if let Some(filter) = args.filter.filter(|f| !matches!(f, Value::Null)) {
+            conditions.push(self.condition(entity, &alias, filter)?);
+        }
+        let condition = if conditions.is_empty() {
+            "TRUE".to_owned()
+        } else {
+            conditions.join(" AND ")
+        };
+        let order = self.order(entity, &alias, args.order_by)?;
+        let limit = match args.limit {
+            None | Some(Value::Null) => i64::from(self.limits.default_limit),
+            Some(value) => {
+                let limit = integer(value, "limit")?;
+                if limit < 0 {
+                    return Err(bad("limit", "must not be negative"));
+                }
+                if limit > i64::from(self.limits.max_limit) {
+                    return Err(bad(
+                        "limit",
+                        format!("{limit} is above the maximum of {}", self.limits.max_limit),
+                    ));
+                }
+                limit
+            }
+        };
+        let offset = match args.offset {
+            None | Some(Value::Null) => 0,
+            Some(value) => {
+                let offset = integer(value, "offset")?;
+                if offset < 0 {
+                    return Err(bad("offset", "must not be negative"));
+                }
+                offset
+            }
+        };
+        let limit = self.bind(Param::Int(limit));
+        let offset = self.bind(Param::Int(offset));
+        let page = self.alias();
+        Ok(format!(
+            "SELECT coalesce(jsonb_agg({page}.j ORDER BY {page}.n), '[]'::jsonb) FROM \
+             (SELECT {object} AS j, row_number() OVER (ORDER BY {order}) AS n \
+              FROM {table} {alias} WHERE {condition} ORDER BY {order} \
+              LIMIT {limit} OFFSET {offset}) {page}",
+            table = quote_ident(&entity.table),
+        ))
+    }
+
+    /// The `ORDER BY` list; the key always comes last so pages are stable.
+    fn order(
+        &mut self,
+        entity: &CheckedEntity,
+        alias: &str,
+        order_by: Option<&Value>,
+    ) -> Result<String, QueryError> {
+        let mut terms = Vec::new();
+        let items: Vec<&Value> = match order_by {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::List(items)) => items.iter().collect(),
+            Some(single) => vec![single],
+        };
+        for item in items {
+            let Value::Object(fields) = item else {
+                return Err(bad("order_by", "must be a list of {field: ASC|DESC}"));
+            };
+            for (name, direction) in fields {
+                let column = column(entity, name.as_str())?;
+                let direction = match direction {
+                    Value::Enum(d) if d.as_str() == "ASC" => "ASC",
+                    Value::Enum(d) if d.as_str() == "DESC" => "DESC",
+                    Value::Null => continue,
+                    _ => return Err(bad("order_by", "direction must be ASC or DESC")),
+                };
+                terms.push(format!("{alias}.{} {direction}", quote_ident(&column.name)));
+            }
+        }
+        terms.push(format!("{alias}.{} ASC", quote_ident(&entity.key.name)));
+        Ok(terms.join(", "))
+    }
+
+    /// A `where` object: its entries are ANDed; `and` / `or` take lists of where objects.
+    fn condition(
+        &mut self,
+        entity: &CheckedEntity,
+        alias: &str,
+        filter: &Value,
+    ) -> Result<String, QueryError> {
+        let Value::Object(fields) = filter else {
+            return Err(bad("where", "must be an object"));
+        };
+        let mut parts = Vec::new();
+        for (name, value) in fields {
+            match name.as_str() {
+                "and" | "or" => {
+                    let joiner = if name.as_str() == "and" {
+                        " AND "
+                    } else {
+                        " OR "
+                    };
+                    let items = match value {
+                        Value::List(items) => items.iter().collect::<Vec<_>>(),
+                        Value::Null => continue,
+                        single => vec![single],
+                    };
+                    if items.is_empty() {
+                        parts.push(if joiner == " AND " { "TRUE" } else { "FALSE" }.to_owned());
+                        continue;
+                    }
+                    let inner = items
+                        .into_iter()
+                        .map(|item| self.condition(entity, alias, item))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    parts.push(format!("({})", inner.join(joiner)));
+                }
+                field => {
+                    let column = column(entity, field)?;
+                    parts.extend(self.comparisons(column, alias, value)?);
+                }
+            }
+        }
+        if parts.is_empty() {
+            return Ok("TRUE".into());
+        }
+        Ok(format!("({})", parts.join(" AND ")))
+    }
+
+    fn comparisons(
+        &mut self,
+        column: &Column,
+        alias: &str,
+        operators: &Value,
+    ) -> Result<Vec<String>, QueryError> {
+        let Value::Object(operators) = operators else {
+            return Err(bad(
+                "where",
+                format!("`{}` takes an operator object", column.name),
+            ));
+        };
+        let target = format!("{alias}.{}", quote_ident(&column.name));
+        let ty = &column.sql_type;
+        let mut parts = Vec::new();
+        for (operator, value) in operators {
+            let operator = operator.as_str();
+            let comparison = match (operator, value) {
+                (_, Value::Null) if operator != "is_null" => match operator {
+                    "eq" => format!("{target} IS NULL"),
+                    "neq" => format!("{target} IS NOT NULL"),
+                    _ => continue,
+                },
+                ("eq" | "neq" | "gt" | "gte" | "lt" | "lte", value) => {
+                    let sql_operator = match operator {
+                        "eq" => "=",
+                        "neq" => "<>",
+                        "gt" => ">",
+                        "gte" => ">=",
+                        "lt" => "<",
+                        _ => "<=",
+                    };
+                    let param = self.value_param(column, value, "where")?;
+                    format!("{target} {sql_operator} CAST({param} AS {ty})")
+                }
+                ("in", Value::List(items)) => {
+                    let texts = items
+                        .iter()
+                        .map(|item| {
+                            value_text(column, item)?
+                                .ok_or_else(|| bad("where", "`in` cannot hold null"))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let param = self.bind(Param::TextArray(texts));
+                    format!("{target} = ANY(CAST({param} AS {ty}[]))")
+                }
+                ("like", Value::String(pattern)) => {
+                    let param = self.bind(Param::Text(Some(pattern.clone())));
+                    format!("{target}::text LIKE {param}")
+                }
+                ("is_null", Value::Boolean(true)) => format!("{target} IS NULL"),
+                ("is_null", Value::Boolean(false)) => format!("{target} IS NOT NULL"),
+                ("is_null", Value::Null) => continue,
+                ("in" | "like" | "is_null", _) => {
+                    return Err(bad("where", format!("wrong value for `{operator}`")));
+                }
+                (other, _) => return Err(QueryError::UnknownOperator(other.to_owned())),
+            };
+            parts.push(comparison);
+        }
+        Ok(parts)
+    }
+
+    fn value_param(
+        &mut self,
+        column: &Column,
+        value: &Value,
+        argument: &'static str,
+    ) -> Result<String, QueryError> {
+        let text = value_text(column, value).map_err(|_| {
+            bad(
+                argument,
+                format!("has a value of the wrong shape for `{}`", column.name),
+            )
+        })?;
+        Ok(self.bind(Param::Text(text)))
+    }
+}
+
+fn column<'e>(entity: &'e CheckedEntity, name: &str) -> Result<&'e Column, QueryError> {
+    entity.column(name).ok_or_else(|| QueryError::UnknownField {
+        entity: entity.name.clone(),
+        field: name.to_owned(),
+    })
+}
+
+fn integer(value: &Value, argument: &'static str) -> Result<i64, QueryError> {
+    match value {
+        Value::Number(n) => n
+            .as_i64()
+            .ok_or_else(|| bad(argument, "must be an integer")),
+        _ => Err(bad(argument, "must be an integer")),
+    }
+}
+
+/// The text form PostgreSQL casts to the column's type; JSON columns take the JSON text.
+fn value_text(column: &Column, value: &Value) -> Result<Option<String>, QueryError> {
+    if column.field_type == FieldType::JSON {
+        return match value {
+            Value::Null => Ok(None),
+            other => other
+                .clone()
+                .into_json()
+                .map(|json| Some(json.to_string()))
+                .map_err(|e| bad("where", e.to_string())),
+        };
+    }
+    match value {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some(s.clone())),
+        Value::Number(n) => Ok(Some(n.to_string())),
+        Value::Boolean(b) => Ok(Some(b.to_string())),
+        Value::Enum(e) => Ok(Some(e.to_string())),
+        _ => Err(bad(
+            "where",
+            format!("`{}` takes a scalar value", column.name),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use async_graphql::{Name, Number, Value};
+
+    use super::*;
+
+    fn catalog() -> Catalog {
+        let column = |name: &str, sql_type: &str, field_type| Column {
+            name: name.into(),
+            sql_type: sql_type.into(),
+            field_type,
+        };
+        let entity = CheckedEntity {
+            name: "Customer".into(),
+            table: "customers".into(),
+            key: column("id", "integer", FieldType::Int),
+            columns: vec![
+                column("id", "integer", FieldType::Int),
+                column("name", "text", FieldType::String),
+            ],
+            relations: BTreeMap::new(),
+        };
+        Catalog {
+            entities: BTreeMap::from([("Customer".to_owned(), entity)]),
+        }
+    }
+
+    fn object(pairs: Vec<(&str, Value)>) -> Value {
+        Value::Object(pairs.into_iter().map(|(k, v)| (Name::new(k), v)).collect())
+    }
+
+    fn selection(field: &str) -> Selection {
+        Selection {
+            key: field.into(),
+            field: field.into(),
+            arguments: Vec::new(),
+            children: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn values_travel_only_as_parameters_never_in_the_sql_text() {
+        let attack = "x'); DROP TABLE customers; --";
+        let operators = ["eq", "neq", "gt", "gte", "lt", "lte", "like"];
+        let filter = object(vec![(
+            "or",
+            Value::List(
+                operators
+                    .iter()
+                    .map(|op| {
+                        object(vec![(
+                            "name",
+                            object(vec![(op, Value::String(attack.into()))]),
+                        )])
+                    })
+                    .chain([object(vec![(
+                        "name",
+                        object(vec![(
+                            "in",
+                            Value::List(vec![Value::String(attack.into())]),
+                        )]),
+                    )])])
+                    .collect(),
+            ),
+        )]);
+        let catalog = catalog();
+        let limits = Limits::default();
+        let statement = Compiler::new(&catalog, &limits)
+            .list(
+                "Customer",
+                &ListArgs {
+                    filter: Some(&filter),
+                    order_by: None,
+                    limit: Some(&Value::Number(Number::from(5))),
+                    offset: None,
+                },
+                &[selection("id"), selection("name")],
+            )
+            .expect("compiles");
+        assert!(!statement.sql.contains("DROP"), "{}", statement.sql);
+        let bound = statement
+            .params
+            .iter()
+            .filter(|p| match p {
+                Param::Text(Some(text)) => text == attack,
+                Param::TextArray(items) => items.iter().any(|i| i == attack),
+                _ => false,
+            })
+            .count();
+        assert_eq!(bound, operators.len() + 1, "one parameter per comparison");
+    }
+
+    #[test]
+    fn an_unknown_field_or_a_limit_above_the_maximum_is_refused() {
+        let catalog = catalog();
+        let limits = Limits::default();
+        let err = Compiler::new(&catalog, &limits)
+            .by_key(
+                "Customer",
+                &Value::Number(Number::from(1)),
+                &[selection("password")],
+            )
+            .expect_err("unknown field");
+        assert!(err.to_string().contains("password"), "{err}");
+        let too_many = Value::Number(Number::from(i64::from(limits.max_limit) + 1));
+        let err = Compiler::new(&catalog, &limits)
+            .list(
+                "Customer",
+                &ListArgs {
+                    filter: None,
+                    order_by: None,
+                    limit: Some(&too_many),
+                    offset: None,
+                },
+                &[selection("id")],
+            )
+            .expect_err("limit");
+        assert!(err.to_string().contains("maximum"), "{err}");
+    }
+}

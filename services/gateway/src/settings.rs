@@ -1,0 +1,159 @@
+//! The gateway's own settings, under `[service]` in the configuration file
+//! (`HERALD_SERVICE__<KEY>` in the environment). Defaults live here, in one place.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use herald_shared::config::{Problems, Validate};
+use serde::Deserialize;
+
+use crate::auth::AuthSettings;
+use crate::relay::RelaySettings;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySettings {
+    pub database_url: String,
+    /// The schema file (TOML) declaring the entities.
+    pub schema_file: PathBuf,
+    /// Where GraphQL is served (`/graphql`).
+    pub listen: SocketAddr,
+    /// Connections in the pool shared by GraphQL and the relay.
+    pub max_connections: u32,
+    pub limits: Limits,
+    pub auth: AuthSettings,
+    pub relay: RelaySettings,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            database_url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
+            schema_file: PathBuf::from("herald-schema.toml"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_connections: 10,
+            limits: Limits::default(),
+            auth: AuthSettings::default(),
+            relay: RelaySettings::default(),
+        }
+    }
+}
+
+/// What one request may cost.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_depth: usize,
+    pub max_complexity: usize,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Every SQL statement a request runs is cancelled after this long.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    /// Rows a list returns when the query gives no `limit`, and the most it may ask for.
+    pub default_limit: u32,
+    pub max_limit: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_depth: 10,
+            max_complexity: 500,
+            max_body_bytes: 256 * 1024,
+            statement_timeout: Duration::from_secs(5),
+            default_limit: 100,
+            max_limit: 1000,
+        }
+    }
+}
+
+impl Validate for Limits {
+    fn validate(&self, problems: &mut Problems) {
+        for (key, value) in [
+            ("max_depth", self.max_depth),
+            ("max_complexity", self.max_complexity),
+            ("max_body_bytes", self.max_body_bytes),
+        ] {
+            if value == 0 {
+                problems.push(key, "must be positive");
+            }
+        }
+        if self.statement_timeout.as_millis() == 0 {
+            problems.push("statement_timeout", "must be at least 1ms");
+        }
+        if self.default_limit == 0 {
+            problems.push("default_limit", "must be positive");
+        }
+        if self.max_limit < self.default_limit {
+            problems.push("max_limit", "must not be below default_limit");
+        }
+    }
+}
+
+impl Validate for GatewaySettings {
+    fn validate(&self, problems: &mut Problems) {
+        if !(self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://"))
+        {
+            problems.push("database_url", "must be a postgres:// URL");
+        }
+        if self.schema_file.as_os_str().is_empty() {
+            problems.push("schema_file", "must name the schema file");
+        }
+        if self.max_connections < 2 {
+            problems.push(
+                "max_connections",
+                "must be at least 2 (the relay holds one while publishing)",
+            );
+        }
+        problems.section("limits", &self.limits);
+        problems.section("auth", &self.auth);
+        problems.section("relay", &self.relay);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use herald_shared::config::{Problems, Validate};
+
+    use super::*;
+
+    #[test]
+    fn the_example_configuration_loads_and_validates() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("herald-gateway.example.toml");
+        let no_env: [(&str, &str); 0] = [];
+        let config: herald_shared::service::ServiceConfig<GatewaySettings> =
+            herald_shared::config::load_with_env(Some(&path), no_env).expect("valid example");
+        assert_eq!(config.service.relay.batch_size, 500);
+        assert_eq!(config.service.auth.api_keys.len(), 1);
+    }
+
+    #[test]
+    fn every_bad_setting_is_named() {
+        let mut settings = GatewaySettings {
+            database_url: "mysql://x".into(),
+            max_connections: 1,
+            ..Default::default()
+        };
+        settings.limits.max_depth = 0;
+        settings.limits.max_limit = 1;
+        settings.auth.jwt_hs256_secret = Some("short".into());
+        settings.relay.batch_size = 0;
+        let mut problems = Problems::default();
+        settings.validate(&mut problems);
+        let text = problems.into_result().expect_err("invalid").to_string();
+        for key in [
+            "database_url",
+            "max_connections",
+            "limits.max_depth",
+            "limits.max_limit",
+            "auth.jwt_hs256_secret",
+            "relay.batch_size",
+        ] {
+            assert!(text.contains(key), "{key} missing from: {text}");
+        }
+    }
+}

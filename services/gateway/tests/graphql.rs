@@ -1,0 +1,563 @@
+//! GraphQL over the declared tables: queries, filters, nested relations, mutations that become
+//! events naming their actor, auth refusals, limits and an SQL-injection corpus.
+
+mod common;
+
+use common::{API_KEY, API_KEY_ACTOR, World, token};
+use herald_shared::Op;
+use serde_json::json;
+
+async fn seed(world: &World) {
+    sqlx::raw_sql(
+        "INSERT INTO customers (id, name, email) VALUES
+            (1, 'Ada', 'ada@example.com'), (2, 'Bob', NULL), (3, 'Cy', 'cy@example.com');
+         INSERT INTO orders (id, customer_id, status, total, meta) VALUES
+            (10, 1, 'paid', 12.50, '{\"gift\": true}'),
+            (11, 1, 'new', 99.00, NULL),
+            (12, 2, 'shipped', 5.25, NULL),
+            (13, 3, 'paid', 40.00, NULL);",
+    )
+    .execute(&world.db)
+    .await
+    .expect("seed");
+}
+
+#[tokio::test]
+async fn queries_filter_order_page_and_nest_relations() {
+    let world = World::start().await;
+    seed(&world).await;
+    let gateway = world.gateway().await;
+
+    let data = gateway
+        .query("{ customer(id: 1) { name email orders(order_by: [{total: DESC}]) { id total meta } } }")
+        .await;
+    assert_eq!(
+        data,
+        json!({"customer": {"name": "Ada", "email": "ada@example.com", "orders": [
+            {"id": 11, "total": 99.0, "meta": null},
+            {"id": 10, "total": 12.5, "meta": {"gift": true}},
+        ]}})
+    );
+
+    let data = gateway
+        .query(
+            r#"{ orderList(where: {or: [{status: {eq: "paid"}}, {total: {lt: 6}}]},
+                           order_by: [{id: DESC}], limit: 2, offset: 1) {
+                   id status customer { name } } }"#,
+        )
+        .await;
+    assert_eq!(
+        data,
+        json!({"orderList": [
+            {"id": 12, "status": "shipped", "customer": {"name": "Bob"}},
+            {"id": 10, "status": "paid", "customer": {"name": "Ada"}},
+        ]})
+    );
+
+    for (filter, expected) in [
+        (r#"{id: {neq: 1}}"#, json!([2, 3])),
+        (r#"{id: {gt: 1, lte: 3}}"#, json!([2, 3])),
+        (r#"{id: {gte: 2, lt: 3}}"#, json!([2])),
+        (r#"{id: {in: [1, 3, 7]}}"#, json!([1, 3])),
+        (r#"{name: {like: "%y"}}"#, json!([3])),
+        (r#"{email: {is_null: true}}"#, json!([2])),
+        (
+            r#"{email: {is_null: false}, and: [{name: {neq: "Cy"}}]}"#,
+            json!([1]),
+        ),
+    ] {
+        let data = gateway
+            .query(&format!("{{ customerList(where: {filter}) {{ id }} }}"))
+            .await;
+        let ids: Vec<_> = data["customerList"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|c| c["id"].clone())
+            .collect();
+        assert_eq!(json!(ids), expected, "filter {filter}");
+    }
+
+    let data = gateway
+        .query("{ a: customer(id: 2) { who: name } b: customer(id: 99) { name } }")
+        .await;
+    assert_eq!(data, json!({"a": {"who": "Bob"}, "b": null}));
+
+    let (status, body) = gateway
+        .post(
+            "query($ids: [Int!]) { customerList(where: {id: {in: $ids}}) { id } }",
+            json!({"ids": [2]}),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["data"], json!({"customerList": [{"id": 2}]}));
+
+    let over_get: serde_json::Value = gateway
+        .http
+        .get(format!(
+            "{}?query=%7B%20customer(id%3A%203)%20%7B%20name%20%7D%20%7D",
+            gateway.url
+        ))
+        .send()
+        .await
+        .expect("GET /graphql")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(over_get["data"], json!({"customer": {"name": "Cy"}}));
+    let page = gateway
+        .http
+        .get(gateway.url.replace("/graphql", "/graphiql"))
+        .send()
+        .await
+        .expect("GET /graphiql")
+        .text()
+        .await
+        .expect("html");
+    assert!(page.contains("graphiql"), "a GraphiQL page");
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_mutation_commits_the_row_and_an_event_naming_its_actor() {
+    let world = World::start().await;
+    let gateway = world.gateway().await;
+    seed(&world).await;
+    let before = world.wait_for_events(7).await.len();
+    let bearer = format!("Bearer {}", token("user-42"));
+
+    let (status, body) = gateway
+        .post(
+            r#"mutation { createOrder(input: {id: 20, customer_id: 2, status: "new", total: 7.5}) {
+                   id status customer { name } } }"#,
+            json!({}),
+            &[
+                ("authorization", &bearer),
+                (
+                    "traceparent",
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                ),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["data"],
+        json!({"createOrder": {"id": 20, "status": "new", "customer": {"name": "Bob"}}}),
+        "{body}"
+    );
+    let (_, body) = gateway
+        .post(
+            r#"mutation { updateOrder(id: 20, input: {status: "paid"}) { status } }"#,
+            json!({}),
+            &[("x-api-key", API_KEY)],
+        )
+        .await;
+    assert_eq!(
+        body["data"],
+        json!({"updateOrder": {"status": "paid"}}),
+        "{body}"
+    );
+    let (_, body) = gateway
+        .post(
+            "mutation { deleteOrder(id: 20) { id } }",
+            json!({}),
+            &[("authorization", &bearer)],
+        )
+        .await;
+    assert_eq!(body["data"], json!({"deleteOrder": {"id": 20}}), "{body}");
+
+    let stored = world.wait_for_events(before + 3).await;
+    let mine: Vec<_> = stored[before..].iter().collect();
+    let events: Vec<_> = mine.iter().map(|s| s.event()).collect();
+    assert_eq!(
+        events.iter().map(|e| e.op).collect::<Vec<_>>(),
+        [Op::Insert, Op::Update, Op::Delete]
+    );
+    assert_eq!(events[0].actor.as_deref(), Some("user-42"));
+    assert_eq!(events[1].actor.as_deref(), Some(API_KEY_ACTOR));
+    assert_eq!(events[1].changed, Some(vec!["status".to_owned()]));
+    assert_eq!(events[2].actor.as_deref(), Some("user-42"));
+    assert!(events.iter().all(|e| e.key == "20" && e.entity == "Order"));
+    assert_eq!(
+        mine[0].header("traceparent").as_deref(),
+        Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        "the caller's trace continues into the event"
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn callers_without_valid_credentials_are_refused() {
+    let world = World::start().await;
+    seed(&world).await;
+    let gateway = world.gateway().await;
+    let create = r#"mutation { createCustomer(input: {name: "Eve"}) { id } }"#;
+
+    let (status, body) = gateway.post(create, json!({}), &[]).await;
+    assert_eq!(status, 200);
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("authenticated"),
+        "{body}"
+    );
+    assert_eq!(body["errors"][0]["path"], json!(["createCustomer"]));
+
+    let forged = {
+        let claims = json!({"sub": "mallory", "exp": chrono::Utc::now().timestamp() + 600});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(b"some-other-secret-of-sufficient-length"),
+        )
+        .expect("sign")
+    };
+    let expired = {
+        let claims = json!({"sub": "late", "exp": chrono::Utc::now().timestamp() - 3600});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(common::JWT_SECRET.as_bytes()),
+        )
+        .expect("sign")
+    };
+    for headers in [
+        vec![("authorization", format!("Bearer {forged}"))],
+        vec![("authorization", format!("Bearer {expired}"))],
+        vec![("authorization", "Basic abc".to_owned())],
+        vec![("x-api-key", "not-a-known-key-at-all".to_owned())],
+    ] {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let (status, body) = gateway.post(create, json!({}), &headers).await;
+        assert_eq!(status, 401, "{headers:?}: {body}");
+        assert!(body["errors"][0]["message"].is_string());
+    }
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM customers")
+        .fetch_one(&world.db)
+        .await
+        .expect("count");
+    assert_eq!(count, 3, "no refused mutation wrote anything");
+
+    let response = gateway
+        .http
+        .get(format!(
+            "{}?query={}",
+            gateway.url, "mutation%20%7B%20deleteCustomer(id%3A%201)%20%7B%20id%20%7D%20%7D"
+        ))
+        .header("x-api-key", API_KEY)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status().as_u16(), 405, "no mutation over GET");
+    gateway.stop().await;
+
+    let mut settings = world.settings();
+    settings.auth.queries_require_auth = true;
+    let strict = world.gateway_with(settings).await;
+    let (status, _) = strict
+        .post("{ customer(id: 1) { id } }", json!({}), &[])
+        .await;
+    assert_eq!(status, 401);
+    let (status, body) = strict
+        .post(
+            "{ customer(id: 1) { id } }",
+            json!({}),
+            &[("x-api-key", API_KEY)],
+        )
+        .await;
+    assert_eq!(
+        (status, body["data"].clone()),
+        (200, json!({"customer": {"id": 1}}))
+    );
+    strict.stop().await;
+}
+
+#[tokio::test]
+async fn an_rs256_token_checked_against_a_jwks_file_names_the_actor() {
+    let world = World::start().await;
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut settings = world.settings();
+    settings.auth.jwt_rs256_jwks_file = Some(fixtures.join("rs256.jwks.json"));
+    let gateway = world.gateway_with(settings).await;
+    let private = std::fs::read(fixtures.join("rs256-private.der")).expect("test key");
+    let sign = |kid: &str| {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some(kid.to_owned());
+        let claims = json!({"sub": "rsa-user", "exp": chrono::Utc::now().timestamp() + 600});
+        jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_rsa_der(&private),
+        )
+        .expect("sign")
+    };
+    let create = r#"mutation { createCustomer(input: {id: 5, name: "Rae"}) { id } }"#;
+    let (status, _) = gateway
+        .post(
+            create,
+            json!({}),
+            &[("authorization", &format!("Bearer {}", sign("other-key")))],
+        )
+        .await;
+    assert_eq!(status, 401, "a kid the JWKS does not hold is refused");
+    let (status, body) = gateway
+        .post(
+            create,
+            json!({}),
+            &[("authorization", &format!("Bearer {}", sign("test-key")))],
+        )
+        .await;
+    assert_eq!(
+        (status, body["data"].clone()),
+        (200, json!({"createCustomer": {"id": 5}})),
+        "{body}"
+    );
+    let stored = world.wait_for_events(1).await;
+    assert_eq!(stored[0].event().actor.as_deref(), Some("rsa-user"));
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn limits_answer_with_clear_graphql_errors() {
+    let world = World::start().await;
+    seed(&world).await;
+    let mut settings = world.settings();
+    settings.limits.max_depth = 3;
+    settings.limits.max_complexity = 20;
+    settings.limits.max_body_bytes = 2048;
+    settings.limits.max_limit = 50;
+    let gateway = world.gateway_with(settings).await;
+
+    let (_, body) = gateway
+        .post(
+            "{ customer(id: 1) { orders { customer { orders { id } } } } }",
+            json!({}),
+            &[],
+        )
+        .await;
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("too deep"),
+        "{body}"
+    );
+
+    let aliases: String = (0..30)
+        .map(|i| format!("c{i}: customer(id: 1) {{ id }} "))
+        .collect();
+    let (_, body) = gateway
+        .post(&format!("{{ {aliases} }}"), json!({}), &[])
+        .await;
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("complex"),
+        "{body}"
+    );
+
+    let (_, body) = gateway
+        .post("{ customerList(limit: 51) { id } }", json!({}), &[])
+        .await;
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("maximum of 50"),
+        "{body}"
+    );
+
+    let padding = " ".repeat(4096);
+    let (status, body) = gateway
+        .post(
+            &format!("{{ customer(id: 1) {{ id }} {padding} }}"),
+            json!({}),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 413);
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("2048"),
+        "{body}"
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_statement_over_the_timeout_is_cancelled_with_a_clear_error_and_writes_nothing() {
+    let world = World::start().await;
+    sqlx::raw_sql(
+        "CREATE TABLE slow_things (id int PRIMARY KEY);
+         CREATE FUNCTION dawdle() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_sleep(2); RETURN NEW; END $$;
+         CREATE TRIGGER dawdle BEFORE INSERT ON slow_things FOR EACH ROW EXECUTE FUNCTION dawdle();",
+    )
+    .execute(&world.db)
+    .await
+    .expect("a slow table");
+    let path = world.dir.path().join("slow.toml");
+    let schema = format!(
+        "{}\n[entities.SlowThing]\ntable = \"slow_things\"\nkey = \"id\"\nfields = {{ id = \"Int\" }}\n",
+        common::SCHEMA
+    );
+    std::fs::write(&path, schema).expect("write");
+    let mut settings = world.settings();
+    settings.schema_file = path;
+    settings.limits.statement_timeout = std::time::Duration::from_millis(200);
+    let gateway = world.gateway_with(settings).await;
+
+    let (status, body) = gateway
+        .post(
+            "mutation { createSlowThing(input: {id: 1}) { id } }",
+            json!({}),
+            &[("x-api-key", API_KEY)],
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("statement timeout"),
+        "{body}"
+    );
+    assert_eq!(body["errors"][0]["path"], json!(["createSlowThing"]));
+    let (rows, outbox): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM slow_things), (SELECT count(*) FROM herald_outbox)",
+    )
+    .fetch_one(&world.db)
+    .await
+    .expect("count");
+    assert_eq!((rows, outbox), (0, 0));
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn an_sql_injection_corpus_through_every_operator_matches_nothing_and_harms_nothing() {
+    let world = World::start().await;
+    seed(&world).await;
+    let gateway = world.gateway().await;
+    let corpus = [
+        "' OR '1'='1",
+        "'; DROP TABLE customers; --",
+        "Ada' --",
+        "1; DELETE FROM orders",
+        "\" OR \"\"=\"",
+        "') OR ('x'='x",
+        "%' OR 1=1 --",
+        "\\'; SELECT pg_sleep(5); --",
+        "$1",
+    ];
+    for attack in corpus {
+        for operator in ["eq", "neq", "gt", "gte", "lt", "lte", "like"] {
+            let (status, body) = gateway
+                .post(
+                    &format!("query($v: String) {{ customerList(where: {{name: {{{operator}: $v}}}}) {{ id name }} }}"),
+                    json!({"v": attack}),
+                    &[],
+                )
+                .await;
+            assert_eq!(status, 200);
+            let rows = body["data"]["customerList"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            // Compared as the plain string it is, the attack can only match what that string
+            // matches: no name equals or resembles it, and ordering operators see three names.
+            let expected = match operator {
+                "eq" | "like" => 0,
+                "neq" => 3,
+                _ => rows.len(),
+            };
+            assert_eq!(rows.len(), expected, "{operator} {attack:?}: {body}");
+            assert!(rows.len() <= 3);
+        }
+        let (_, body) = gateway
+            .post(
+                "query($v: [String!]) { customerList(where: {name: {in: $v}}) { id } }",
+                json!({"v": [attack, "Nobody"]}),
+                &[],
+            )
+            .await;
+        assert_eq!(
+            body["data"]["customerList"],
+            json!([]),
+            "in {attack:?}: {body}"
+        );
+        let (_, body) = gateway
+            .post(
+                "query($v: ID!) { customer(id: $v) { id } }",
+                json!({"v": attack}),
+                &[],
+            )
+            .await;
+        assert!(body["data"]["customer"].is_null(), "key {attack:?}: {body}");
+        // A non-numeric value for an Int column is refused by the cast, never executed as SQL.
+        let (_, body) = gateway
+            .post(
+                "query($v: String) { orderList(where: {status: {eq: $v}, id: {gt: 0}}) { id } }",
+                json!({"v": attack}),
+                &[],
+            )
+            .await;
+        assert_eq!(body["data"]["orderList"], json!([]), "{attack:?}: {body}");
+    }
+    let (_, body) = gateway
+        .post(
+            "query($v: String) { customerList(where: {name: {eq: $v}}) { id } }",
+            json!({"v": "Ada\u{0}"}),
+            &[],
+        )
+        .await;
+    assert!(
+        body["errors"][0]["message"].is_string(),
+        "a NUL byte is refused: {body}"
+    );
+    let (customers, orders): (i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM customers), (SELECT count(*) FROM orders)")
+            .fetch_one(&world.db)
+            .await
+            .expect("tables are still there");
+    assert_eq!((customers, orders), (3, 4));
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_schema_file_naming_a_missing_column_refuses_to_start_naming_it() {
+    let world = World::start().await;
+    let broken = common::SCHEMA.replace(
+        "email = \"String\"",
+        "email = \"String\", phone = \"String\"",
+    );
+    let path = world.dir.path().join("broken.toml");
+    std::fs::write(&path, broken).expect("write");
+    let mut settings = world.settings();
+    settings.schema_file = path;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let err = match herald_gateway::start(&settings, &world.nats, shutdown).await {
+        Ok(_) => panic!("the gateway started with a column that does not exist"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("phone") && err.contains("customers"), "{err}");
+
+    let introspected = herald_gateway::introspect(&world.db)
+        .await
+        .expect("introspect");
+    assert_eq!(introspected.entities["Orders"].key, "id");
+    assert_eq!(
+        introspected.entities["Orders"].relations["customer"].entity,
+        "Customers"
+    );
+    assert!(
+        introspected.entities["Customers"]
+            .relations
+            .contains_key("orders")
+    );
+}

@@ -1,0 +1,184 @@
+//! Intake: a durable pull consumer on `herald.jobs.submit.>`. Each submission is stored in Redis
+//! (one Lua script: dedup by job id, pending set, `pending` event into the outbox) and only then
+//! acked, so an acked job is durable. A duplicate submission (a re-delivery, or the same id sent
+//! twice) finds its job already stored and is acked without effect — for as long as the job record
+//! lives (until `terminal_ttl` after it finished). Undecodable submissions go
+//! to `herald.dlq.jobs` with the reason; while Redis is unreachable submissions are NAKed with a
+//! delay and come back.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use chrono::Utc;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use herald_shared::dlq::{self, DeadLetter};
+use herald_shared::subjects::{self, DlqSource, JOBS_STREAM, JOBS_SUBMIT_ALL};
+use herald_shared::{JobRequest, headers, messages, telemetry};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::SERVICE;
+use crate::pool::Pool;
+use crate::queue::Queue;
+
+/// Submissions stored at once; each waits on one Redis script, so overlapping them hides the
+/// round trip.
+const IN_FLIGHT: usize = 256;
+
+/// How long a submission waits before coming back while Redis is unreachable.
+const REDIS_DOWN_DELAY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error("cannot find the {JOBS_STREAM} stream: {0}")]
+    Stream(#[from] jetstream::context::GetStreamError),
+    #[error("cannot create the submission consumer: {0}")]
+    Consumer(#[from] jetstream::stream::ConsumerError),
+    #[error("cannot pull submissions: {0}")]
+    Pull(#[from] jetstream::consumer::StreamError),
+}
+
+/// The durable consumer every instance shares.
+pub async fn consumer(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, IntakeError> {
+    let stream = js.get_stream(JOBS_STREAM).await?;
+    Ok(stream
+        .get_or_create_consumer(
+            name,
+            pull::Config {
+                durable_name: Some(name.to_owned()),
+                description: Some("job-worker intake: stores submissions in Redis".into()),
+                filter_subject: JOBS_SUBMIT_ALL.to_owned(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 10_000,
+                ..Default::default()
+            },
+        )
+        .await?)
+}
+
+pub struct Intake {
+    pub jetstream: jetstream::Context,
+    pub queue: Queue,
+    pub pool: Pool,
+}
+
+impl Intake {
+    pub async fn run(
+        self,
+        consumer: jetstream::consumer::Consumer<pull::Config>,
+        stop: CancellationToken,
+    ) -> Result<(), IntakeError> {
+        let mut messages = consumer.messages().await?;
+        let mut in_flight = FuturesUnordered::new();
+        let result = loop {
+            tokio::select! {
+                message = messages.next(), if in_flight.len() < IN_FLIGHT => match message {
+                    Some(Ok(message)) => in_flight.push(self.handle(message)),
+                    Some(Err(e)) => tracing::warn!(error = %e, "pulling submissions failed"),
+                    None => {
+                        tracing::warn!("submission stream ended; pulling again");
+                        match consumer.messages().await {
+                            Ok(again) => messages = again,
+                            Err(e) => break Err(e.into()),
+                        }
+                    }
+                },
+                Some(()) = in_flight.next() => {}
+                () = stop.cancelled() => break Ok(()),
+            }
+        };
+        // Submissions being stored finish (and are acked) before intake returns.
+        while in_flight.next().await.is_some() {}
+        result
+    }
+
+    async fn handle(&self, message: jetstream::Message) {
+        let span = tracing::info_span!("job intake", subject = %message.subject);
+        telemetry::adopt_context(&span, message.headers.as_ref());
+        async {
+            let job = match self.check(&message) {
+                Ok(job) => job,
+                Err(reason) => return self.dead_letter(&message, reason).await,
+            };
+            let mut carried = HeaderMap::new();
+            telemetry::inject_context(&mut carried);
+            let traceparent = telemetry::traceparent(Some(&carried)).unwrap_or_default();
+            let request = String::from_utf8_lossy(&message.payload);
+            match self.queue.store(&job, &request, &traceparent).await {
+                Ok(stored) => {
+                    if stored {
+                        metrics::counter!("herald_jobs_submitted_total", "queue" => job.queue.clone())
+                            .increment(1);
+                        self.pool.wake(&job.queue);
+                    } else {
+                        tracing::debug!(id = %job.id, "duplicate submission absorbed");
+                    }
+                    if let Err(e) = message.ack().await {
+                        // Redelivered later and absorbed as a duplicate.
+                        tracing::warn!(error = %e, "cannot ack a stored submission");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot store a submission; it will come back");
+                    if let Err(e) = message.ack_with(AckKind::Nak(Some(REDIS_DOWN_DELAY))).await {
+                        tracing::warn!(error = %e, "cannot NAK a submission");
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// The submission, or why it cannot be a job.
+    fn check(&self, message: &jetstream::Message) -> Result<JobRequest, String> {
+        let job: JobRequest = messages::decode(&message.payload).map_err(|e| e.to_string())?;
+        let prefix = JOBS_SUBMIT_ALL.trim_end_matches(".>");
+        let subject_queue = subjects::tail_tokens(&message.subject, prefix)
+            .and_then(|tokens| (tokens.len() == 1).then(|| tokens[0]));
+        if subject_queue != Some(job.queue.as_str()) {
+            return Err(format!(
+                "the job's queue `{}` does not match its subject {}",
+                job.queue, message.subject
+            ));
+        }
+        if job.id.is_empty() {
+            return Err("the job id is empty".into());
+        }
+        let problems = job.retry.problems("retry");
+        if !problems.is_empty() {
+            let text: Vec<String> = problems
+                .into_iter()
+                .map(|(k, m)| format!("{k}: {m}"))
+                .collect();
+            return Err(format!("bad retry policy: {}", text.join("; ")));
+        }
+        Ok(job)
+    }
+
+    async fn dead_letter(&self, message: &jetstream::Message, reason: String) {
+        let attempts = message.info().map(|i| i.delivered as u32).unwrap_or(1);
+        let letter =
+            DeadLetter::for_message(DlqSource::Jobs, message, reason, attempts, Utc::now());
+        if let Err(e) = dlq::dead_letter_message(&self.jetstream, message, &letter, SERVICE).await {
+            tracing::warn!(error = %e, "cannot dead-letter a submission; it will come back");
+            if let Err(e) = message.ack_with(AckKind::Nak(Some(REDIS_DOWN_DELAY))).await {
+                tracing::warn!(error = %e, "cannot NAK a submission");
+            }
+        }
+    }
+}
+
+/// The Msg-Id a submission is published with: its job id.
+pub fn submission_headers(job: &JobRequest) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    telemetry::inject_context(&mut out);
+    out.insert(headers::MSG_ID, job.id.as_str());
+    out
+}
