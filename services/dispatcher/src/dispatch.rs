@@ -1,0 +1,433 @@
+//! Dispatching: HERALD_EVENTS → observers → HERALD_ACTIONS.
+//!
+//! One durable pull consumer reads the events. Each event goes to one of N ordered lanes chosen
+//! by hash(entity, key): a lane handles its events strictly one after another, so events of one
+//! key publish their actions in stream order, while different keys proceed in parallel.
+//!
+//! A lane takes the events queued for it (up to a batch), publishes every request of every
+//! matching observer action of those events at once, in stream order (Msg-Id = action id),
+//! awaits all the JetStream acks, and only then acks the events: a crash
+//! anywhere before the ack redelivers the event, and the re-published actions are absorbed by
+//! the stream's Msg-Id de-duplication. When JetStream refuses a publish the lane retries in
+//! place (keeping the event alive with progress acks) rather than NAKing: a NAKed event would
+//! come back after later events of its key and break their order. Only a lane told to stop
+//! while still failing lets go of its event, with a NAK delay (JetStream ignores the consumer's
+//! BackOff list for NAKs, so the delay travels with the NAK). A batch is retried whole: if
+//! JetStream stored part of it before failing, the stored part is absorbed on retry, and only
+//! then can an earlier event's action land after a later one's of the same key.
+//!
+//! Events that cannot be dispatched at all (bad JSON, unknown schema_version, an event whose
+//! subject does not match its body) are dead-lettered to `herald.dlq.events` and terminated;
+//! they never block the stream.
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, consumer, message::PublishMessage};
+use chrono::Utc;
+use futures::StreamExt;
+use herald_shared::dlq::{self, DeadLetter};
+use herald_shared::subjects::{self, DlqSource, EVENTS_STREAM};
+use herald_shared::{ActionRequest, EntityEvent, headers, messages, telemetry};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::checkpoint::{self, Tracker};
+use crate::observers::{ObserverSet, Observers};
+use crate::settings::DispatcherSettings;
+
+/// Names the dispatcher in dead letters.
+pub const SERVICE: &str = "dispatcher";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    /// The consumer or its message stream failed (server restart, consumer re-created by a
+    /// rewind); binding again later works.
+    #[error("event consumer unavailable: {0}")]
+    Consumer(String),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+}
+
+fn consumer_error(e: impl std::fmt::Display) -> DispatchError {
+    DispatchError::Consumer(e.to_string())
+}
+
+/// Publishing an event's requests failed; the event must not be acked.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("cannot encode an action request: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("JetStream refused an action request: {0}")]
+    Publish(#[from] jetstream::context::PublishError),
+}
+
+/// What the dispatcher needs to run, shared by the lanes.
+pub struct Dispatcher {
+    pub js: jetstream::Context,
+    pub settings: DispatcherSettings,
+    pub observers: Arc<Observers>,
+    /// Events taken from the stream since start (redeliveries included).
+    pub events: AtomicU64,
+}
+
+/// The requests an event triggers under `set`, each with its subject. Conditions that fail on
+/// the event are counted and logged; that observer does not match.
+pub fn plan(set: &ObserverSet, event: &EntityEvent) -> Vec<(String, ActionRequest)> {
+    let mut requests = Vec::new();
+    let scope = std::cell::OnceCell::new();
+    for observer in &set.observers {
+        match observer.matches(event, &scope) {
+            Ok(true) => match observer.requests(event) {
+                Ok(r) => {
+                    metrics::counter!("herald_dispatcher_matched_total", "observer" => observer.name.clone())
+                        .increment(1);
+                    requests.extend(r);
+                }
+                Err(e) => {
+                    tracing::error!(observer = %observer.name, error = %e, "observer cannot publish")
+                }
+            },
+            Ok(false) => {}
+            Err(e) => {
+                metrics::counter!("herald_dispatcher_condition_errors_total", "observer" => observer.name.clone())
+                    .increment(1);
+                tracing::warn!(event_id = %event.id, error = %e, "condition failed; observer skipped for this event");
+            }
+        }
+    }
+    requests
+}
+
+/// One request ready to publish, its headers (Msg-Id, trace context) already set.
+pub struct Outgoing {
+    subject: String,
+    headers: HeaderMap,
+    request: ActionRequest,
+}
+
+impl Outgoing {
+    /// Carries the current span's trace context, so build it inside the event's span.
+    pub fn new(subject: String, request: ActionRequest) -> Self {
+        let mut headers = HeaderMap::new();
+        headers.insert(headers::MSG_ID, request.id.as_str());
+        telemetry::inject_context(&mut headers);
+        Self {
+            subject,
+            headers,
+            request,
+        }
+    }
+}
+
+/// Publish acks in flight per process: async-nats lets 5000 wait on one context, and a
+/// publisher that holds permits while waiting for more would deadlock once all are taken.
+pub const ACKS_IN_FLIGHT: usize = 4096;
+
+/// Publishes the requests in order, `window` at a time (all sent, then all acks awaited), and
+/// returns once JetStream has stored every one.
+pub async fn publish_all(
+    js: &jetstream::Context,
+    outgoing: &[Outgoing],
+    window: usize,
+) -> Result<(), PublishError> {
+    for chunk in outgoing.chunks(window.max(1)) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for out in chunk {
+            let message = PublishMessage::build()
+                .payload(serde_json::to_vec(&out.request)?.into())
+                .headers(out.headers.clone());
+            acks.push(js.send_publish(out.subject.clone(), message).await?);
+        }
+        for ack in futures::future::join_all(acks.into_iter().map(|a| a.into_future())).await {
+            ack?;
+        }
+    }
+    metrics::counter!("herald_dispatcher_actions_emitted_total").increment(outgoing.len() as u64);
+    Ok(())
+}
+
+/// One event on its way through a lane.
+struct Work {
+    message: jetstream::Message,
+    sequence: u64,
+    event: EntityEvent,
+    received: Instant,
+}
+
+impl Dispatcher {
+    pub fn new(
+        js: jetstream::Context,
+        settings: DispatcherSettings,
+        observers: Arc<Observers>,
+    ) -> Self {
+        Self {
+            js,
+            settings,
+            observers,
+            events: AtomicU64::new(0),
+        }
+    }
+
+    /// The durable consumer, ready to deliver in stream order.
+    ///
+    /// When it is missing (first start, or lost) it is created to start just after the stored
+    /// checkpoint, so a lost consumer never means replaying the whole log. When it still has
+    /// unacked events, they belong to a previous holder of the lease that died or stopped
+    /// mid-batch: JetStream would redeliver them only after ack_wait, AFTER newer events of the
+    /// same keys. So the consumer is re-created at its ack floor: everything past the floor comes
+    /// again in stream order, and what was already published is absorbed by Msg-Id.
+    async fn consumer(&self) -> Result<consumer::PullConsumer, DispatchError> {
+        let stream = self
+            .js
+            .get_stream(EVENTS_STREAM)
+            .await
+            .map_err(consumer_error)?;
+        let name = &self.settings.name;
+        let start_after = match stream.consumer_info(name).await {
+            Ok(info) if info.num_ack_pending == 0 => {
+                return stream.get_consumer(name).await.map_err(consumer_error);
+            }
+            Ok(info) => {
+                tracing::info!(
+                    unacked = info.num_ack_pending,
+                    ack_floor = info.ack_floor.stream_sequence,
+                    "re-delivering a previous holder's unacked events in order"
+                );
+                stream.delete_consumer(name).await.map_err(consumer_error)?;
+                Some(info.ack_floor.stream_sequence)
+            }
+            Err(_) => checkpoint::show(&self.js, name).await?.map(|c| c.sequence),
+        };
+        let deliver_policy = match start_after {
+            Some(sequence) => consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: sequence + 1,
+            },
+            None => consumer::DeliverPolicy::All,
+        };
+        stream
+            .create_consumer(checkpoint::consumer_config(
+                name,
+                deliver_policy,
+                self.settings.ack_wait,
+                self.settings.max_ack_pending(),
+            ))
+            .await
+            .map_err(consumer_error)
+    }
+
+    /// Dispatches until `stop`; returns after every event taken has been acked (or, when its
+    /// actions could not be stored, NAKed) and the checkpoint saved.
+    pub async fn consume(self: &Arc<Self>, stop: &CancellationToken) -> Result<(), DispatchError> {
+        let mut consumer = self.consumer().await?;
+        let info = consumer.info().await.map_err(consumer_error)?;
+        let tracker = Arc::new(Tracker::new(info.ack_floor.stream_sequence));
+        let store = checkpoint::bucket(&self.js).await?;
+
+        let mut lanes = JoinSet::new();
+        let mut senders = Vec::with_capacity(self.settings.lanes);
+        for _ in 0..self.settings.lanes {
+            let (tx, rx) = mpsc::channel(self.settings.batch);
+            senders.push(tx);
+            lanes.spawn(Arc::clone(self).lane(rx, Arc::clone(&tracker), stop.clone()));
+        }
+        let saving = CancellationToken::new();
+        let saver = tokio::spawn(Arc::clone(self).save_periodically(
+            store.clone(),
+            Arc::clone(&tracker),
+            saving.clone(),
+        ));
+
+        let read = self.read(&consumer, &senders, &tracker, stop).await;
+        // Closing the lanes' queues lets each finish what it holds, in order, and end.
+        drop(senders);
+        while lanes.join_next().await.is_some() {}
+        saving.cancel();
+        if let Err(e) = saver.await {
+            tracing::warn!(error = %e, "checkpoint saver ended abnormally");
+        }
+        checkpoint::save(&store, &self.settings.name, tracker.checkpoint()).await?;
+        read
+    }
+
+    async fn read(
+        &self,
+        consumer: &consumer::PullConsumer,
+        lanes: &[mpsc::Sender<Work>],
+        tracker: &Tracker,
+        stop: &CancellationToken,
+    ) -> Result<(), DispatchError> {
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(self.settings.batch)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(10))
+            .messages()
+            .await
+            .map_err(consumer_error)?;
+        let hasher = std::collections::hash_map::RandomState::new();
+        loop {
+            let message = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                next = messages.next() => match next {
+                    Some(Ok(message)) => message,
+                    Some(Err(e)) => return Err(consumer_error(e)),
+                    None => return Err(DispatchError::Consumer("message stream ended".into())),
+                },
+            };
+            let received = Instant::now();
+            let sequence = match message.info() {
+                Ok(info) => info.stream_sequence,
+                Err(e) => {
+                    tracing::warn!(error = %e, "a message without JetStream metadata; ignored");
+                    continue;
+                }
+            };
+            metrics::counter!("herald_dispatcher_events_total").increment(1);
+            self.events.fetch_add(1, Ordering::Relaxed);
+            tracker.start(sequence);
+            let event = match self.decode(&message) {
+                Ok(event) => event,
+                Err(reason) => {
+                    self.dead_letter(&message, &reason).await;
+                    tracker.finish(sequence);
+                    continue;
+                }
+            };
+            let lane = (hasher.hash_one((&event.entity, &event.key)) % lanes.len() as u64) as usize;
+            let work = Work {
+                message,
+                sequence,
+                event,
+                received,
+            };
+            if lanes[lane].send(work).await.is_err() {
+                // A lane only ends when its queue closes; this cannot happen while reading.
+                return Err(DispatchError::Consumer(
+                    "a dispatch lane ended early".into(),
+                ));
+            }
+        }
+    }
+
+    /// The event in a message, or why it cannot be dispatched.
+    fn decode(&self, message: &jetstream::Message) -> Result<EntityEvent, String> {
+        let event: EntityEvent = messages::decode(&message.payload).map_err(|e| e.to_string())?;
+        match subjects::event(&event.entity, event.op) {
+            Ok(expected) if expected == message.subject.as_str() => Ok(event),
+            Ok(expected) => Err(format!(
+                "event published on {} but its body says {expected}",
+                message.subject
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Dead-letters a poison event. If even the DLQ is unreachable the event is left unacked:
+    /// it is redelivered after ack_wait and dead-lettered then.
+    async fn dead_letter(&self, message: &jetstream::Message, reason: &str) {
+        let attempts = message
+            .info()
+            .map_or(1, |i| u32::try_from(i.delivered).unwrap_or(u32::MAX));
+        let letter =
+            DeadLetter::for_message(DlqSource::Events, message, reason, attempts, Utc::now());
+        if let Err(e) = dlq::dead_letter_message(&self.js, message, &letter, SERVICE).await {
+            tracing::error!(error = %e, "cannot dead-letter a poison event; it will be redelivered");
+        }
+    }
+
+    /// Takes whatever is queued (up to a batch), publishes the requests of all those events in
+    /// stream order in one pipelined round, then acks them. One connection stores publishes in
+    /// the order sent, so the batch keeps the per-key order while paying one round trip for
+    /// many events instead of one each.
+    async fn lane(
+        self: Arc<Self>,
+        mut queue: mpsc::Receiver<Work>,
+        tracker: Arc<Tracker>,
+        stop: CancellationToken,
+    ) {
+        let mut batch = Vec::with_capacity(self.settings.batch);
+        while queue.recv_many(&mut batch, self.settings.batch).await > 0 {
+            self.dispatch(&batch, &tracker, &stop).await;
+            batch.clear();
+        }
+    }
+
+    async fn dispatch(&self, batch: &[Work], tracker: &Tracker, stop: &CancellationToken) {
+        // One snapshot for the whole batch, whatever reloads happen meanwhile.
+        let observers = self.observers.snapshot();
+        let mut outgoing = Vec::new();
+        for work in batch {
+            let span = tracing::info_span!("dispatch", event_id = %work.event.id, entity = %work.event.entity, key = %work.event.key);
+            telemetry::adopt_context(&span, work.message.headers.as_ref());
+            let _entered = span.enter();
+            outgoing.extend(
+                plan(&observers, &work.event)
+                    .into_iter()
+                    .map(|(subject, request)| Outgoing::new(subject, request)),
+            );
+        }
+        let mut delay = self.settings.retry_delay;
+        // Every lane may be publishing at once; together they stay within ACKS_IN_FLIGHT.
+        let window = ACKS_IN_FLIGHT / self.settings.lanes;
+        while let Err(e) = publish_all(&self.js, &outgoing, window).await {
+            tracing::warn!(error = %e, ?delay, "action requests not stored; retrying in place");
+            for work in batch {
+                let kind = if stop.is_cancelled() {
+                    AckKind::Nak(Some(delay))
+                } else {
+                    AckKind::Progress
+                };
+                if let Err(e) = work.message.ack_with(kind).await {
+                    tracing::warn!(error = %e, "NAK or progress failed; the event is redelivered after ack_wait");
+                }
+            }
+            if stop.is_cancelled() {
+                return;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(self.settings.ack_wait / 2);
+        }
+        for work in batch {
+            if let Err(e) = work.message.ack().await {
+                // The actions are stored; a redelivery re-publishes them under the same Msg-Ids.
+                tracing::warn!(error = %e, "ack failed; the event will be redelivered and absorbed");
+            }
+            tracker.finish(work.sequence);
+            metrics::histogram!("herald_dispatcher_dispatch_seconds")
+                .record(work.received.elapsed().as_secs_f64());
+        }
+    }
+
+    async fn save_periodically(
+        self: Arc<Self>,
+        store: jetstream::kv::Store,
+        tracker: Arc<Tracker>,
+        stop: CancellationToken,
+    ) {
+        let mut saved = None;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(self.settings.checkpoint_interval) => {}
+            }
+            let current = tracker.checkpoint();
+            if saved != Some(current) {
+                match checkpoint::save(&store, &self.settings.name, current).await {
+                    Ok(()) => saved = Some(current),
+                    Err(e) => tracing::warn!(error = %e, "cannot save the checkpoint; will retry"),
+                }
+            }
+            if let Ok(mut stream) = self.js.get_stream(EVENTS_STREAM).await
+                && let Ok(info) = stream.info().await
+            {
+                let lag = info.state.last_sequence.saturating_sub(current);
+                metrics::gauge!("herald_dispatcher_lag").set(lag as f64);
+            }
+        }
+    }
+}
