@@ -7,7 +7,6 @@
 //! connection's event callback. The tests capture those events, and also check that nothing was
 //! stored, so a refusal is proven by both the server's word and its effect.
 
-use std::path::{Component, PathBuf};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull};
@@ -15,60 +14,16 @@ use async_nats::{Event, ServerError};
 use futures::StreamExt;
 use herald_shared::config::StreamsConfig;
 use herald_shared::streams::{self, StreamSpec};
-use herald_test_support::{NatsServer, eventually_async, free_port, workspace_root};
+use herald_test_support::{
+    NatsServer, eventually_async, free_port, service_password, workspace_root,
+};
 use tokio::sync::mpsc;
 
 const WAIT: Duration = Duration::from_secs(10);
 
 /// A nats-server with JetStream whose users are exactly those of the repo's `nats/auth.conf`.
 fn server_with_repo_users() -> NatsServer {
-    NatsServer::start_with(&format!("include \"{}\"", auth_conf_include_path()))
-}
-
-/// nats-server resolves `include` relative to the including file, even for an absolute path
-/// (it joins the two), so the path to the repo's file is written relative to the harness's
-/// config directory, a fresh directory directly under the system temp dir.
-fn auth_conf_include_path() -> String {
-    let temp = std::env::temp_dir()
-        .canonicalize()
-        .expect("the system temp dir exists");
-    let depth = temp
-        .components()
-        .filter(|c| matches!(c, Component::Normal(_)))
-        .count()
-        + 1;
-    let auth = workspace_root()
-        .join("nats/auth.conf")
-        .canonicalize()
-        .expect("nats/auth.conf exists");
-    let below_root: PathBuf = auth
-        .components()
-        .filter(|c| matches!(c, Component::Normal(_)))
-        .collect();
-    let mut relative = PathBuf::new();
-    for _ in 0..depth {
-        relative.push("..");
-    }
-    relative.join(below_root).display().to_string()
-}
-
-/// The dev password of `user`, read from `nats/auth.conf` so the test and the file cannot
-/// disagree.
-fn password_of(user: &str) -> String {
-    let text = std::fs::read_to_string(workspace_root().join("nats/auth.conf"))
-        .expect("read nats/auth.conf");
-    let mut lines = text.lines().map(str::trim);
-    lines
-        .by_ref()
-        .find(|line| *line == format!("user: {user}"))
-        .unwrap_or_else(|| panic!("no user {user} in nats/auth.conf"));
-    let line = lines
-        .next()
-        .unwrap_or_else(|| panic!("no line after user {user}"));
-    line.strip_prefix("password: \"")
-        .and_then(|rest| rest.strip_suffix('"'))
-        .unwrap_or_else(|| panic!("the line after user {user} is not its password: {line}"))
-        .to_owned()
+    NatsServer::start_with_service_users()
 }
 
 /// A connection as one of the configured users, with the server's complaints about it.
@@ -82,7 +37,7 @@ impl Session {
     async fn open(nats: &NatsServer, user: &str) -> Self {
         let (tx, server_errors) = mpsc::unbounded_channel();
         let client = async_nats::ConnectOptions::new()
-            .user_and_password(user.to_owned(), password_of(user))
+            .user_and_password(user.to_owned(), service_password(user))
             .event_callback(move |event| {
                 let tx = tx.clone();
                 async move {
@@ -489,7 +444,7 @@ async fn the_shipped_server_config_runs_jetstream_with_the_service_users() {
         WAIT,
         || async {
             async_nats::ConnectOptions::new()
-                .user_and_password("gateway".into(), password_of("gateway"))
+                .user_and_password("gateway".into(), service_password("gateway"))
                 .connect(url.as_str())
                 .await
                 .ok()

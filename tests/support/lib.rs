@@ -5,6 +5,7 @@
 //!
 //! Tests wait for effects with `eventually`, never with a fixed sleep.
 
+mod auth;
 mod binaries;
 mod nats;
 mod postgres;
@@ -12,6 +13,7 @@ mod process;
 mod redis;
 mod wait;
 
+pub use auth::service_password;
 pub use nats::NatsServer;
 pub use postgres::Postgres;
 pub use redis::RedisServer;

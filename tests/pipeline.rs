@@ -1,0 +1,1151 @@
+//! The whole pipeline, end to end, with the real service binaries as child processes: a GraphQL
+//! mutation through the gateway becomes an entity event, the dispatcher turns it into actions by
+//! the example shop's observers (`examples/shop/observers.toml`), the action worker delivers them
+//! to a local HTTP sink (signed per Standard Webhooks) or hands them to the job worker, and a
+//! permanent failure lands in the DLQ with its reason.
+//!
+//! The services are the binaries `cargo build --workspace --bins` leaves next to this test's
+//! executable (`cargo nextest run --workspace` builds them too), started with configuration
+//! files written for this test's own servers, so what runs is exactly what ships.
+//!
+//! The sink is this test's own: an axum server that answers 410 Gone for the Slack URL of the
+//! `order_shipped` observer (the permanent failure the DLQ must record) and 204 otherwise, and a
+//! minimal SMTP relay for that observer's e-mail.
+//!
+//! The same flow then runs 1,000 mutations while every service is killed (SIGKILL) and restarted
+//! at random points: every committed order must give exactly one event, every event its webhook
+//! and (over the threshold) its job; repeats are allowed only as deliveries of a `webhook-id`
+//! already received, which a receiver absorbs. Short redelivery timers and leases in the test's
+//! configs keep recovery within seconds.
+//!
+//! A last test starts the services exactly as `scripts/dev up` does, from `examples/dev/`,
+//! against a nats-server running the repo's `nats/auth.conf`, so the dev configs and each
+//! service's NATS permissions are proven to carry the pipeline.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use futures::StreamExt;
+use herald_shared::messages::decode;
+use herald_shared::subjects::{
+    self, DLQ_STREAM, DlqSource, EVENTS_STREAM, JOBS_STREAM, OUTCOMES_STREAM,
+};
+use herald_shared::{ActionOutcome, ActionRequest, EntityEvent, JobState, JobStatus, Op, headers};
+use herald_test_support::{
+    NatsServer, Postgres, RedisServer, eventually, eventually_async, free_port, service_password,
+    workspace_root,
+};
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+const WAIT: Duration = Duration::from_secs(30);
+const API_KEY: &str = "pipeline-test-api-key-0123456789";
+/// The API key of examples/dev/gateway.toml.
+const DEV_API_KEY: &str = "dev-shop-api-key-0123456789";
+const WEBHOOK_SECRET: &str = "whsec_cGlwZWxpbmUtdGVzdC13ZWJob29rLXNlY3JldA==";
+/// Where the example observers file sends everything; the test swaps in its own sink.
+const EXAMPLE_SINK: &str = "http://127.0.0.1:9900";
+const WEBHOOK_PATH: &str = "/webhooks/order-created";
+const SLACK_PATH: &str = "/slack/order-shipped";
+const JOB_PATH: &str = "/jobs/big-order";
+
+// Short redelivery timers and leases, so a service killed mid-work has its work taken up again
+// within seconds rather than the production defaults' half minute.
+const RECOVERY_DISPATCHER: &str = "ack_wait = \"2s\"\nlease_ttl = \"2s\"\n";
+const RECOVERY_ACTION_WORKER: &str = "ack_wait = \"2s\"\n";
+const RECOVERY_ACTION_LEASE: &str = "\n[service.dedup]\nlease = \"2s\"\n";
+const RECOVERY_JOB_WORKER: &str = "lease = \"1500ms\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mutation_becomes_a_signed_webhook_a_job_and_a_dead_letter() {
+    let sink = Sink::start(&[SLACK_PATH]).await;
+    let stack = Stack::with_test_configs(&sink).await;
+
+    let customer = stack
+        .graphql(
+            r#"mutation { createCustomer(input: {email: "ada@shop.test", name: "Ada"}) { id } }"#,
+        )
+        .await["createCustomer"]["id"]
+        .clone();
+    let small = stack
+        .graphql(&format!(
+            "mutation {{ createOrder(input: {{customer_id: {customer}, total: 120.0}}) {{ id }} }}"
+        ))
+        .await["createOrder"]["id"]
+        .to_string();
+    let big = stack
+        .graphql(&format!(
+            "mutation {{ createOrder(input: {{customer_id: {customer}, total: 750.0}}) {{ id }} }}"
+        ))
+        .await["createOrder"]["id"]
+        .to_string();
+    stack
+        .graphql(&format!(
+            r#"mutation {{ updateOrder(id: {small}, input: {{status: "shipped"}}) {{ status }} }}"#
+        ))
+        .await;
+
+    // The events the gateway published, from the stream itself: the ids every effect must carry.
+    let events = stack.watch(EVENTS_STREAM, "herald.events.Order.>").await;
+    let (small_insert, big_insert, small_update) =
+        eventually_async("the gateway's three Order events", WAIT, || async {
+            let events: Vec<EntityEvent> = events
+                .poll()
+                .await
+                .iter()
+                .map(|m| decode(&m.payload).expect("an EntityEvent"))
+                .collect();
+            let find =
+                |key: &str, op: Op| events.iter().find(|e| e.key == key && e.op == op).cloned();
+            Some((
+                find(&small, Op::Insert)?,
+                find(&big, Op::Insert)?,
+                find(&small, Op::Update)?,
+            ))
+        })
+        .await;
+    assert_eq!(small_insert.actor.as_deref(), Some("pipeline-test"));
+
+    // order_created: one signed webhook per order, webhook-id = action id.
+    let expected_webhooks: BTreeSet<String> = [&small_insert, &big_insert]
+        .iter()
+        .map(|e| ActionRequest::action_id(e.id, "order_created", 0))
+        .collect();
+    let webhooks = eventually("a webhook for each new order", WAIT, || {
+        let received = sink.received(WEBHOOK_PATH);
+        let ids: BTreeSet<String> = received
+            .iter()
+            .filter_map(|r| r.header("webhook-id"))
+            .collect();
+        (ids == expected_webhooks).then_some(received)
+    })
+    .await;
+    for webhook in &webhooks {
+        let id = webhook.header("webhook-id").expect("webhook-id");
+        let timestamp = webhook
+            .header("webhook-timestamp")
+            .expect("webhook-timestamp");
+        let signature = webhook
+            .header("webhook-signature")
+            .expect("webhook-signature");
+        assert!(
+            signature_is_valid(WEBHOOK_SECRET, &id, &timestamp, &webhook.body, &signature),
+            "webhook {id} is not signed with the observer's secret: {signature}"
+        );
+        let sent_at: i64 = timestamp
+            .parse()
+            .expect("webhook-timestamp is unix seconds");
+        assert!(
+            (chrono::Utc::now().timestamp() - sent_at).abs() < 300,
+            "webhook-timestamp {sent_at} is not current"
+        );
+        let body: EntityEvent = decode(&webhook.body).expect("the body is the event");
+        assert_eq!(
+            id,
+            ActionRequest::action_id(body.id, "order_created", 0),
+            "the webhook-id names the action of the event in the body"
+        );
+    }
+
+    // big_order: a job run to `succeeded` for the order over 500, and for no other.
+    let job_id = ActionRequest::action_id(big_insert.id, "big_order", 0);
+    let status_subject = subjects::job_status("default").expect("a valid queue name");
+    let statuses = stack.watch(JOBS_STREAM, &status_subject).await;
+    let job_states = eventually_async("the big order's job to succeed", WAIT, || async {
+        let statuses: Vec<JobStatus> = statuses
+            .poll()
+            .await
+            .iter()
+            .map(|m| decode(&m.payload).expect("a JobStatus"))
+            .collect();
+        statuses
+            .iter()
+            .any(|s| s.job_id == job_id && s.state == JobState::Succeeded)
+            .then_some(statuses)
+    })
+    .await;
+    let jobs: BTreeSet<&str> = job_states.iter().map(|s| s.job_id.as_str()).collect();
+    assert_eq!(
+        jobs,
+        BTreeSet::from([job_id.as_str()]),
+        "only the big order makes a job"
+    );
+    let calls = sink.received(JOB_PATH);
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.header(headers::IDEMPOTENCY_KEY).as_deref() == Some(job_id.as_str())),
+        "the http job called the sink with Idempotency-Key = job id"
+    );
+
+    // order_shipped: the Slack URL answers 410, a permanent failure, dead-lettered with its reason.
+    let shipped_action = ActionRequest::action_id(small_update.id, "order_shipped", 0);
+    let dlq = stack.watch(DLQ_STREAM, &DlqSource::Actions.subject()).await;
+    let dead = eventually_async(
+        "the shipped order's Slack action in the DLQ",
+        WAIT,
+        || async {
+            dlq.poll()
+                .await
+                .iter()
+                .find(|m| decode::<ActionRequest>(&m.payload).is_ok_and(|a| a.id == shipped_action))
+                .cloned()
+        },
+    )
+    .await;
+    let header = |name: &str| {
+        dead.headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        header(headers::ORIGINAL_SUBJECT),
+        subjects::action("slack", "order_shipped").expect("valid subject")
+    );
+    assert!(
+        header(headers::ERROR).contains("410"),
+        "the reason names the answer: {}",
+        header(headers::ERROR)
+    );
+    assert_eq!(
+        header(headers::ATTEMPTS),
+        "1",
+        "a permanent failure is not retried"
+    );
+    assert_eq!(
+        sink.received(SLACK_PATH).len(),
+        1,
+        "the Slack URL was called once"
+    );
+
+    // order_shipped's second action, independent of the first's failure: the warehouse e-mail.
+    let subject = format!("Subject: Order {small} shipped");
+    let mails = eventually("the shipped order's e-mail", WAIT, || {
+        let mails = sink.mails();
+        mails
+            .iter()
+            .any(|m| m.data.contains(&subject))
+            .then_some(mails)
+    })
+    .await;
+    let mail = mails
+        .iter()
+        .find(|m| m.data.contains(&subject))
+        .expect("found above");
+    assert_eq!(mail.to, ["<warehouse@shop.localhost>"]);
+
+    let deliveries = sink.received(WEBHOOK_PATH).len();
+    println!(
+        "pipeline: {} Order events; {deliveries} webhook deliveries for {} webhook ids, all \
+         signed; {} job status messages for {} job(s), final state succeeded; {} job call(s); \
+         {} e-mail(s); {} dead letter(s) on {}: {}",
+        events.seen(),
+        expected_webhooks.len(),
+        job_states.len(),
+        jobs.len(),
+        calls.len(),
+        mails.len(),
+        dlq.seen(),
+        DlqSource::Actions.subject(),
+        header(headers::ERROR),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dev_configs_run_the_pipeline_with_each_service_as_its_own_nats_user() {
+    let stack = Stack::with_dev_configs().await;
+
+    let customer = stack
+        .graphql(
+            r#"mutation { createCustomer(input: {email: "bo@shop.test", name: "Bo"}) { id } }"#,
+        )
+        .await["createCustomer"]["id"]
+        .clone();
+    let order = stack
+        .graphql(&format!(
+            "mutation {{ createOrder(input: {{customer_id: {customer}, total: 900.0}}) {{ id }} }}"
+        ))
+        .await["createOrder"]["id"]
+        .to_string();
+
+    let events = stack
+        .watch(EVENTS_STREAM, "herald.events.Order.insert")
+        .await;
+    let event = eventually_async(
+        "the gateway's event, published as user gateway",
+        WAIT,
+        || async {
+            events
+                .poll()
+                .await
+                .iter()
+                .map(|m| decode::<EntityEvent>(&m.payload).expect("an EntityEvent"))
+                .find(|e| e.key == order)
+        },
+    )
+    .await;
+    assert_eq!(event.actor.as_deref(), Some("shop-dev"));
+
+    // Whether or not a sink listens on the example's port, every attempt has an outcome: the
+    // outcome proves the dispatcher published the action and the action worker ran it.
+    let webhook = ActionRequest::action_id(event.id, "order_created", 0);
+    let outcome_subject = subjects::outcome("webhook", "order_created").expect("valid subject");
+    let outcomes = stack.watch(OUTCOMES_STREAM, &outcome_subject).await;
+    let attempts = eventually_async("an outcome of the order's webhook", WAIT, || async {
+        let outcomes: Vec<ActionOutcome> = outcomes
+            .poll()
+            .await
+            .iter()
+            .map(|m| decode(&m.payload).expect("an ActionOutcome"))
+            .filter(|o: &ActionOutcome| o.action_id == webhook)
+            .collect();
+        (!outcomes.is_empty()).then_some(outcomes)
+    })
+    .await;
+
+    // Likewise every job has a status, whatever its call answers.
+    let job = ActionRequest::action_id(event.id, "big_order", 0);
+    let status_subject = subjects::job_status("default").expect("a valid queue name");
+    let statuses = stack.watch(JOBS_STREAM, &status_subject).await;
+    let states = eventually_async("a status of the order's job", WAIT, || async {
+        let states: Vec<JobState> = statuses
+            .poll()
+            .await
+            .iter()
+            .map(|m| decode::<JobStatus>(&m.payload).expect("a JobStatus"))
+            .filter(|s| s.job_id == job)
+            .map(|s| s.state)
+            .collect();
+        (!states.is_empty()).then_some(states)
+    })
+    .await;
+    println!(
+        "dev configs: event {} by {:?}; webhook attempts so far: {:?}; job states so far: {states:?}",
+        event.id,
+        event.actor,
+        attempts.iter().map(|o| o.status).collect::<Vec<_>>(),
+    );
+}
+
+/// How many mutations the crash test sends, and how often each service is killed meanwhile.
+const CHAOS_MUTATIONS: usize = 1000;
+const KILLS_PER_SERVICE: usize = 2;
+/// How long the pipeline may take to catch up once the crashes are over.
+const CHAOS_WAIT: Duration = Duration::from_secs(90);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_mutations_lose_nothing_when_every_service_is_killed_at_random() {
+    let sink = Sink::start(&[]).await;
+    let mut stack = Stack::with_test_configs(&sink).await;
+    // A failing run is repeated with HERALD_TEST_CHAOS_SEED=<the seed it printed>.
+    let seed: u64 = std::env::var("HERALD_TEST_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("chaos seed {seed}");
+    let services = Mutex::new(std::mem::take(&mut stack.services));
+    let plan = crash_plan(seed, services.lock().expect("services lock").len());
+
+    let customer = stack
+        .mutate(r#"mutation { createCustomer(input: {email: "cy@shop.test", name: "Cy"}) { id } }"#)
+        .await["createCustomer"]["id"]
+        .clone();
+    // A few clients at once, as a gateway sees them; the crashes fall among their requests.
+    let started = std::time::Instant::now();
+    futures::stream::iter(0..CHAOS_MUTATIONS)
+        .map(|i| {
+            // Every tenth order is over the job threshold.
+            let total = if i % 10 == 0 { 750 } else { 20 + i % 400 };
+            let query = format!(
+                "mutation {{ createOrder(input: {{customer_id: {customer}, total: {total}}}) {{ id }} }}"
+            );
+            let (stack, services, crash) = (&stack, &services, plan.get(&i).copied());
+            async move {
+                stack.mutate(&query).await;
+                if let Some((victim, down)) = crash {
+                    kill_and_restart(services, victim, down).await;
+                }
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<()>>()
+        .await;
+    let sending = started.elapsed();
+    let kills = plan.len();
+
+    // What was committed is the truth: a mutation whose answer a gateway crash swallowed was
+    // sent again, and both orders are real.
+    let pool = sqlx::PgPool::connect(&stack.database_url)
+        .await
+        .expect("connect to the test PostgreSQL");
+    let orders: Vec<(i64, f64)> = sqlx::query_as("SELECT id, total::float8 FROM orders")
+        .fetch_all(&pool)
+        .await
+        .expect("read the committed orders");
+    let committed: BTreeSet<String> = orders.iter().map(|(id, _)| id.to_string()).collect();
+    let big: BTreeSet<String> = orders
+        .iter()
+        .filter(|(_, total)| *total > 500.0)
+        .map(|(id, _)| id.to_string())
+        .collect();
+
+    // Exactly one event per committed insert.
+    let watch = stack
+        .watch(EVENTS_STREAM, "herald.events.Order.insert")
+        .await;
+    let events = eventually_async("an event for every committed order", CHAOS_WAIT, || async {
+        let events: Vec<EntityEvent> = watch
+            .poll()
+            .await
+            .iter()
+            .map(|m| decode(&m.payload).expect("an EntityEvent"))
+            .collect();
+        let keys: BTreeSet<&str> = events.iter().map(|e| e.key.as_str()).collect();
+        (keys.len() == committed.len()).then_some(events)
+    })
+    .await;
+    let events_at = started.elapsed();
+    let keys: BTreeSet<String> = events.iter().map(|e| e.key.clone()).collect();
+    assert_eq!(
+        keys, committed,
+        "the events name exactly the committed orders"
+    );
+    assert_eq!(
+        events.len(),
+        committed.len(),
+        "one event per order, no repeat"
+    );
+
+    // Every webhook arrives; a repeat carries a webhook-id already seen, so the receiver absorbs it.
+    let expected_webhooks: BTreeSet<String> = events
+        .iter()
+        .map(|e| ActionRequest::action_id(e.id, "order_created", 0))
+        .collect();
+    let (deliveries, delivered) = eventually("a webhook for every order", CHAOS_WAIT, || {
+        let received = sink.received(WEBHOOK_PATH);
+        let ids: BTreeSet<String> = received
+            .iter()
+            .filter_map(|r| r.header("webhook-id"))
+            .collect();
+        ids.is_superset(&expected_webhooks)
+            .then_some((received.len(), ids))
+    })
+    .await;
+    let webhooks_at = started.elapsed();
+    assert_eq!(
+        delivered, expected_webhooks,
+        "no webhook for an action that never was"
+    );
+
+    // Every job of a big order runs to success.
+    let expected_jobs: BTreeSet<String> = events
+        .iter()
+        .filter(|e| big.contains(&e.key))
+        .map(|e| ActionRequest::action_id(e.id, "big_order", 0))
+        .collect();
+    let status_subject = subjects::job_status("default").expect("a valid queue name");
+    let statuses = stack.watch(JOBS_STREAM, &status_subject).await;
+    let (succeeded, jobs) =
+        eventually_async("every big order's job to succeed", CHAOS_WAIT, || async {
+            let statuses: Vec<JobStatus> = statuses
+                .poll()
+                .await
+                .iter()
+                .map(|m| decode(&m.payload).expect("a JobStatus"))
+                .collect();
+            let succeeded: BTreeSet<String> = statuses
+                .iter()
+                .filter(|s| s.state == JobState::Succeeded)
+                .map(|s| s.job_id.clone())
+                .collect();
+            let jobs: BTreeSet<String> = statuses.into_iter().map(|s| s.job_id).collect();
+            succeeded
+                .is_superset(&expected_jobs)
+                .then_some((succeeded, jobs))
+        })
+        .await;
+    let jobs_at = started.elapsed();
+    assert_eq!(
+        jobs, expected_jobs,
+        "a job for every big order and no other"
+    );
+    let calls = sink.received(JOB_PATH);
+    let keys: BTreeSet<String> = calls
+        .iter()
+        .filter_map(|c| c.header(headers::IDEMPOTENCY_KEY))
+        .collect();
+    assert_eq!(keys, expected_jobs, "every job call carries its job id");
+
+    println!(
+        "chaos: {CHAOS_MUTATIONS} mutations sent in {sending:.1?}, {} orders committed, \
+         {kills} kill -9s; \
+         {} events; {deliveries} webhook deliveries for {} webhook ids ({} absorbed repeats); \
+         {} jobs succeeded; {} job calls for {} jobs; all events in after {events_at:.1?}, \
+         all webhooks after {webhooks_at:.1?}, all jobs after {jobs_at:.1?}",
+        committed.len(),
+        events.len(),
+        delivered.len(),
+        deliveries - delivered.len(),
+        succeeded.len(),
+        calls.len(),
+        keys.len(),
+    );
+}
+
+/// Which service is killed after which mutation, and how long it stays down: every service
+/// `KILLS_PER_SERVICE` times, in a random order at random points of the stream of mutations.
+fn crash_plan(seed: u64, services: usize) -> BTreeMap<usize, (usize, Duration)> {
+    use rand::seq::{IndexedRandom, SliceRandom};
+    use rand::{Rng, SeedableRng};
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut victims: Vec<usize> = (0..services)
+        .flat_map(|s| std::iter::repeat_n(s, KILLS_PER_SERVICE))
+        .collect();
+    victims.shuffle(&mut rng);
+    let points: Vec<usize> = (0..CHAOS_MUTATIONS).collect();
+    let mut points: Vec<usize> = points
+        .choose_multiple(&mut rng, victims.len())
+        .copied()
+        .collect();
+    points.sort_unstable();
+    points
+        .into_iter()
+        .zip(victims)
+        .map(|(at, victim)| {
+            let down = Duration::from_millis(rng.random_range(0..500));
+            (at, (victim, down))
+        })
+        .collect()
+}
+
+/// SIGKILL, then a start after `down` (unless a later crash's restart came first).
+async fn kill_and_restart(services: &Mutex<Vec<Service>>, victim: usize, down: Duration) {
+    let name = {
+        let mut services = services.lock().expect("services lock");
+        services[victim].kill();
+        services[victim].name
+    };
+    // A random outage, not a wait for an effect.
+    tokio::time::sleep(down).await;
+    services.lock().expect("services lock")[victim].start_if_stopped();
+    println!("chaos: killed {name}, restarted it after {down:?}");
+}
+
+/// The Standard Webhooks check a receiver makes, written from the spec rather than borrowed from
+/// the worker: `v1,` + base64 HMAC-SHA256 over `id.timestamp.body` with the `whsec_` key, among
+/// the space-separated signatures of the header.
+fn signature_is_valid(secret: &str, id: &str, timestamp: &str, body: &[u8], header: &str) -> bool {
+    let key = STANDARD
+        .decode(secret.trim_start_matches("whsec_"))
+        .expect("the test's secret is base64");
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("HMAC takes any key length");
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body);
+    let expected = format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()));
+    header.split(' ').any(|candidate| candidate == expected)
+}
+
+/// The servers and the four services, stopped (services killed) on drop.
+struct Stack {
+    /// A JetStream connection that may read every stream.
+    js: jetstream::Context,
+    graphql_url: String,
+    database_url: String,
+    api_key: &'static str,
+    http: reqwest::Client,
+    services: Vec<Service>,
+    _servers: Servers,
+}
+
+/// The servers a stack runs on, with the example shop's tables in the `postgres` database.
+struct Servers {
+    nats: NatsServer,
+    postgres: Postgres,
+    redis: RedisServer,
+    dir: tempfile::TempDir,
+}
+
+impl Servers {
+    async fn start(nats: NatsServer) -> Self {
+        let postgres = Postgres::start();
+        let redis = RedisServer::start();
+        let dir = tempfile::Builder::new()
+            .prefix("herald-pipeline-")
+            .tempdir()
+            .expect("temp dir for the service configs and logs");
+        let schema = std::fs::read_to_string(shop().join("schema.sql")).expect("schema.sql");
+        let pool = sqlx::PgPool::connect(&postgres.url())
+            .await
+            .expect("connect to the test PostgreSQL");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(schema))
+            .execute(&pool)
+            .await
+            .expect("apply examples/shop/schema.sql");
+        pool.close().await;
+        Self {
+            nats,
+            postgres,
+            redis,
+            dir,
+        }
+    }
+}
+
+fn shop() -> PathBuf {
+    workspace_root().join("examples/shop")
+}
+
+impl Stack {
+    /// The services configured by this test: no NATS authentication, the example observers
+    /// sending to `sink`, loopback allow-listed past the action worker's SSRF guard.
+    async fn with_test_configs(sink: &Sink) -> Self {
+        let servers = Servers::start(NatsServer::start()).await;
+        let example = std::fs::read_to_string(shop().join("observers.toml"))
+            .expect("examples/shop/observers.toml");
+        assert!(
+            example.contains(EXAMPLE_SINK),
+            "the example observers send to {EXAMPLE_SINK}"
+        );
+        let observers = servers.dir.path().join("observers.toml");
+        std::fs::write(&observers, example.replace(EXAMPLE_SINK, &sink.url()))
+            .expect("write observers.toml");
+
+        let graphql = free_port();
+        let configs = [
+            (
+                "gateway",
+                format!(
+                    "[service]\ndatabase_url = \"{db}\"\nschema_file = \"{schema}\"\n\
+                     listen = \"127.0.0.1:{graphql}\"\n\n[service.auth.api_keys]\n\
+                     \"{API_KEY}\" = \"pipeline-test\"\n\n[service.relay]\npoll_interval = \"200ms\"\n",
+                    db = servers.postgres.url(),
+                    schema = shop().join("gateway-schema.toml").display(),
+                ),
+            ),
+            (
+                "dispatcher",
+                format!(
+                    "[service]\nobservers = \"{}\"\n{RECOVERY_DISPATCHER}",
+                    observers.display()
+                ),
+            ),
+            (
+                "action-worker",
+                format!(
+                    "[service]\nredis_url = \"{redis}\"\nssrf_allow = [\"127.0.0.1\"]\n{RECOVERY_ACTION_WORKER}\n\
+                     [service.webhook_secrets]\norder_created = \"{WEBHOOK_SECRET}\"\n\n\
+                     [service.smtp]\nhost = \"127.0.0.1\"\nport = {smtp}\n{RECOVERY_ACTION_LEASE}",
+                    redis = servers.redis.url(),
+                    smtp = sink.smtp_port,
+                ),
+            ),
+            (
+                "job-worker",
+                format!(
+                    "[service]\nredis_url = \"{redis}\"\npoll = \"100ms\"\n{RECOVERY_JOB_WORKER}",
+                    redis = servers.redis.url()
+                ),
+            ),
+        ];
+        let mut services = Vec::new();
+        for (name, settings) in configs {
+            let admin = free_port();
+            let config = servers.dir.path().join(format!("{name}.toml"));
+            let common = format!(
+                "[nats]\nurl = \"{nats}\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+                 [telemetry]\nlog_format = \"pretty\"\n\n",
+                nats = servers.nats.url()
+            );
+            std::fs::write(&config, format!("{common}{settings}")).expect("write a config");
+            services.push(Service::spawn(
+                name,
+                &config,
+                servers.dir.path(),
+                admin,
+                &[],
+            ));
+        }
+        let js = servers.nats.jetstream().await;
+        Self::ready(servers, services, js, graphql, API_KEY).await
+    }
+
+    /// The services started the way `scripts/dev up` starts them: `examples/dev/<service>.toml`
+    /// from the workspace root, the servers' addresses given as the same environment overrides,
+    /// and nats-server running `nats/auth.conf`, so each service connects as its own user. Only
+    /// the listen ports are moved off the files' fixed ones, so a running local stack is no
+    /// obstacle.
+    async fn with_dev_configs() -> Self {
+        let servers = Servers::start(NatsServer::start_with_service_users()).await;
+        let graphql = free_port();
+        let mut services = Vec::new();
+        for name in ["gateway", "dispatcher", "action-worker", "job-worker"] {
+            let admin = free_port();
+            // What scripts/dev's service_env gives each service, plus the moved ports.
+            let mut env = vec![
+                ("HERALD_NATS__URL", servers.nats.url()),
+                ("HERALD_ADMIN__LISTEN", format!("127.0.0.1:{admin}")),
+            ];
+            match name {
+                "gateway" => env.extend([
+                    ("HERALD_SERVICE__DATABASE_URL", servers.postgres.url()),
+                    ("HERALD_SERVICE__LISTEN", format!("127.0.0.1:{graphql}")),
+                ]),
+                "action-worker" | "job-worker" => {
+                    env.push(("HERALD_SERVICE__REDIS_URL", servers.redis.url()))
+                }
+                _ => {}
+            }
+            let config = workspace_root().join(format!("examples/dev/{name}.toml"));
+            services.push(Service::spawn(
+                name,
+                &config,
+                servers.dir.path(),
+                admin,
+                &env,
+            ));
+        }
+        let operator = async_nats::ConnectOptions::new()
+            .user_and_password("cli".into(), service_password("cli"))
+            .connect(servers.nats.url())
+            .await
+            .expect("connect as the cli user");
+        let js = jetstream::new(operator);
+        Self::ready(servers, services, js, graphql, DEV_API_KEY).await
+    }
+
+    async fn ready(
+        servers: Servers,
+        mut services: Vec<Service>,
+        js: jetstream::Context,
+        graphql: u16,
+        api_key: &'static str,
+    ) -> Self {
+        let http = reqwest::Client::new();
+        for service in &mut services {
+            service.wait_ready(&http).await;
+        }
+        Self {
+            js,
+            graphql_url: format!("http://127.0.0.1:{graphql}/graphql"),
+            database_url: servers.postgres.url(),
+            api_key,
+            http,
+            services,
+            _servers: servers,
+        }
+    }
+
+    /// Runs a GraphQL operation with the stack's API key; returns `data`, refusing any error.
+    async fn graphql(&self, query: &str) -> Value {
+        let response: Value = self
+            .http
+            .post(&self.graphql_url)
+            .header("x-api-key", self.api_key)
+            .json(&json!({ "query": query }))
+            .send()
+            .await
+            .expect("the gateway answers")
+            .json()
+            .await
+            .expect("a GraphQL JSON answer");
+        assert!(response.get("errors").is_none(), "{query}: {response}");
+        response["data"].clone()
+    }
+
+    /// Runs a mutation until the gateway accepts it, through crashes and restarts.
+    async fn mutate(&self, query: &str) -> Value {
+        eventually_async(&format!("the gateway to accept {query}"), WAIT, || async {
+            let response = self
+                .http
+                .post(&self.graphql_url)
+                .header("x-api-key", self.api_key)
+                .timeout(Duration::from_secs(5))
+                .json(&json!({ "query": query }))
+                .send()
+                .await
+                .ok()?;
+            let answer: Value = response.json().await.ok()?;
+            answer
+                .get("errors")
+                .is_none()
+                .then(|| answer["data"].clone())
+        })
+        .await
+    }
+
+    async fn watch(&self, stream: &str, subject: &str) -> Watch {
+        Watch::new(&self.js, stream, subject).await
+    }
+}
+
+/// Every message stored on a subject, read from the start by an ephemeral consumer and kept.
+struct Watch {
+    consumer: consumer::Consumer<consumer::pull::Config>,
+    seen: Mutex<Vec<jetstream::Message>>,
+}
+
+impl Watch {
+    async fn new(js: &jetstream::Context, stream: &str, subject: &str) -> Self {
+        let consumer = js
+            .get_stream(stream)
+            .await
+            .unwrap_or_else(|e| panic!("stream {stream}: {e}"))
+            .create_consumer(consumer::pull::Config {
+                filter_subject: subject.to_owned(),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("a consumer on {subject}: {e}"));
+        Self {
+            consumer,
+            seen: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Reads what arrived since the last call; returns everything seen so far.
+    async fn poll(&self) -> Vec<jetstream::Message> {
+        const BATCH: usize = 512;
+        let mut arrived = Vec::new();
+        loop {
+            let before = arrived.len();
+            let mut batch = self
+                .consumer
+                .fetch()
+                .max_messages(BATCH)
+                .messages()
+                .await
+                .expect("fetch from the watch consumer");
+            while let Some(Ok(message)) = batch.next().await {
+                arrived.push(message);
+            }
+            if arrived.len() - before < BATCH {
+                break;
+            }
+        }
+        let mut seen = self
+            .seen
+            .lock()
+            .expect("the watch's lock is never poisoned");
+        seen.extend(arrived);
+        seen.clone()
+    }
+
+    fn seen(&self) -> usize {
+        self.seen
+            .lock()
+            .expect("the watch's lock is never poisoned")
+            .len()
+    }
+}
+
+/// One request the sink received.
+#[derive(Debug, Clone)]
+struct Received {
+    path: String,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Received {
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+}
+
+/// The local receiver: HTTP (records every request, answers 204, or 410 Gone on `gone` paths)
+/// and a minimal SMTP relay (records every message).
+#[derive(Clone)]
+struct Sink {
+    address: SocketAddr,
+    smtp_port: u16,
+    received: Arc<Mutex<Vec<Received>>>,
+    mails: Arc<Mutex<Vec<Mail>>>,
+}
+
+/// One message the SMTP relay accepted: its recipients and its raw DATA.
+#[derive(Debug, Clone, Default)]
+struct Mail {
+    to: Vec<String>,
+    data: String,
+}
+
+#[derive(Clone)]
+struct SinkState {
+    gone: Arc<BTreeSet<String>>,
+    received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Sink {
+    async fn start(gone: &[&str]) -> Self {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let state = SinkState {
+            gone: Arc::new(gone.iter().map(|p| (*p).to_owned()).collect()),
+            received: Arc::clone(&received),
+        };
+        let app = axum::Router::new().fallback(receive).with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the sink");
+        let address = listener.local_addr().expect("the sink's address");
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("the sink serves");
+        });
+        let mails = Arc::new(Mutex::new(Vec::new()));
+        let smtp = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the SMTP sink");
+        let smtp_port = smtp.local_addr().expect("the SMTP sink's address").port();
+        let store = Arc::clone(&mails);
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = smtp.accept().await {
+                tokio::spawn(smtp_session(socket, Arc::clone(&store)));
+            }
+        });
+        Self {
+            address,
+            smtp_port,
+            received,
+            mails,
+        }
+    }
+
+    fn mails(&self) -> Vec<Mail> {
+        self.mails
+            .lock()
+            .expect("the sink's lock is never poisoned")
+            .clone()
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    fn received(&self, path: &str) -> Vec<Received> {
+        self.received
+            .lock()
+            .expect("the sink's lock is never poisoned")
+            .iter()
+            .filter(|r| r.path == path)
+            .cloned()
+            .collect()
+    }
+}
+
+async fn receive(
+    State(state): State<SinkState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let path = uri.path().to_owned();
+    let status = if state.gone.contains(&path) {
+        StatusCode::GONE
+    } else {
+        StatusCode::NO_CONTENT
+    };
+    state
+        .received
+        .lock()
+        .expect("the sink's lock is never poisoned")
+        .push(Received {
+            path,
+            headers,
+            body,
+        });
+    status
+}
+
+/// Enough of RFC 5321 for lettre to deliver one or more messages (no TLS, no authentication):
+/// `aiosmtpd` is not installed on these machines.
+async fn smtp_session(socket: tokio::net::TcpStream, store: Arc<Mutex<Vec<Mail>>>) {
+    let (read, mut write) = socket.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let mut mail = Mail::default();
+    if write.write_all(b"220 sink ESMTP\r\n").await.is_err() {
+        return;
+    }
+    while let Ok(Some(line)) = lines.next_line().await {
+        let verb = line.get(..4).unwrap_or_default().to_ascii_uppercase();
+        let reply: &[u8] = match verb.as_str() {
+            "EHLO" => b"250-sink\r\n250 8BITMIME\r\n",
+            "RSET" => {
+                mail = Mail::default();
+                b"250 OK\r\n"
+            }
+            "RCPT" => {
+                mail.to.push(line.get(8..).unwrap_or_default().to_owned());
+                b"250 OK\r\n"
+            }
+            "DATA" => {
+                if write.write_all(b"354 end with .\r\n").await.is_err() {
+                    return;
+                }
+                while let Ok(Some(data)) = lines.next_line().await {
+                    if data == "." {
+                        break;
+                    }
+                    mail.data.push_str(&data);
+                    mail.data.push('\n');
+                }
+                store
+                    .lock()
+                    .expect("the sink's lock is never poisoned")
+                    .push(std::mem::take(&mut mail));
+                b"250 OK queued\r\n"
+            }
+            "QUIT" => {
+                let _ = write.write_all(b"221 bye\r\n").await;
+                return;
+            }
+            _ => b"250 OK\r\n",
+        };
+        if write.write_all(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A service binary running as a child process; killed on drop, its log printed when the test
+/// is failing.
+struct Service {
+    name: &'static str,
+    command: Command,
+    child: Option<Child>,
+    log: PathBuf,
+    admin: u16,
+}
+
+impl Service {
+    /// Starts `herald-<name> --config <config>` from the workspace root (where the dev configs'
+    /// relative paths start) with `env` as its only `HERALD_<SECTION>__<KEY>` overrides.
+    fn spawn(
+        name: &'static str,
+        config: &Path,
+        dir: &Path,
+        admin: u16,
+        env: &[(&str, String)],
+    ) -> Self {
+        let mut command = Command::new(binary(&format!("herald-{name}")));
+        // Only this test's config counts: no HERALD_<SECTION>__<KEY> override from the caller.
+        for (key, _) in
+            std::env::vars().filter(|(k, _)| k.starts_with("HERALD_") && k.contains("__"))
+        {
+            command.env_remove(key);
+        }
+        command
+            .arg("--config")
+            .arg(config)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .current_dir(workspace_root())
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null());
+        let mut service = Self {
+            name,
+            command,
+            child: None,
+            log: dir.join(format!("{name}.log")),
+            admin,
+        };
+        service.start_if_stopped();
+        service
+    }
+
+    /// Starts the process again after a kill, its output appended to the same log.
+    fn start_if_stopped(&mut self) {
+        if self.child.is_some() {
+            return;
+        }
+        let out = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open a service log");
+        let err = out.try_clone().expect("clone the log handle");
+        let child = self
+            .command
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.name));
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: a crash, not a shutdown.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    async fn wait_ready(&mut self, http: &reqwest::Client) {
+        let url = format!("http://127.0.0.1:{}/ready", self.admin);
+        let what = format!("{} to be ready", self.name);
+        let name = self.name;
+        let child = self.child.as_mut().expect("the service was started");
+        let log = self.log.clone();
+        eventually_async(&what, WAIT, || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "{name} exited ({status}) before it was ready; its log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            let request = http.get(&url).timeout(Duration::from_secs(1)).send();
+            async move { request.await.ok().filter(|r| r.status().is_success()) }
+        })
+        .await;
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- {} log -----\n{}",
+                self.name,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// A workspace binary, from the target directory this test was built into.
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    // target/<profile>/deps/pipeline-<hash> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test runs from target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the services first with `cargo build --workspace --bins` \
+         (`cargo nextest run --workspace` builds them too)",
+        path.display()
+    );
+    path
+}
