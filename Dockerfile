@@ -10,5 +10,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/${BIN} /usr/local/bin/service
 COPY examples /etc/herald/examples
+# The example configs name their files relative to the repository root.
+WORKDIR /etc/herald
 USER 65534
 ENTRYPOINT ["/usr/local/bin/service"]
