@@ -1,15 +1,20 @@
-//! The `herald` operator CLI: dead letters (`dlq`), stream set-up and state (`streams`) and a
-//! live view of any subject (`tail`).
+//! The `herald` operator CLI: dead letters (`dlq`), stream set-up and state (`streams`), a live
+//! view of any subject (`tail`), the job worker's jobs (`jobs`), the gateway's schema file
+//! (`schema`), and the dispatcher's checkpoints and observers (`checkpoint`, `observers`).
 //!
 //! One module per command group, each with its clap `Subcommand` (or `Args`), its error enum and
 //! its `run`. Adding a group (dispatcher checkpoints, job management, the gateway's schema) is one
 //! new module, one variant in `Command` and one arm in `run`; connection settings are shared by
-//! all of them through `connection::Session`.
+//! all of them through `connection::Session`, opened only by the commands that talk to NATS.
 
+pub mod checkpoint;
 pub mod connection;
 pub mod dlq;
+pub mod jobs;
+pub mod observers;
 pub mod pattern;
 pub mod render;
+pub mod schema;
 pub mod streams;
 pub mod tail;
 
@@ -23,7 +28,11 @@ use crate::connection::{ConnectionArgs, ConnectionError, Session};
 #[command(
     name = "herald",
     version,
-    about = "Operate a Herald deployment through NATS"
+    about = "Operate a Herald deployment: streams, dead letters, jobs, dispatcher checkpoints and \
+             observers, the gateway schema",
+    after_help = "Output: tables and `key: value` lines are for people; with --json each command \
+                  prints one JSON object per line, with stable field names, for scripts. The exit \
+                  status is non-zero on any error or refusal, with the reason on stderr."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -42,6 +51,18 @@ pub enum Command {
     Streams(streams::StreamsCommand),
     /// Print messages on a subject as they arrive, one JSON line each, until Ctrl-C.
     Tail(tail::TailArgs),
+    /// The job worker's jobs: list, show, cancel, retry (asks a running herald-job-worker).
+    #[command(subcommand)]
+    Jobs(jobs::JobsCommand),
+    /// The gateway's schema file: write a starting one from the database (PostgreSQL only).
+    #[command(subcommand)]
+    Schema(schema::SchemaCommand),
+    /// A dispatcher's checkpoint: show it, or move it to rewind (or skip) dispatch.
+    #[command(subcommand)]
+    Checkpoint(checkpoint::CheckpointCommand),
+    /// Observers: dry-run a file on one event, backfill one observer over history.
+    #[command(subcommand)]
+    Observers(observers::ObserversCommand),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +75,14 @@ pub enum CliError {
     Streams(#[from] streams::StreamsError),
     #[error(transparent)]
     Tail(#[from] tail::TailError),
+    #[error(transparent)]
+    Jobs(#[from] jobs::JobsError),
+    #[error(transparent)]
+    Schema(#[from] schema::SchemaError),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointCommandError),
+    #[error(transparent)]
+    Observers(#[from] observers::ObserversCommandError),
 }
 
 /// Runs one command, writing its output to `out`. `shutdown` ends commands that run until
@@ -63,11 +92,35 @@ pub async fn run(
     shutdown: CancellationToken,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
-    let session = Session::open(&cli.connection).await?;
+    let connection = &cli.connection;
     match cli.command {
-        Command::Dlq(command) => dlq::run(&session, command, out).await?,
-        Command::Streams(command) => streams::run(&session, command, out).await?,
-        Command::Tail(args) => tail::run(&session, args, shutdown, out).await?,
+        Command::Dlq(command) => dlq::run(&Session::open(connection).await?, command, out).await?,
+        Command::Streams(command) => {
+            streams::run(&Session::open(connection).await?, command, out).await?;
+        }
+        Command::Tail(args) => {
+            tail::run(&Session::open(connection).await?, args, shutdown, out).await?;
+        }
+        Command::Jobs(command) => {
+            jobs::run(&Session::open(connection).await?, command, out).await?;
+        }
+        Command::Schema(command) => schema::run(command, out).await?,
+        Command::Checkpoint(command) => {
+            checkpoint::run(&Session::open(connection).await?, command, out).await?;
+        }
+        Command::Observers(command) => observers::run(connection, command, out).await?,
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn every_command_and_flag_is_declared_consistently() {
+        Cli::command().debug_assert();
+    }
 }
