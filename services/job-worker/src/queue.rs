@@ -630,6 +630,10 @@ impl Queue {
             .clone()
             .zrange(self.set_key(queue, set), 0, limit.max(1) as isize - 1)
             .await?;
+        // Redis refuses an empty pipeline ("empty command"), and a state with no jobs is common.
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut pipe = redis::pipe();
         for id in &ids {
             pipe.hgetall(self.job_key(id));
