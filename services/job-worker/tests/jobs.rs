@@ -20,7 +20,6 @@ use herald_shared::subjects::{
 use herald_shared::{JobRequest, JobState, headers};
 use herald_test_support::eventually;
 use serde_json::json;
-use tokio::sync::Notify;
 
 fn succeeding() -> TestHandler {
     TestHandler::new(|job, _| async move { Ok(json!({ "done": job.id })) }.boxed())
@@ -350,18 +349,7 @@ async fn a_malformed_submission_is_dead_lettered_not_stuck() {
 async fn higher_priority_jobs_run_first() {
     let servers = Servers::start().await;
     let events = Events::record(&servers.jetstream).await;
-    let gate = Arc::new(Notify::new());
-    let opened = gate.clone();
-    let handler = TestHandler::new(move |job, _| {
-        let gate = opened.clone();
-        async move {
-            if job.id == "gate" {
-                gate.notified().await;
-            }
-            Ok(json!(null))
-        }
-        .boxed()
-    });
+    let (handler, gate) = TestHandler::gated();
     let mut settings = settings(&servers.redis.url());
     settings.queue_concurrency.insert("serial".into(), 1);
     let worker = Worker::start(
@@ -516,18 +504,7 @@ async fn a_dead_job_can_be_listed_and_retried_with_a_fresh_budget() {
 async fn a_pending_job_is_cancelled_at_once_and_never_runs() {
     let servers = Servers::start().await;
     let events = Events::record(&servers.jetstream).await;
-    let gate = Arc::new(Notify::new());
-    let opened = gate.clone();
-    let handler = TestHandler::new(move |job, _| {
-        let gate = opened.clone();
-        async move {
-            if job.id == "gate" {
-                gate.notified().await;
-            }
-            Ok(json!(null))
-        }
-        .boxed()
-    });
+    let (handler, gate) = TestHandler::gated();
     let mut settings = settings(&servers.redis.url());
     settings.concurrency = 1;
     let worker = Worker::start(

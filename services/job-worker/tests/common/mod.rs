@@ -306,6 +306,23 @@ impl TestHandler {
         }
     }
 
+    /// A handler that holds the job named `gate` until the returned `Notify` is notified and
+    /// finishes every other job at once: a way to keep a queue's only slot busy.
+    pub fn gated() -> (Self, Arc<tokio::sync::Notify>) {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let opened = gate.clone();
+        let handler = Self::new(move |job, _| {
+            let gate = opened.clone();
+            Box::pin(async move {
+                if job.id == "gate" {
+                    gate.notified().await;
+                }
+                Ok(Value::Null)
+            })
+        });
+        (handler, gate)
+    }
+
     pub fn runs(&self, job_id: &str) -> usize {
         self.runs
             .lock()
