@@ -53,7 +53,8 @@ impl std::str::FromStr for Op {
 /// One committed change to one row: `herald.events.<entity>.<op>`, Msg-Id = `id`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EntityEvent {
-    /// UUIDv7, so ids sort by creation time.
+    /// UUIDv7: ids sort by creation time to the millisecond; within one millisecond the stream
+    /// sequence is the order.
     pub id: Uuid,
     pub entity: String,
     pub op: Op,
