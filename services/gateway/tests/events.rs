@@ -302,11 +302,18 @@ async fn an_event_above_the_nats_max_payload_is_set_aside_without_blocking_later
             (!letters.is_empty()).then_some(letters)
         })
         .await;
-    let (failed_id, reason): (uuid::Uuid, String) =
-        sqlx::query_as("SELECT id, reason FROM herald_outbox_failed")
-            .fetch_one(&world.db)
-            .await
-            .expect("the big event is kept in herald_outbox_failed");
+    // The notice is stored before the relay's transaction that moves the row commits.
+    let (failed_id, reason): (uuid::Uuid, String) = herald_test_support::eventually_async(
+        "the big event kept in herald_outbox_failed",
+        Duration::from_secs(10),
+        || async {
+            sqlx::query_as("SELECT id, reason FROM herald_outbox_failed")
+                .fetch_optional(&world.db)
+                .await
+                .expect("query herald_outbox_failed")
+        },
+    )
+    .await;
     let error = letters[0].header(headers::ERROR).expect("Herald-Error");
     assert!(
         error.contains("65536") && error.contains(&failed_id.to_string()),
