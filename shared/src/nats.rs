@@ -24,22 +24,21 @@ pub struct Nats {
 }
 
 impl Nats {
+    /// Wraps a connected client, with JetStream requests bounded by `config.request_timeout`.
+    pub fn new(client: async_nats::Client, config: &NatsConfig) -> Self {
+        let jetstream = jetstream::ContextBuilder::new()
+            .timeout(config.request_timeout)
+            .build(client.clone());
+        Self { client, jetstream }
+    }
+
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 }
 
 pub async fn connect(config: &NatsConfig, service: &str) -> Result<Nats, ConnectError> {
-    let attempt = || async {
-        let mut options = async_nats::ConnectOptions::new()
-            .name(service)
-            .connection_timeout(Duration::from_secs(5))
-            .request_timeout(Some(config.request_timeout));
-        if let (Some(user), Some(password)) = (&config.user, &config.password) {
-            options = options.user_and_password(user.clone(), password.clone());
-        }
-        options.connect(config.url.as_str()).await
-    };
+    let attempt = || connect_options(config, service).connect(config.url.as_str());
     let client = attempt
         .retry(
             ExponentialBuilder::default()
@@ -55,8 +54,18 @@ pub async fn connect(config: &NatsConfig, service: &str) -> Result<Nats, Connect
             url: config.url.clone(),
             source,
         })?;
-    let jetstream = jetstream::ContextBuilder::new()
-        .timeout(config.request_timeout)
-        .build(client.clone());
-    Ok(Nats { client, jetstream })
+    Ok(Nats::new(client, config))
+}
+
+/// The options every Herald connection uses: its name, timeouts and its user's credentials.
+/// Callers may add their own (the CLI reports server complaints) before connecting.
+pub fn connect_options(config: &NatsConfig, name: &str) -> async_nats::ConnectOptions {
+    let options = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(config.request_timeout));
+    match (&config.user, &config.password) {
+        (Some(user), Some(password)) => options.user_and_password(user.clone(), password.clone()),
+        _ => options,
+    }
 }

@@ -10,11 +10,10 @@
 //! once that NATS is down.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use async_nats::{Event, ServerError, jetstream};
 use herald_shared::config::{self, ConfigError, NatsConfig, Problems, StreamsConfig, Validate};
-use herald_shared::nats::Nats;
+use herald_shared::nats::{self, Nats};
 use serde::Deserialize;
 
 const CONNECTION_NAME: &str = "herald-cli";
@@ -114,29 +113,19 @@ impl Session {
 }
 
 async fn connect(config: &NatsConfig) -> Result<Nats, ConnectionError> {
-    let mut options = async_nats::ConnectOptions::new()
-        .name(CONNECTION_NAME)
-        .connection_timeout(Duration::from_secs(5))
-        .request_timeout(Some(config.request_timeout))
+    let client = nats::connect_options(config, CONNECTION_NAME)
         // A request the user may not make is dropped by the server, and the caller only sees a
         // timeout; the server's own complaint says why, so it goes to the operator at once.
         .event_callback(|event| async move {
             if let Event::ServerError(ServerError::Other(complaint)) = event {
                 eprintln!("herald: the NATS server says: {complaint}");
             }
-        });
-    if let (Some(user), Some(password)) = (&config.user, &config.password) {
-        options = options.user_and_password(user.clone(), password.clone());
-    }
-    let client = options
+        })
         .connect(config.url.as_str())
         .await
         .map_err(|source| ConnectionError::Connect {
             url: config.url.clone(),
             source,
         })?;
-    let jetstream = jetstream::ContextBuilder::new()
-        .timeout(config.request_timeout)
-        .build(client.clone());
-    Ok(Nats { client, jetstream })
+    Ok(Nats::new(client, config))
 }
