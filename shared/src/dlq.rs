@@ -5,14 +5,29 @@
 //!
 //! JetStream has no dead-letter queue of its own; a consumer must publish here, wait for the
 //! stream's ack, and only then ack (or terminate) the original message.
+//!
+//! A body too large to travel beside the dead-letter headers (an original that filled
+//! `max_payload` by itself) is stored whole in the JetStream object store bucket
+//! `herald_dlq_bodies`, under the dead letter's own Msg-Id, and the dead letter carries an empty
+//! body and `Herald-Body-Object: <object name>`. `herald dlq replay` restores the original from
+//! there; the bucket keeps objects as long as the DLQ keeps dead letters. If even the headers do
+//! not fit, the dead letter keeps only the Herald-* ones.
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
+use tokio::io::AsyncReadExt;
 
+use crate::config::StreamsConfig;
 use crate::headers;
-use crate::subjects::DlqSource;
+use crate::publish::{self, PublishFailure};
+use crate::subjects::{DLQ_STREAM, DlqSource};
+
+/// The object store bucket holding the bodies of dead letters too large to carry them.
+pub const BODIES_BUCKET: &str = "herald_dlq_bodies";
+/// The stream behind `BODIES_BUCKET` (JetStream names it `OBJ_<bucket>`).
+pub const BODIES_STREAM: &str = "OBJ_herald_dlq_bodies";
 
 /// The longest `Herald-Error` kept; the full story belongs in the logs and the audit index.
 const MAX_ERROR_LEN: usize = 1024;
@@ -78,29 +93,46 @@ impl DeadLetter {
                 }
             }
         }
-        out.insert(headers::MSG_ID, self.msg_id().as_str());
-        out.insert(headers::ORIGINAL_SUBJECT, self.original_subject.as_str());
-        out.insert(headers::ORIGINAL_MSG_ID, self.original_msg_id.as_str());
-        out.insert(headers::ERROR, header_safe(&self.error).as_str());
-        out.insert(headers::ATTEMPTS, self.attempts.to_string().as_str());
-        out.insert(
+        // Everything here may come from outside (ids, subjects, reasons): never a panic.
+        headers::insert_safe(&mut out, headers::MSG_ID, &self.msg_id());
+        headers::insert_safe(&mut out, headers::ORIGINAL_SUBJECT, &self.original_subject);
+        headers::insert_safe(&mut out, headers::ORIGINAL_MSG_ID, &self.original_msg_id);
+        headers::insert_bounded(&mut out, headers::ERROR, &self.error, MAX_ERROR_LEN);
+        headers::insert_safe(&mut out, headers::ATTEMPTS, &self.attempts.to_string());
+        headers::insert_safe(
+            &mut out,
             headers::FIRST_FAILED_AT,
-            rfc3339(self.first_failed_at).as_str(),
+            &rfc3339(self.first_failed_at),
         );
-        out.insert(headers::DEAD_LETTERED_AT, rfc3339(Utc::now()).as_str());
-        out.insert(headers::DEAD_LETTERED_BY, dead_lettered_by);
+        headers::insert_safe(&mut out, headers::DEAD_LETTERED_AT, &rfc3339(Utc::now()));
+        headers::insert_safe(&mut out, headers::DEAD_LETTERED_BY, dead_lettered_by);
         out
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
+    /// JetStream did not store the dead letter; `is_permanent` says whether trying again can.
     #[error("publishing the dead letter failed: {0}")]
-    Publish(#[from] jetstream::context::PublishError),
+    Publish(#[from] PublishFailure),
+    /// The original body needed the bodies bucket and it could not take it.
+    #[error("cannot store the dead letter's body in bucket {BODIES_BUCKET}: {0}")]
+    Body(String),
+}
+
+impl DlqError {
+    /// Whether storing this dead letter can never succeed as it is.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Publish(failure) => failure.is_permanent(),
+            Self::Body(_) => false,
+        }
+    }
 }
 
 /// Publishes the dead letter and waits for JetStream to store it. Only after this returns `Ok`
-/// may the caller ack the original message.
+/// may the caller ack the original message. A body too large to fit beside the headers goes to
+/// the bodies bucket (see the module docs).
 pub async fn publish(
     js: &jetstream::Context,
     letter: &DeadLetter,
@@ -108,12 +140,30 @@ pub async fn publish(
     original_headers: Option<&HeaderMap>,
     dead_lettered_by: &str,
 ) -> Result<(), DlqError> {
-    let message = PublishMessage::build()
-        .payload(body)
-        .headers(letter.headers(original_headers, dead_lettered_by));
-    js.send_publish(letter.source.subject(), message)
-        .await?
-        .await?;
+    let subject = letter.source.subject();
+    let headers = letter.headers(original_headers, dead_lettered_by);
+    match publish::publish(js, &subject, headers.clone(), body.clone()).await {
+        Ok(_) => {}
+        Err(PublishFailure::TooLarge(_)) => {
+            let object = letter.msg_id();
+            store_body(js, &object, &body).await?;
+            let mut slim = headers;
+            headers::insert_safe(&mut slim, headers::BODY_OBJECT, &object);
+            match publish::publish(js, &subject, slim, Bytes::new()).await {
+                Ok(_) => {}
+                Err(PublishFailure::TooLarge(_)) => {
+                    // The original headers alone are too many: keep the description only.
+                    let mut bare = letter.headers(None, dead_lettered_by);
+                    headers::insert_safe(&mut bare, headers::BODY_OBJECT, &object);
+                    publish::publish(js, &subject, bare, Bytes::new()).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            metrics::counter!("herald_dead_letter_bodies_stored_total", "source" => letter.source.as_str())
+                .increment(1);
+        }
+        Err(e) => return Err(e.into()),
+    }
     metrics::counter!("herald_dead_letters_total", "source" => letter.source.as_str()).increment(1);
     tracing::warn!(
         source = letter.source.as_str(),
@@ -159,6 +209,8 @@ pub struct DeadLetterInfo {
     pub attempts: u32,
     pub first_failed_at: Option<DateTime<Utc>>,
     pub dead_lettered_at: Option<DateTime<Utc>>,
+    /// Where the original body is when it did not fit in the dead letter (`BODIES_BUCKET`).
+    pub body_object: Option<String>,
 }
 
 impl DeadLetterInfo {
@@ -178,6 +230,7 @@ impl DeadLetterInfo {
                 .unwrap_or(0),
             first_failed_at: time(headers::FIRST_FAILED_AT),
             dead_lettered_at: time(headers::DEAD_LETTERED_AT),
+            body_object: text(headers::BODY_OBJECT),
         })
     }
 }
@@ -186,21 +239,74 @@ fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-/// Header values are one line of printable text.
-fn header_safe(text: &str) -> String {
-    let mut out: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if out.len() > MAX_ERROR_LEN {
-        let mut cut = MAX_ERROR_LEN;
-        while !out.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        out.truncate(cut);
-        out.push('…');
+/// The JetStream configuration of the bodies bucket: what `create_object_store` would make,
+/// kept as long as the DLQ keeps its dead letters.
+pub fn bodies_stream_config(config: &StreamsConfig) -> stream::Config {
+    let limits = config.limits(DLQ_STREAM);
+    stream::Config {
+        name: BODIES_STREAM.to_owned(),
+        description: Some("Bodies of dead letters too large to carry them".into()),
+        subjects: vec![
+            format!("$O.{BODIES_BUCKET}.C.>"),
+            format!("$O.{BODIES_BUCKET}.M.>"),
+        ],
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        max_age: limits.max_age,
+        max_bytes: limits.max_bytes,
+        discard: stream::DiscardPolicy::New,
+        allow_rollup: true,
+        allow_direct: true,
+        ..Default::default()
     }
-    out
+}
+
+fn body_error(e: impl std::fmt::Display) -> DlqError {
+    DlqError::Body(e.to_string())
+}
+
+/// Stores `body` as object `name`, unless an object of that name and size is already there (the
+/// same dead letter, stored before a crash): writing it again would make JetStream purge the old
+/// chunks, which services may not do.
+async fn store_body(js: &jetstream::Context, name: &str, body: &[u8]) -> Result<(), DlqError> {
+    let bucket = js
+        .get_object_store(BODIES_BUCKET)
+        .await
+        .map_err(body_error)?;
+    if let Ok(info) = bucket.info(name).await
+        && !info.deleted
+        && info.size == body.len()
+    {
+        return Ok(());
+    }
+    let mut reader = body;
+    bucket.put(name, &mut reader).await.map_err(body_error)?;
+    Ok(())
+}
+
+/// The original body of a dead letter stored in the bodies bucket, for replay.
+pub async fn load_body(js: &jetstream::Context, name: &str) -> Result<Bytes, DlqError> {
+    let bucket = js
+        .get_object_store(BODIES_BUCKET)
+        .await
+        .map_err(body_error)?;
+    let mut object = bucket.get(name).await.map_err(body_error)?;
+    let mut body = Vec::new();
+    object.read_to_end(&mut body).await.map_err(body_error)?;
+    Ok(body.into())
+}
+
+/// Removes a stored body once its dead letter is replayed or purged. A body already gone is fine.
+pub async fn delete_body(js: &jetstream::Context, name: &str) -> Result<(), DlqError> {
+    let bucket = js
+        .get_object_store(BODIES_BUCKET)
+        .await
+        .map_err(body_error)?;
+    match bucket.delete(name).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == jetstream::object_store::DeleteErrorKind::NotFound => Ok(()),
+        Err(e) => Err(body_error(e)),
+    }
 }
 
 #[cfg(test)]
@@ -243,8 +349,22 @@ mod tests {
     #[test]
     fn errors_become_one_bounded_header_line() {
         let long = format!("line one\r\nline two {}", "é".repeat(2000));
-        let safe = header_safe(&long);
+        let h = letter(&long).headers(None, "test");
+        let safe = h.get(headers::ERROR).map(|v| v.as_str().to_owned());
+        let safe = safe.unwrap_or_default();
         assert!(!safe.contains(['\r', '\n']));
-        assert!(safe.len() <= MAX_ERROR_LEN + '…'.len_utf8());
+        assert!(safe.len() <= MAX_ERROR_LEN, "{}", safe.len());
+    }
+
+    #[test]
+    fn hostile_ids_and_subjects_never_panic() {
+        let mut l = letter("x");
+        l.original_msg_id = "id\r\nNats-Expected-Stream: X".into();
+        l.original_subject = "herald.actions.\n".into();
+        let h = l.headers(None, "svc\r\n");
+        let id = h
+            .get(headers::ORIGINAL_MSG_ID)
+            .map(|v| v.as_str().to_owned());
+        assert!(!id.unwrap_or_default().contains('\n'));
     }
 }

@@ -1,14 +1,18 @@
 //! What crosses a Herald service boundary lives here, once: the message types and subjects that
-//! make up the public contract, stream provisioning, dead-lettering, configuration loading,
-//! telemetry, the admin HTTP server and graceful shutdown. A service never re-declares a subject
+//! make up the public contract, stream provisioning, consuming (`consume`: one disposition per
+//! message, settled in one place), publishing with error classification (`publish`),
+//! dead-lettering, configuration loading, telemetry, the admin HTTP server and graceful
+//! shutdown. A service never re-declares a subject
 //! string or a header name; it asks this crate.
 
 pub mod admin;
 pub mod config;
+pub mod consume;
 pub mod dlq;
 pub mod headers;
 pub mod messages;
 pub mod nats;
+pub mod publish;
 pub mod retry;
 pub mod service;
 pub mod shutdown;

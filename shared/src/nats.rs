@@ -57,13 +57,25 @@ pub async fn connect(config: &NatsConfig, service: &str) -> Result<Nats, Connect
     Ok(Nats::new(client, config))
 }
 
-/// The options every Herald connection uses: its name, timeouts and its user's credentials.
-/// Callers may add their own (the CLI reports server complaints) before connecting.
+/// The options every Herald connection uses: its name, timeouts, its user's credentials, and a
+/// listener that remembers which subjects the server refused (so `publish::classify` can tell a
+/// permission refusal from a timeout). Callers may add their own (the CLI reports server
+/// complaints) before connecting; a caller replacing the event callback should pass server
+/// errors on to `publish::note_server_error`.
 pub fn connect_options(config: &NatsConfig, name: &str) -> async_nats::ConnectOptions {
     let options = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(5))
-        .request_timeout(Some(config.request_timeout));
+        .request_timeout(Some(config.request_timeout))
+        .event_callback(|event| async move {
+            match &event {
+                async_nats::Event::ServerError(async_nats::ServerError::Other(complaint)) => {
+                    tracing::warn!(%complaint, "the NATS server complained");
+                    crate::publish::note_server_error(complaint);
+                }
+                other => tracing::info!(event = %other, "NATS connection event"),
+            }
+        });
     match (&config.user, &config.password) {
         (Some(user), Some(password)) => options.user_and_password(user.clone(), password.clone()),
         _ => options,

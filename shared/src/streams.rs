@@ -74,7 +74,9 @@ pub fn stream_config(spec: &StreamSpec, config: &StreamsConfig) -> stream::Confi
     }
 }
 
-/// Creates each stream that does not exist and brings each that does to `config`.
+/// Creates each stream that does not exist and brings each that does to `config`. With the
+/// DLQ comes the object store bucket for dead-letter bodies too large to travel inline
+/// (`dlq::BODIES_BUCKET`): whoever may dead-letter may need it.
 pub async fn ensure(
     js: &jetstream::Context,
     config: &StreamsConfig,
@@ -85,6 +87,14 @@ pub async fn ensure(
             .await
             .map_err(|source| ProvisionError {
                 stream: spec.name,
+                source,
+            })?;
+    }
+    if specs.contains(&DLQ) {
+        js.create_or_update_stream(crate::dlq::bodies_stream_config(config))
+            .await
+            .map_err(|source| ProvisionError {
+                stream: crate::dlq::BODIES_STREAM,
                 source,
             })?;
     }
