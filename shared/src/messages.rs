@@ -75,6 +75,10 @@ pub struct EntityEvent {
     pub schema_version: u32,
 }
 
+/// The action kinds Herald's own action worker runs. Any other kind is custom: it must be
+/// declared in the observers file (`custom_kinds`), and a worker of its own consumes it.
+pub const BUILTIN_ACTION_KINDS: [&str; 4] = ["webhook", "slack", "email", "job"];
+
 /// One action of one observer, to run for one event: `herald.actions.<kind>.<observer>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ActionRequest {

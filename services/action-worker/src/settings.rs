@@ -14,7 +14,7 @@ use crate::ssrf::SsrfGuard;
 use crate::webhook;
 
 /// The kinds this build implements.
-pub const BUILTIN_KINDS: [&str; 4] = ["webhook", "slack", "email", "job"];
+pub const BUILTIN_KINDS: [&str; 4] = herald_shared::messages::BUILTIN_ACTION_KINDS;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -16,9 +16,21 @@
 //! JetStream stored part of it before failing, the stored part is absorbed on retry, and only
 //! then can an earlier event's action land after a later one's of the same key.
 //!
+//! A refusal that no retry can change (`publish::PublishFailure::is_permanent`: a request over
+//! `max_payload`, a subject no stream stores, one this user may not publish on) is not retried
+//! in place: that event is dead-lettered with the reason, and the lane goes on with the rest of
+//! the batch. A lane told to stop while retrying NAKs its batch and then every event still
+//! queued for it, without dispatching them: acking a later event of the same key after the NAK
+//! would publish its actions before the earlier event's.
+//!
 //! Events that cannot be dispatched at all (bad JSON, unknown schema_version, an event whose
 //! subject does not match its body) are dead-lettered to `herald.dlq.events` and terminated;
-//! they never block the stream.
+//! they never block the stream. So is an event on which an observer's condition fails at run
+//! time, or whose requests cannot be built: the other observers' actions are published, and the
+//! dead letter names the failing observer and why, so the failure is on record and the event
+//! can be replayed once the observer is fixed (what was published already is absorbed by
+//! Msg-Id). Every dead letter goes through `consume::Settler`; an event counts as done for the
+//! checkpoint only once its dead letter is stored.
 
 use std::hash::BuildHasher;
 use std::sync::Arc;
@@ -27,9 +39,9 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer, message::PublishMessage};
-use chrono::Utc;
 use futures::StreamExt;
-use herald_shared::dlq::{self, DeadLetter};
+use herald_shared::consume::{Disposition, Settled, Settler};
+use herald_shared::publish::{self, PublishFailure};
 use herald_shared::subjects::{self, DlqSource, EVENTS_STREAM};
 use herald_shared::{ActionRequest, EntityEvent, headers, messages, telemetry};
 use tokio::sync::mpsc;
@@ -73,12 +85,23 @@ pub struct Dispatcher {
     pub observers: Arc<Observers>,
     /// Events taken from the stream since start (redeliveries included).
     pub events: AtomicU64,
+    settler: Settler,
 }
 
-/// The requests an event triggers under `set`, each with its subject. Conditions that fail on
-/// the event are counted and logged; that observer does not match.
-pub fn plan(set: &ObserverSet, event: &EntityEvent) -> Vec<(String, ActionRequest)> {
-    let mut requests = Vec::new();
+/// What an event triggers under one observer set.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// The requests to publish, each with its subject, in observer and action order.
+    pub requests: Vec<(String, ActionRequest)>,
+    /// Observers that failed on the event (a condition error at run time, a request that cannot
+    /// be built), each as `observer <name>: <why>`. The event is dead-lettered with these.
+    pub failures: Vec<String>,
+}
+
+/// The requests an event triggers under `set`. An observer that fails on the event is counted,
+/// logged and listed in `failures`; the others still emit their requests.
+pub fn plan(set: &ObserverSet, event: &EntityEvent) -> Plan {
+    let mut plan = Plan::default();
     let scope = std::cell::OnceCell::new();
     for observer in &set.observers {
         match observer.matches(event, &scope) {
@@ -86,10 +109,14 @@ pub fn plan(set: &ObserverSet, event: &EntityEvent) -> Vec<(String, ActionReques
                 Ok(r) => {
                     metrics::counter!("herald_dispatcher_matched_total", "observer" => observer.name.clone())
                         .increment(1);
-                    requests.extend(r);
+                    plan.requests.extend(r);
                 }
                 Err(e) => {
-                    tracing::error!(observer = %observer.name, error = %e, "observer cannot publish")
+                    tracing::error!(observer = %observer.name, error = %e, "observer cannot publish");
+                    plan.failures.push(format!(
+                        "observer {}: cannot build its requests: {e}",
+                        observer.name
+                    ));
                 }
             },
             Ok(false) => {}
@@ -97,10 +124,12 @@ pub fn plan(set: &ObserverSet, event: &EntityEvent) -> Vec<(String, ActionReques
                 metrics::counter!("herald_dispatcher_condition_errors_total", "observer" => observer.name.clone())
                     .increment(1);
                 tracing::warn!(event_id = %event.id, error = %e, "condition failed; observer skipped for this event");
+                plan.failures
+                    .push(format!("{e} (condition failed at run time)"));
             }
         }
     }
-    requests
+    plan
 }
 
 /// One request ready to publish, its headers (Msg-Id, trace context) already set.
@@ -114,7 +143,7 @@ impl Outgoing {
     /// Carries the current span's trace context, so build it inside the event's span.
     pub fn new(subject: String, request: ActionRequest) -> Self {
         let mut headers = HeaderMap::new();
-        headers.insert(headers::MSG_ID, request.id.as_str());
+        headers::insert_safe(&mut headers, headers::MSG_ID, &request.id);
         telemetry::inject_context(&mut headers);
         Self {
             subject,
@@ -151,6 +180,61 @@ pub async fn publish_all(
     Ok(())
 }
 
+/// Publishes the requests in order, `window` at a time, like `publish_all`, but reports for each
+/// request whether JetStream stored it, so one refused request does not sink the others.
+pub async fn publish_each(
+    js: &jetstream::Context,
+    outgoing: &[&Outgoing],
+    window: usize,
+) -> Vec<Result<(), PublishFailure>> {
+    let mut results = Vec::with_capacity(outgoing.len());
+    for chunk in outgoing.chunks(window.max(1)) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for out in chunk {
+            let sent = match serde_json::to_vec(&out.request) {
+                Ok(body) => {
+                    let message = PublishMessage::build()
+                        .payload(body.into())
+                        .headers(out.headers.clone());
+                    js.send_publish(out.subject.clone(), message)
+                        .await
+                        .map_err(|e| publish::classify(&out.subject, &e))
+                }
+                Err(e) => Err(PublishFailure::TooLarge(format!("cannot encode: {e}"))),
+            };
+            acks.push((out.subject.as_str(), sent));
+        }
+        let stored =
+            futures::future::join_all(acks.into_iter().map(|(subject, sent)| async move {
+                match sent {
+                    Ok(ack) => ack
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| publish::classify(subject, &e)),
+                    Err(e) => Err(e),
+                }
+            }))
+            .await;
+        results.extend(stored);
+    }
+    let emitted = results.iter().filter(|r| r.is_ok()).count();
+    metrics::counter!("herald_dispatcher_actions_emitted_total").increment(emitted as u64);
+    results
+}
+
+/// Whether a lane may go on dispatching.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    Open,
+    Halted,
+}
+
+async fn nak(message: &jetstream::Message, delay: Duration) {
+    if let Err(e) = message.ack_with(AckKind::Nak(Some(delay))).await {
+        tracing::warn!(error = %e, "NAK failed; the event is redelivered after ack_wait");
+    }
+}
+
 /// One event on its way through a lane.
 struct Work {
     message: jetstream::Message,
@@ -165,11 +249,13 @@ impl Dispatcher {
         settings: DispatcherSettings,
         observers: Arc<Observers>,
     ) -> Self {
+        let settler = Settler::new(js.clone(), DlqSource::Events, SERVICE, settings.retry_delay);
         Self {
             js,
             settings,
             observers,
             events: AtomicU64::new(0),
+            settler,
         }
     }
 
@@ -293,8 +379,15 @@ impl Dispatcher {
             let event = match self.decode(&message) {
                 Ok(event) => event,
                 Err(reason) => {
-                    self.dead_letter(&message, &reason).await;
-                    tracker.finish(sequence);
+                    // Unstored, the dead letter is tried again on redelivery; until then the
+                    // checkpoint stays below this event.
+                    let settled = self
+                        .settler
+                        .settle(&message, Disposition::dead_letter(reason))
+                        .await;
+                    if settled == Settled::DeadLettered {
+                        tracker.finish(sequence);
+                    }
                     continue;
                 }
             };
@@ -327,19 +420,6 @@ impl Dispatcher {
         }
     }
 
-    /// Dead-letters a poison event. If even the DLQ is unreachable the event is left unacked:
-    /// it is redelivered after ack_wait and dead-lettered then.
-    async fn dead_letter(&self, message: &jetstream::Message, reason: &str) {
-        let attempts = message
-            .info()
-            .map_or(1, |i| u32::try_from(i.delivered).unwrap_or(u32::MAX));
-        let letter =
-            DeadLetter::for_message(DlqSource::Events, message, reason, attempts, Utc::now());
-        if let Err(e) = dlq::dead_letter_message(&self.js, message, &letter, SERVICE).await {
-            tracing::error!(error = %e, "cannot dead-letter a poison event; it will be redelivered");
-        }
-    }
-
     /// Takes whatever is queued (up to a batch), publishes the requests of all those events in
     /// stream order in one pipelined round, then acks them. One connection stores publishes in
     /// the order sent, so the batch keeps the per-key order while paying one round trip for
@@ -351,56 +431,94 @@ impl Dispatcher {
         stop: CancellationToken,
     ) {
         let mut batch = Vec::with_capacity(self.settings.batch);
+        let mut halted = false;
         while queue.recv_many(&mut batch, self.settings.batch).await > 0 {
-            self.dispatch(&batch, &tracker, &stop).await;
+            if halted {
+                // An earlier event of these keys was NAKed: none of its successors may go first.
+                for work in &batch {
+                    nak(&work.message, self.settings.retry_delay).await;
+                }
+            } else {
+                halted = self.dispatch(&batch, &tracker, &stop).await == Lane::Halted;
+            }
             batch.clear();
         }
     }
 
-    async fn dispatch(&self, batch: &[Work], tracker: &Tracker, stop: &CancellationToken) {
+    /// Dispatches one batch; `Lane::Halted` when told to stop while JetStream still refused it,
+    /// the batch then being NAKed.
+    async fn dispatch(&self, batch: &[Work], tracker: &Tracker, stop: &CancellationToken) -> Lane {
         // One snapshot for the whole batch, whatever reloads happen meanwhile.
         let observers = self.observers.snapshot();
         let mut outgoing = Vec::new();
-        for work in batch {
+        let mut failures: Vec<Vec<String>> = Vec::with_capacity(batch.len());
+        for (index, work) in batch.iter().enumerate() {
             let span = tracing::info_span!("dispatch", event_id = %work.event.id, entity = %work.event.entity, key = %work.event.key);
             telemetry::adopt_context(&span, work.message.headers.as_ref());
             let _entered = span.enter();
+            let plan = plan(&observers, &work.event);
             outgoing.extend(
-                plan(&observers, &work.event)
+                plan.requests
                     .into_iter()
-                    .map(|(subject, request)| Outgoing::new(subject, request)),
+                    .map(|(subject, request)| (index, Outgoing::new(subject, request))),
             );
+            failures.push(plan.failures);
         }
         let mut delay = self.settings.retry_delay;
         // Every lane may be publishing at once; together they stay within ACKS_IN_FLIGHT.
         let window = ACKS_IN_FLIGHT / self.settings.lanes;
-        while let Err(e) = publish_all(&self.js, &outgoing, window).await {
-            tracing::warn!(error = %e, ?delay, "action requests not stored; retrying in place");
-            for work in batch {
-                let kind = if stop.is_cancelled() {
-                    AckKind::Nak(Some(delay))
-                } else {
-                    AckKind::Progress
-                };
-                if let Err(e) = work.message.ack_with(kind).await {
-                    tracing::warn!(error = %e, "NAK or progress failed; the event is redelivered after ack_wait");
+        let mut pending: Vec<&(usize, Outgoing)> = outgoing.iter().collect();
+        loop {
+            let sent: Vec<&Outgoing> = pending.iter().map(|(_, out)| out).collect();
+            let results = publish_each(&self.js, &sent, window).await;
+            let mut again = Vec::with_capacity(pending.len());
+            let mut transient = None;
+            for (entry, result) in pending.iter().zip(results) {
+                let (index, out) = *entry;
+                match result {
+                    Err(e) if e.is_permanent() => failures[*index].push(format!(
+                        "action request {} on {} can never be published: {e}",
+                        out.request.id, out.subject
+                    )),
+                    Err(e) => {
+                        transient.get_or_insert(e);
+                        again.push(*entry);
+                    }
+                    Ok(()) => again.push(*entry),
                 }
             }
+            let Some(error) = transient else { break };
+            // The rest of the batch is published again, in order: what was stored is absorbed
+            // by Msg-Id, and no later request of a key overtakes an earlier one.
+            pending = again;
+            tracing::warn!(error = %error, ?delay, "action requests not stored; retrying in place");
             if stop.is_cancelled() {
-                return;
+                for work in batch {
+                    nak(&work.message, delay).await;
+                }
+                return Lane::Halted;
+            }
+            for work in batch {
+                herald_shared::consume::progress(&work.message).await;
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(self.settings.ack_wait / 2);
         }
-        for work in batch {
-            if let Err(e) = work.message.ack().await {
-                // The actions are stored; a redelivery re-publishes them under the same Msg-Ids.
-                tracing::warn!(error = %e, "ack failed; the event will be redelivered and absorbed");
+        for (work, failures) in batch.iter().zip(failures) {
+            let disposition = if failures.is_empty() {
+                Disposition::ack()
+            } else {
+                Disposition::dead_letter(failures.join("; "))
+            };
+            match self.settler.settle(&work.message, disposition).await {
+                Settled::Acked | Settled::DeadLettered => tracker.finish(work.sequence),
+                // NAKed: redelivered, dispatched again (absorbed) and dead-lettered then.
+                Settled::Retrying | Settled::Unsettled(_) => {}
             }
-            tracker.finish(work.sequence);
             metrics::histogram!("herald_dispatcher_dispatch_seconds")
                 .record(work.received.elapsed().as_secs_f64());
         }
+        Lane::Open
     }
 
     async fn save_periodically(

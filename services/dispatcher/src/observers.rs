@@ -1,7 +1,10 @@
 //! The observers file: which events (entity, operations, condition) trigger which actions.
 //!
 //! The file is TOML, one `[[observer]]` table per observer with its `[[observer.action]]`
-//! tables. It is read by walking toml's spanned document tree rather than through serde, so a
+//! tables, and optionally a top-level `custom_kinds = ["mykind"]` naming the action kinds beyond
+//! the built-in ones (webhook, slack, email, job) that a worker of your own consumes. An action
+//! of any other kind is refused at load, with its key and line: a misspelt kind would otherwise
+//! publish actions no consumer ever reads. It is read by walking toml's spanned document tree rather than through serde, so a
 //! refusal can name EVERY bad key with its path and line (serde stops at the first problem and
 //! loses the position of semantic errors). Everything in an action table other than `kind`,
 //! `retry` and `timeout` is the kind's own settings and travels verbatim as JSON in
@@ -19,6 +22,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use chrono::Utc;
+use herald_shared::messages::BUILTIN_ACTION_KINDS;
 use herald_shared::subjects::{self, InvalidToken};
 use herald_shared::{ActionRequest, EntityEvent, Op, RetryPolicy, SCHEMA_VERSION};
 use serde_json::Value as Json;
@@ -154,6 +158,8 @@ impl Observer {
 #[derive(Debug, Clone, Default)]
 pub struct ObserverSet {
     pub observers: Vec<Observer>,
+    /// The custom action kinds the file declares (`custom_kinds`).
+    pub custom_kinds: Vec<String>,
 }
 
 impl ObserverSet {
@@ -167,6 +173,20 @@ impl ObserverSet {
 
     pub fn is_empty(&self) -> bool {
         self.observers.is_empty()
+    }
+
+    /// Every action kind the observers use, each with the observers using it, sorted.
+    pub fn kinds(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut kinds: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for observer in &self.observers {
+            for action in &observer.actions {
+                let users = kinds.entry(action.kind.clone()).or_default();
+                if !users.contains(&observer.name) {
+                    users.push(observer.name.clone());
+                }
+            }
+        }
+        kinds
     }
 
     /// Reads and validates a file.
@@ -186,6 +206,10 @@ impl ObserverSet {
         let mut reader = Reader {
             text,
             problems: Vec::new(),
+            kinds: BUILTIN_ACTION_KINDS
+                .iter()
+                .map(|k| (*k).to_owned())
+                .collect(),
         };
         let (document, syntax) = DeTable::parse_recoverable(text);
         if !syntax.is_empty() {
@@ -284,6 +308,8 @@ pub fn dry_run(file: &Path, event_json: &str) -> Result<DryRun, DryRunError> {
 struct Reader<'t> {
     text: &'t str,
     problems: Vec<Problem>,
+    /// The kinds an action may have: the built-in ones and the declared custom ones.
+    kinds: HashSet<String>,
 }
 
 type Entry<'a, 'i> = (
@@ -313,12 +339,19 @@ impl Reader<'_> {
     fn document(&mut self, root: &DeTable<'_>) -> ObserverSet {
         let mut set = ObserverSet::default();
         let mut names = HashSet::new();
+        // The declared kinds first: the actions are checked against them.
+        if let Some((key, value)) = root.iter().find(|(k, _)| k.get_ref() == "custom_kinds") {
+            set.custom_kinds = self.custom_kinds(key.get_ref(), value);
+        }
         for (key, value) in root.iter() {
+            if key.get_ref() == "custom_kinds" {
+                continue;
+            }
             if key.get_ref() != "observer" {
                 self.problem(
                     key.get_ref().to_string(),
                     &key.span(),
-                    "unknown key (expected [[observer]] tables)",
+                    "unknown key (expected custom_kinds and [[observer]] tables)",
                 );
                 continue;
             }
@@ -340,6 +373,41 @@ impl Reader<'_> {
             }
         }
         set
+    }
+
+    /// `custom_kinds = ["mykind", ...]`: subject tokens, none a built-in kind, none twice.
+    fn custom_kinds(&mut self, path: &str, value: &Spanned<DeValue<'_>>) -> Vec<String> {
+        let Some(items) = value.get_ref().as_array() else {
+            self.problem(
+                path,
+                &value.span(),
+                "must be an array of kind names such as [\"fax\"]",
+            );
+            return Vec::new();
+        };
+        let mut declared = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let item_path = format!("{path}[{i}]");
+            let Some(kind) = self.subject_token(&item_path, "an action kind", item) else {
+                continue;
+            };
+            if BUILTIN_ACTION_KINDS.contains(&kind.as_str()) {
+                self.problem(
+                    &item_path,
+                    &item.span(),
+                    format!("`{kind}` is built in; declare only custom kinds"),
+                );
+            } else if !self.kinds.insert(kind.clone()) {
+                self.problem(
+                    &item_path,
+                    &item.span(),
+                    format!("`{kind}` is declared twice"),
+                );
+            } else {
+                declared.push(kind);
+            }
+        }
+        declared
     }
 
     /// An array of tables (`[[x]]`), each with its span.
@@ -490,7 +558,22 @@ impl Reader<'_> {
         for (key, value) in entries {
             let key_path = format!("{path}.{}", key.get_ref());
             match key.get_ref().as_ref() {
-                "kind" => kind = self.subject_token(&key_path, "an action kind", value),
+                "kind" => {
+                    kind = self.subject_token(&key_path, "an action kind", value);
+                    if let Some(name) = &kind
+                        && !self.kinds.contains(name)
+                    {
+                        self.problem(
+                            &key_path,
+                            &value.span(),
+                            format!(
+                                "unknown action kind `{name}` (built in: {}; declare a custom \
+                                 kind in custom_kinds = [\"{name}\"] at the top of the file)",
+                                BUILTIN_ACTION_KINDS.join(", ")
+                            ),
+                        );
+                    }
+                }
                 "retry" => {
                     if let Some(policy) = self.retry(&key_path, value) {
                         retry = policy;
@@ -696,6 +779,56 @@ url = "x"
             found.iter().any(|p| p.key == "observer[1].entity"),
             "missing entity not reported: {found:#?}"
         );
+    }
+
+    #[test]
+    fn a_misspelt_kind_is_refused_and_custom_kinds_must_be_declared() {
+        let text = r#"custom_kinds = ["fax", "webhook", "fax"]
+
+[[observer]]
+name = "o"
+entity = "Order"
+ops = ["insert"]
+
+[[observer.action]]
+kind = "webhok"
+
+[[observer.action]]
+kind = "fax"
+
+[[observer.action]]
+kind = "pager"
+"#;
+        let found = problems(text);
+        let located: Vec<(&str, usize)> = found.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        assert!(
+            located.contains(&("observer[0].action[0].kind", 9)),
+            "{found:#?}"
+        );
+        assert!(
+            located.contains(&("observer[0].action[2].kind", 15)),
+            "{found:#?}"
+        );
+        assert!(located.contains(&("custom_kinds[1]", 1)), "{found:#?}");
+        assert!(located.contains(&("custom_kinds[2]", 1)), "{found:#?}");
+        assert!(
+            !located
+                .iter()
+                .any(|(k, _)| *k == "observer[0].action[1].kind"),
+            "a declared custom kind is accepted: {found:#?}"
+        );
+        assert!(
+            found[..]
+                .iter()
+                .any(|p| p.message.contains("unknown action kind `webhok`"))
+        );
+
+        let declared = ObserverSet::parse(
+            "custom_kinds = [\"fax\"]\n[[observer]]\nname = \"o\"\nentity = \"Order\"\nops = [\"insert\"]\n[[observer.action]]\nkind = \"fax\"\n",
+        )
+        .expect("valid");
+        assert_eq!(declared.custom_kinds, ["fax"]);
+        assert_eq!(declared.kinds().keys().collect::<Vec<_>>(), ["fax"]);
     }
 
     #[test]
