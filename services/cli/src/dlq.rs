@@ -8,6 +8,10 @@
 //! in place, and replaying it again is absorbed by JetStream, because a replay's Msg-Id is
 //! `<original msg id>:replay:<dlq seq>`: fixed per DLQ entry, yet different from the original's
 //! Msg-Id, whose dedup entry would otherwise swallow a replay made within the duplicate window.
+//!
+//! A dead letter whose body was too large to carry (`Herald-Body-Object`) is replayed with the
+//! original body read back from the bucket `herald_dlq_bodies`; the stored body is removed after
+//! the entry, and purging removes the bodies of the purged entries too.
 
 use std::io::Write;
 
@@ -19,7 +23,7 @@ use async_nats::jetstream::stream::{
 };
 use async_nats::jetstream::{self, context::RequestError};
 use chrono::{DateTime, SecondsFormat, Utc};
-use herald_shared::dlq::DeadLetterInfo;
+use herald_shared::dlq::{self, DeadLetterInfo};
 use herald_shared::headers::{MSG_ID, ORIGINAL_SUBJECT, REPLAYED_FROM};
 use herald_shared::subjects::{DLQ_ALL, DLQ_STREAM, DlqSource};
 use serde::Serialize;
@@ -105,6 +109,15 @@ pub enum DlqError {
         #[source]
         source: DeleteMessageError,
     },
+    #[error(
+        "DLQ entry {seq}'s body is stored apart as {object} and cannot be read; the entry is kept: {source}"
+    )]
+    Body {
+        seq: u64,
+        object: String,
+        #[source]
+        source: dlq::DlqError,
+    },
     #[error("{failed} of {total} replays failed (see above); the failed entries are kept")]
     SomeReplaysFailed { failed: usize, total: usize },
     #[error("purging deletes dead letters for good: pass --yes to confirm")]
@@ -152,7 +165,7 @@ pub async fn run(
         DlqCommand::Replay {
             seq: None, source, ..
         } => replay_all(session.jetstream(), &stream, source, out).await,
-        DlqCommand::Purge { source, .. } => purge(&stream, source, out).await,
+        DlqCommand::Purge { source, .. } => purge(session.jetstream(), &stream, source, out).await,
     }
 }
 
@@ -385,8 +398,18 @@ async fn replay(
         subject: subject.clone(),
         source,
     };
+    let payload = match &info.body_object {
+        Some(object) => dlq::load_body(js, object)
+            .await
+            .map_err(|source| DlqError::Body {
+                seq,
+                object: object.clone(),
+                source,
+            })?,
+        None => entry.message.payload.clone(),
+    };
     let message = PublishMessage::build()
-        .payload(entry.message.payload.clone())
+        .payload(payload)
         .headers(replay_headers(entry, &original_msg_id));
     let ack = js
         .send_publish(subject.clone(), message)
@@ -399,6 +422,11 @@ async fn replay(
         .delete_message(seq)
         .await
         .map_err(|source| DlqError::Remove { seq, source })?;
+    if let Some(object) = &info.body_object
+        && let Err(e) = dlq::delete_body(js, object).await
+    {
+        eprintln!("DLQ {seq}: replayed, but its stored body {object} was not removed: {e}");
+    }
     Ok(Replayed {
         seq,
         subject,
@@ -446,12 +474,44 @@ async fn replay_all(
 }
 
 async fn purge(
+    js: &jetstream::Context,
     stream: &Stream,
     source: Option<DlqSource>,
     out: &mut impl Write,
 ) -> Result<(), DlqError> {
     let filter = filter(source);
-    let purged = stream.purge().filter(filter.as_str()).await?;
-    writeln!(out, "purged {} dead letter(s) from {filter}", purged.purged)?;
+    // The bodies stored apart go with their dead letters, after them (an interrupted purge leaves
+    // at worst bodies that expire with the DLQ's max_age).
+    let last = stream.get_info().await?.state.last_sequence;
+    let mut reader = Reader {
+        stream,
+        filter: filter.clone(),
+        next: 1,
+    };
+    let mut bodies = Vec::new();
+    while let Some(entry) = reader.next_entry().await? {
+        if entry.seq() > last {
+            break;
+        }
+        if let Some(object) = entry.info.and_then(|i| i.body_object) {
+            bodies.push(object);
+        }
+    }
+    let purged = stream
+        .purge()
+        .filter(filter.as_str())
+        .sequence(last + 1)
+        .await?;
+    for object in &bodies {
+        if let Err(e) = dlq::delete_body(js, object).await {
+            eprintln!("stored body {object} was not removed: {e}");
+        }
+    }
+    writeln!(
+        out,
+        "purged {} dead letter(s) from {filter} ({} stored bodies removed)",
+        purged.purged,
+        bodies.len()
+    )?;
     Ok(())
 }

@@ -1,5 +1,9 @@
-//! `herald observers`: try an observers file on one event (`test`, a dry run), and run one
-//! observer over history (`backfill`).
+//! `herald observers`: try an observers file on one event (`test`, a dry run), run one observer
+//! over history (`backfill`), and see that every action kind it uses has a consumer (`check`).
+//!
+//! `check` reads the consumers of HERALD_ACTIONS and their filter subjects: an action whose
+//! subject no consumer's filter covers would wait unread until retention deletes it, so a kind
+//! that is not served is reported, with the observers using it, and the command fails.
 //!
 //! Both are the dispatcher's own code (`herald_dispatcher::observers::dry_run`,
 //! `herald_dispatcher::backfill::run`), so a dry run matches exactly as the live dispatcher
@@ -17,6 +21,9 @@ use herald_dispatcher::observers::{DryRunError, ObserversError, dry_run};
 use herald_shared::ActionRequest;
 use serde::Serialize;
 
+use futures::TryStreamExt;
+use herald_shared::subjects::{self, ACTIONS_STREAM};
+
 use crate::checkpoint::rfc3339;
 use crate::connection::{ConnectionArgs, ConnectionError, Session};
 
@@ -32,6 +39,16 @@ pub enum ObserversCommand {
         #[arg(long)]
         event: String,
         /// One JSON object ({"matched", "requests", "errors"}) instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Report the action kinds of FILE that no consumer on HERALD_ACTIONS serves (their actions
+    /// would never be read), one `<kind>  <consumers or NOT SERVED>` line each. Exits non-zero
+    /// when any kind is unserved.
+    Check {
+        /// The observers file.
+        file: PathBuf,
+        /// One JSON object per kind ({"kind", "observers", "consumers"}) instead of lines.
         #[arg(long)]
         json: bool,
     },
@@ -66,6 +83,10 @@ pub enum ObserversCommandError {
     ConditionsFailed(usize),
     #[error("backfill stopped: {0}")]
     Backfill(#[from] BackfillError),
+    #[error("no consumer on {ACTIONS_STREAM} serves the action kind(s) {}: their actions would never be read", .0.join(", "))]
+    Unserved(Vec<String>),
+    #[error("cannot read the consumers of {ACTIONS_STREAM}: {0}")]
+    Consumers(String),
     #[error(transparent)]
     Connection(#[from] ConnectionError),
     #[error("cannot write the output: {0}")]
@@ -96,6 +117,11 @@ pub async fn run(
 ) -> Result<(), ObserversCommandError> {
     match command {
         ObserversCommand::Test { file, event, json } => test(&file, &event, json, out),
+        ObserversCommand::Check { file, json } => {
+            let set = ObserverSet::load(&file)?;
+            let session = Session::open(connection).await?;
+            check(session.jetstream(), &set, json, out).await
+        }
         ObserversCommand::Backfill {
             observer,
             file,
@@ -164,5 +190,81 @@ fn test(
         Ok(())
     } else {
         Err(ObserversCommandError::ConditionsFailed(run.errors.len()))
+    }
+}
+
+/// One kind as `observers check --json` prints it.
+#[derive(Debug, Serialize)]
+struct Served<'a> {
+    kind: &'a str,
+    observers: &'a [String],
+    /// The durable consumers whose filters cover every subject of this kind in the file.
+    consumers: Vec<String>,
+}
+
+async fn check(
+    js: &async_nats::jetstream::Context,
+    set: &ObserverSet,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<(), ObserversCommandError> {
+    let consumers_error =
+        |e: &dyn std::fmt::Display| ObserversCommandError::Consumers(e.to_string());
+    let stream = js
+        .get_stream(ACTIONS_STREAM)
+        .await
+        .map_err(|e| consumers_error(&e))?;
+    let consumers: Vec<(String, Vec<String>)> = stream
+        .consumers()
+        .map_ok(|info| {
+            let mut filters = info.config.filter_subjects.clone();
+            if !info.config.filter_subject.is_empty() {
+                filters.push(info.config.filter_subject.clone());
+            }
+            (info.name, filters)
+        })
+        .try_collect()
+        .await
+        .map_err(|e| consumers_error(&e))?;
+    let mut unserved = Vec::new();
+    for (kind, observers) in set.kinds() {
+        let subjects: Vec<String> = observers
+            .iter()
+            .filter_map(|observer| subjects::action(&kind, observer).ok())
+            .collect();
+        let serving: Vec<String> = consumers
+            .iter()
+            .filter(|(_, filters)| {
+                subjects.iter().all(|subject| {
+                    // No filter: the consumer reads the whole stream.
+                    filters.is_empty()
+                        || filters.iter().any(|filter| {
+                            crate::pattern::intersection(filter, subject).as_deref()
+                                == Some(subject.as_str())
+                        })
+                })
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        if serving.is_empty() {
+            unserved.push(kind.clone());
+        }
+        if json {
+            let served = Served {
+                kind: &kind,
+                observers: &observers,
+                consumers: serving,
+            };
+            writeln!(out, "{}", serde_json::to_string(&served)?)?;
+        } else if serving.is_empty() {
+            writeln!(out, "{kind}  NOT SERVED (used by {})", observers.join(", "))?;
+        } else {
+            writeln!(out, "{kind}  served by {}", serving.join(", "))?;
+        }
+    }
+    if unserved.is_empty() {
+        Ok(())
+    } else {
+        Err(ObserversCommandError::Unserved(unserved))
     }
 }

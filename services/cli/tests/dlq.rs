@@ -348,3 +348,70 @@ async fn a_dead_letter_is_shown_in_full_with_its_body_and_headers() {
         "{missing}"
     );
 }
+
+#[tokio::test]
+async fn a_dead_letter_whose_body_was_stored_apart_replays_the_original_body() {
+    let nats = NatsServer::start_with("max_payload: 65536");
+    let js = provisioned(&nats).await;
+    let subject = "herald.actions.webhook.big";
+    // Fits alone, not beside the dead-letter headers: the body goes to the bodies bucket.
+    let body: &'static str =
+        Box::leak(format!("{{\"pad\":\"{}\"}}", "p".repeat(65_300)).into_boxed_str());
+    let original = publish_original(&js, subject, "e9:big:0", body).await;
+    dead_letter(
+        &js,
+        DlqSource::Actions,
+        subject,
+        "e9:big:0",
+        "too big",
+        body,
+        Some(&original),
+    )
+    .await;
+    let letter = stored(&js, DLQ_STREAM, 1).await;
+    assert!(letter.payload.is_empty());
+    assert_eq!(
+        header(&letter, herald_shared::headers::BODY_OBJECT).as_deref(),
+        Some("e9:big:0:dlq")
+    );
+
+    succeed(&nats.url(), &["dlq", "replay", "1"]).await;
+    let replay = stored(&js, ACTIONS_STREAM, 2).await;
+    assert_eq!(
+        replay.payload.as_ref(),
+        body.as_bytes(),
+        "the original body, not a notice"
+    );
+    assert_eq!(header(&replay, herald_shared::headers::BODY_OBJECT), None);
+    assert!(
+        herald_shared::dlq::load_body(&js, "e9:big:0:dlq")
+            .await
+            .is_err(),
+        "the stored body goes with its dead letter"
+    );
+}
+
+#[tokio::test]
+async fn purging_removes_the_bodies_stored_apart_too() {
+    let nats = NatsServer::start_with("max_payload: 65536");
+    let js = provisioned(&nats).await;
+    let body: &'static str =
+        Box::leak(format!("{{\"pad\":\"{}\"}}", "p".repeat(65_300)).into_boxed_str());
+    dead_letter(
+        &js,
+        DlqSource::Jobs,
+        "herald.jobs.submit.q",
+        "j1",
+        "too big",
+        body,
+        None,
+    )
+    .await;
+    assert!(herald_shared::dlq::load_body(&js, "j1:dlq").await.is_ok());
+    let out = succeed(&nats.url(), &["dlq", "purge", "--yes"]).await;
+    assert!(
+        out.contains("purged 1") && out.contains("1 stored bodies removed"),
+        "{out}"
+    );
+    assert!(herald_shared::dlq::load_body(&js, "j1:dlq").await.is_err());
+}
