@@ -8,6 +8,11 @@
 //! expired yet). A retried failure releases its lease (compare-and-delete) so the retry need not
 //! wait for it to expire; a dead-lettered action releases it too, so a replay from the DLQ runs.
 //!
+//! The `done` marker is `done:<stream sequence>:<attempt>:<http status>:<latency ms>`: a
+//! redelivery of the message that succeeded can publish the success's outcome when the worker
+//! that succeeded could not. The first failure
+//! of an action is kept in `dedup:<action id>:first_failed` (RFC 3339), for its dead letter.
+//!
 //! Attempts are JetStream deliveries minus the deliveries that were only put back without running
 //! (lease busy, circuit open). Those deferrals are counted per stream message in
 //! `dedup:<action id>:deferred:<stream sequence>`, read atomically with the claim.
@@ -18,6 +23,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, SecondsFormat, Utc};
 use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Deserialize;
@@ -60,10 +66,52 @@ pub enum DedupError {
 pub enum Claim {
     /// This worker holds the lease; `deferrals` deliveries of this message were put back unrun.
     Claimed { lease: Lease, deferrals: u32 },
-    /// The action's effect is already done.
-    Done,
+    /// The action's effect is already done; how, when the marker says (markers written before
+    /// this field existed are a bare `done`).
+    Done(Option<Completed>),
     /// Another worker (or a crashed one) holds the lease.
     Busy,
+}
+
+/// The successful attempt a `done` marker records, so its outcome can be published by a later
+/// delivery if the first publish failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completed {
+    /// The stream message whose delivery succeeded.
+    pub stream_sequence: u64,
+    pub attempt: u32,
+    pub http_status: Option<u16>,
+    pub latency_ms: u64,
+}
+
+impl Completed {
+    /// `done:<stream sequence>:<attempt>:<http status or ->:<latency ms>`
+    fn marker(&self) -> String {
+        let status = self
+            .http_status
+            .map_or_else(|| "-".to_owned(), |s| s.to_string());
+        format!(
+            "done:{}:{}:{status}:{}",
+            self.stream_sequence, self.attempt, self.latency_ms
+        )
+    }
+
+    fn parse(marker: &str) -> Option<Self> {
+        let mut parts = marker.strip_prefix("done:")?.split(':');
+        let stream_sequence = parts.next()?.parse().ok()?;
+        let attempt = parts.next()?.parse().ok()?;
+        let http_status = match parts.next()? {
+            "-" => None,
+            status => Some(status.parse().ok()?),
+        };
+        let latency_ms = parts.next()?.parse().ok()?;
+        Some(Self {
+            stream_sequence,
+            attempt,
+            http_status,
+            latency_ms,
+        })
+    }
 }
 
 /// A held claim.
@@ -75,10 +123,16 @@ pub struct Lease {
 
 const CLAIM: &str = r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {1, tonumber(redis.call('GET', KEYS[2]) or '0')}
+  return {1, tonumber(redis.call('GET', KEYS[2]) or '0'), ''}
 end
-if redis.call('GET', KEYS[1]) == 'done' then return {2, 0} end
-return {3, 0}
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, 4) == 'done' then return {2, 0, held} end
+return {3, 0, ''}
+";
+
+const FIRST_FAILURE: &str = r"
+redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+return redis.call('GET', KEYS[1])
 ";
 
 const EXTEND: &str = r"
@@ -110,6 +164,7 @@ pub struct Dedup {
     extend: Script,
     release: Script,
     defer: Script,
+    first_failure: Script,
 }
 
 impl Dedup {
@@ -130,6 +185,7 @@ impl Dedup {
             extend: Script::new(EXTEND),
             release: Script::new(RELEASE),
             defer: Script::new(DEFER),
+            first_failure: Script::new(FIRST_FAILURE),
         })
     }
 
@@ -148,7 +204,7 @@ impl Dedup {
     pub async fn claim(&self, action_id: &str, stream_sequence: u64) -> Result<Claim, DedupError> {
         let key = Self::key(action_id);
         let token = format!("running:{}:{}", self.worker, uuid::Uuid::now_v7());
-        let (state, deferrals): (u32, u32) = self
+        let (state, deferrals, held): (u32, u32, String) = self
             .claim
             .key(&key)
             .key(Self::deferrals_key(action_id, stream_sequence))
@@ -161,7 +217,7 @@ impl Dedup {
                 lease: Lease { key, token },
                 deferrals,
             }),
-            2 => Ok(Claim::Done),
+            2 => Ok(Claim::Done(Completed::parse(&held))),
             3 => Ok(Claim::Busy),
             other => Err(DedupError::Protocol(other.to_string())),
         }
@@ -179,12 +235,12 @@ impl Dedup {
         Ok(renewed == 1)
     }
 
-    /// Records that the effect is done. Unconditional: the effect happened whoever holds the
-    /// lease now.
-    pub async fn complete(&self, lease: &Lease) -> Result<(), DedupError> {
+    /// Records that the effect is done, and how. Unconditional: the effect happened whoever
+    /// holds the lease now.
+    pub async fn complete(&self, lease: &Lease, completed: &Completed) -> Result<(), DedupError> {
         redis::cmd("SET")
             .arg(&lease.key)
-            .arg("done")
+            .arg(completed.marker())
             .arg("PX")
             .arg(millis(self.settings.done_ttl))
             .query_async::<()>(&mut self.redis.clone())
@@ -214,6 +270,22 @@ impl Dedup {
         Ok(())
     }
 
+    /// When the action first failed: now, if this is its first failure (recorded, kept as long
+    /// as `done` markers), or the time recorded at the first one.
+    pub async fn first_failure(&self, action_id: &str) -> Result<DateTime<Utc>, DedupError> {
+        let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+        let recorded: String = self
+            .first_failure
+            .key(format!("dedup:{action_id}:first_failed"))
+            .arg(&now)
+            .arg(millis(self.settings.done_ttl))
+            .invoke_async(&mut self.redis.clone())
+            .await?;
+        Ok(DateTime::parse_from_rfc3339(&recorded)
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or_else(|_| Utc::now()))
+    }
+
     /// Answers when Redis does; for readiness and for resuming after an outage.
     pub async fn ping(&self) -> Result<(), DedupError> {
         redis::cmd("PING")
@@ -225,4 +297,28 @@ impl Dedup {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn done_markers_round_trip_and_a_bare_done_is_still_done() {
+        let completed = Completed {
+            stream_sequence: 42,
+            attempt: 3,
+            http_status: Some(204),
+            latency_ms: 17,
+        };
+        assert_eq!(Completed::parse(&completed.marker()), Some(completed));
+        let silent = Completed {
+            stream_sequence: 1,
+            attempt: 1,
+            http_status: None,
+            latency_ms: 0,
+        };
+        assert_eq!(Completed::parse(&silent.marker()), Some(silent));
+        assert_eq!(Completed::parse("done"), None);
+    }
 }

@@ -20,7 +20,10 @@ pub const BUILTIN_KINDS: [&str; 4] = herald_shared::messages::BUILTIN_ACTION_KIN
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub redis_url: String,
-    /// The durable consumer on HERALD_ACTIONS; replicas with the same name share the work.
+    /// The durable consumer on HERALD_ACTIONS; replicas with the same name and `kinds` share
+    /// the work. A replica running other kinds than the built-in set uses
+    /// `<consumer>_<kind>_<kind>...` (sorted), so replicas with different kinds never rewrite
+    /// each other's filter.
     pub consumer: String,
     /// This replica's name in lease tokens and logs; default `action-worker-<pid>-<random>`.
     pub worker_name: Option<String>,
@@ -31,6 +34,13 @@ pub struct Settings {
     /// JetStream's redelivery timer; renewed while an action runs or waits for Redis.
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
+    /// Actions delivered and not yet acked, at most, on the consumer. Actions waiting for a
+    /// retry count against it, so it bounds how many a failing receiver can hold back; the
+    /// server's default (1000) is far too small for that.
+    pub max_ack_pending: i64,
+    /// The longest a receiver's `Retry-After` may postpone a retry; a longer one is cut to this.
+    #[serde(with = "humantime_serde")]
+    pub retry_after_ceiling: Duration,
     /// How often a worker that lost Redis tries again.
     #[serde(with = "humantime_serde")]
     pub redis_retry: Duration,
@@ -52,6 +62,8 @@ impl Default for Settings {
             kinds: BUILTIN_KINDS.iter().map(|k| (*k).to_owned()).collect(),
             concurrency: 32,
             ack_wait: Duration::from_secs(30),
+            max_ack_pending: 100_000,
+            retry_after_ceiling: Duration::from_secs(3600),
             redis_retry: Duration::from_millis(500),
             dedup: DedupSettings::default(),
             breaker: BreakerSettings::default(),
@@ -63,6 +75,20 @@ impl Default for Settings {
 }
 
 impl Settings {
+    /// The durable consumer's name for this replica's kinds (see `consumer`).
+    pub fn consumer_name(&self) -> String {
+        let mut kinds: Vec<&str> = self.kinds.iter().map(String::as_str).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        let mut builtin = BUILTIN_KINDS.to_vec();
+        builtin.sort_unstable();
+        if kinds == builtin {
+            self.consumer.clone()
+        } else {
+            format!("{}_{}", self.consumer, kinds.join("_"))
+        }
+    }
+
     pub fn worker_name(&self) -> String {
         self.worker_name.clone().unwrap_or_else(|| {
             let nonce = uuid::Uuid::now_v7().simple().to_string();
@@ -102,6 +128,12 @@ impl Validate for Settings {
         }
         if self.ack_wait < Duration::from_millis(300) {
             problems.push("ack_wait", "must be at least 300ms");
+        }
+        if self.max_ack_pending < i64::try_from(self.concurrency).unwrap_or(i64::MAX) {
+            problems.push("max_ack_pending", "must be at least concurrency");
+        }
+        if self.retry_after_ceiling.is_zero() {
+            problems.push("retry_after_ceiling", "must be positive");
         }
         if self.redis_retry.is_zero() || self.redis_retry >= self.ack_wait {
             problems.push("redis_retry", "must be positive and below ack_wait");
@@ -165,6 +197,22 @@ mod tests {
             (config.service.concurrency, config.service.ack_wait),
             (defaults.concurrency, defaults.ack_wait)
         );
+    }
+
+    #[test]
+    fn replicas_with_different_kinds_get_different_consumers() {
+        let all = Settings::default();
+        assert_eq!(all.consumer_name(), "action-worker");
+        let webhooks = Settings {
+            kinds: vec!["webhook".into()],
+            ..Settings::default()
+        };
+        let mail = Settings {
+            kinds: vec!["slack".into(), "email".into()],
+            ..Settings::default()
+        };
+        assert_eq!(webhooks.consumer_name(), "action-worker_webhook");
+        assert_eq!(mail.consumer_name(), "action-worker_email_slack");
     }
 
     #[test]

@@ -1,19 +1,27 @@
-//! The consuming loop: one durable pull consumer on HERALD_ACTIONS, filtered to the kinds this
-//! replica runs and shared by every replica (same durable name), with at most `concurrency`
-//! actions in flight. Messages are fetched only as slots free up, so nothing waits in a local
-//! buffer while its ack timer runs.
+//! The consuming loop: one durable pull consumer on HERALD_ACTIONS per set of kinds (its name is
+//! derived from the kinds, so replicas running different kinds never overwrite each other's
+//! filter), shared by the replicas that run the same kinds, with at most `concurrency` actions in
+//! flight. Messages are fetched only as slots free up, so nothing waits in a local buffer while
+//! its ack timer runs.
 //!
 //! One delivery goes: decode → circuit breaker → Redis claim → execute (lease and ack timer kept
-//! alive) → outcome → done marker / DLQ → ack. The outcome is published before the ack, and the
-//! dead letter is stored before the original is terminated, so a crash anywhere repeats work
-//! rather than losing it; the repeat meets the lease or the `done` marker.
+//! alive) → done marker / lease release → outcome → ack, NAK or dead letter. Everything after the
+//! Redis step is one `Disposition` settled by the shared `consume::Settler`: the outcome is
+//! published before the ack, and the dead letter is stored before the original is terminated, so
+//! a crash anywhere repeats work rather than losing it. A success is marked done (with its
+//! attempt, status and latency) before its outcome is published: an outcome that cannot be
+//! published never makes the action run again; the redelivery finds it done and publishes the
+//! `succeeded` outcome then (same Msg-Id, so a repeat is absorbed).
 //!
 //! Attempts: the attempt number is JetStream's delivery count minus the deliveries that were put
 //! back without running (circuit open, lease busy), counted in Redis (`dedup.rs`). A delivery cut
 //! short by a crash counts as an attempt. The consumer has no MaxDeliver: the worker itself
-//! dead-letters once `retry.max_attempts` is spent. Every attempt publishes one ActionOutcome
-//! (succeeded, retrying or dead-lettered), a delivery of an already-done action publishes a
-//! `duplicate` one, and a put-back delivery publishes none: it was not an attempt.
+//! dead-letters once `retry.max_attempts` is spent, or earlier when the next retry would come
+//! after HERALD_ACTIONS' retention deletes the action. A receiver's `Retry-After` is honoured up
+//! to `retry_after_ceiling`. The time of the first failure is kept in Redis and becomes the dead
+//! letter's `Herald-First-Failed-At`. Every attempt publishes one ActionOutcome (succeeded,
+//! retrying or dead-lettered), a delivery of an already-done action publishes a `duplicate` one,
+//! and a put-back delivery publishes none: it was not an attempt.
 //!
 //! Redis down: a claim, `done` marker or release that cannot reach Redis is retried every
 //! `redis_retry` while the message is held (ack timer renewed), and the loop fetches nothing new
@@ -23,11 +31,10 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::HeaderMap;
-use async_nats::jetstream::{self, AckKind, consumer::pull, message::PublishMessage};
-use chrono::Utc;
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use herald_shared::dlq::{self, DeadLetter};
+use herald_shared::consume::{Disposition, Publication, Settled, Settler};
 use herald_shared::messages::{self, ActionOutcome, ActionRequest, OutcomeStatus};
 use herald_shared::subjects::{self, ACTIONS_STREAM, DlqSource};
 use herald_shared::{SCHEMA_VERSION, headers, telemetry};
@@ -37,7 +44,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::breaker::{Admission, Breakers, Verdict};
-use crate::dedup::{Claim, Dedup, DedupError, Lease};
+use crate::dedup::{Claim, Completed, Dedup, DedupError, Lease};
 use crate::error::ActionError;
 use crate::kind::{ActionKind, Registry, Success};
 use crate::settings::Settings;
@@ -66,6 +73,9 @@ pub struct Worker {
     settings: Settings,
     redis_up: watch::Sender<bool>,
     shutdown: CancellationToken,
+    settler: Settler,
+    /// HERALD_ACTIONS' `max_age`, when it has one: no retry may be scheduled past it.
+    retention: Option<Duration>,
 }
 
 impl Worker {
@@ -76,6 +86,7 @@ impl Worker {
         settings: Settings,
         shutdown: CancellationToken,
     ) -> Self {
+        let settler = Settler::new(jetstream.clone(), DlqSource::Actions, SERVICE, BUSY_RECHECK);
         Self {
             jetstream,
             registry,
@@ -84,31 +95,40 @@ impl Worker {
             settings,
             redis_up: watch::Sender::new(true),
             shutdown,
+            settler,
+            retention: None,
         }
     }
 
     /// Consumes until shutdown, then waits for the actions in flight to finish.
-    pub async fn run(self) -> Result<(), WorkerError> {
-        let worker = Arc::new(self);
-        let filter_subjects = worker
+    pub async fn run(mut self) -> Result<(), WorkerError> {
+        let filter_subjects = self
             .registry
             .names()
-            .filter(|k| worker.settings.kinds.iter().any(|s| s == k))
+            .filter(|k| self.settings.kinds.iter().any(|s| s == k))
             .map(subjects::actions_of_kind)
             .collect::<Result<Vec<_>, _>>()?;
-        let stream = worker.jetstream.get_stream(ACTIONS_STREAM).await?;
+        let stream = self.jetstream.get_stream(ACTIONS_STREAM).await?;
+        let max_age = stream.cached_info().config.max_age;
+        self.retention = (!max_age.is_zero()).then_some(max_age);
+        let name = self.settings.consumer_name();
         let consumer = stream
             .create_consumer(pull::Config {
-                durable_name: Some(worker.settings.consumer.clone()),
-                description: Some("Herald action workers".into()),
+                durable_name: Some(name.clone()),
+                description: Some(format!(
+                    "Herald action workers for {:?}",
+                    self.settings.kinds
+                )),
                 filter_subjects,
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: worker.settings.ack_wait,
+                ack_wait: self.settings.ack_wait,
+                max_ack_pending: self.settings.max_ack_pending,
                 max_deliver: -1,
                 ..Default::default()
             })
             .await?;
-        tracing::info!(consumer = %worker.settings.consumer, kinds = ?worker.settings.kinds, "consuming actions");
+        tracing::info!(consumer = %name, kinds = ?self.settings.kinds, "consuming actions");
+        let worker = Arc::new(self);
 
         let slots = Arc::new(Semaphore::new(worker.settings.concurrency));
         let tasks = TaskTracker::new();
@@ -184,13 +204,11 @@ impl Worker {
         let request: ActionRequest = match messages::decode(&message.payload) {
             Ok(request) => request,
             Err(e) => {
-                self.dead_letter(
-                    message,
-                    None,
-                    &format!("undecodable action request: {e}"),
-                    delivered,
-                )
-                .await;
+                let undecodable =
+                    Disposition::dead_letter(format!("undecodable action request: {e}"));
+                self.settler
+                    .settle(message, undecodable.attempts(delivered))
+                    .await;
                 return;
             }
         };
@@ -199,7 +217,18 @@ impl Worker {
             Err(error) => {
                 metrics::counter!("herald_actions_failed_total", "kind" => request.kind.clone(), "class" => error.class())
                     .increment(1);
-                self.give_up(message, &request, delivered, &error, 0).await;
+                let Some(first_failed_at) = self.first_failure(message, &request).await else {
+                    return;
+                };
+                let disposition = self.give_up(
+                    message,
+                    &request,
+                    delivered,
+                    &error,
+                    Duration::ZERO,
+                    first_failed_at,
+                );
+                self.settler.settle(message, disposition).await;
                 return;
             }
         };
@@ -217,10 +246,11 @@ impl Worker {
             .await;
         let (lease, deferrals) = match claim {
             None => return,
-            Some(Claim::Done) => {
+            Some(Claim::Done(completed)) => {
                 metrics::counter!("herald_actions_dedup_hits_total", "kind" => request.kind.clone())
                     .increment(1);
-                self.finish_duplicate(message, &request, delivered).await;
+                self.finish_duplicate(message, &request, delivered, completed)
+                    .await;
                 return;
             }
             Some(Claim::Busy) => {
@@ -264,8 +294,11 @@ impl Worker {
             .await;
     }
 
-    /// Records how an executed attempt ended, in the order the promise needs: outcome, then the
-    /// done marker / lease release / dead letter, then the ack, NAK or term.
+    /// Records how an executed attempt ended. A success is marked done in Redis before anything
+    /// else, so an outcome that cannot be published never makes the action run again (the
+    /// redelivery finds it done and publishes the outcome then). A failure releases the lease
+    /// and retries, or dead-letters; outcomes, dead letters, acks, NAKs and TERMs all go through
+    /// the shared `Settler`.
     async fn settle(
         &self,
         message: &jetstream::Message,
@@ -275,74 +308,117 @@ impl Worker {
         result: Result<Success, ActionError>,
         elapsed: Duration,
     ) {
-        match result {
+        let error = match result {
             Ok(success) => {
                 metrics::counter!("herald_actions_succeeded_total", "kind" => request.kind.clone())
                     .increment(1);
-                let mut outcome = outcome(request, attempt, OutcomeStatus::Succeeded, elapsed);
-                outcome.http_status = success.http_status;
-                if !self.publish_outcome(message, &outcome).await {
-                    // The effect is done but unrecorded: the lease runs out and a redelivery
-                    // repeats it (absorbed by webhook-id / Msg-Id), publishing the outcome then.
-                    nak(message, BUSY_RECHECK).await;
-                    return;
-                }
+                let completed = Completed {
+                    stream_sequence: message
+                        .info()
+                        .map(|i| i.stream_sequence)
+                        .unwrap_or_default(),
+                    attempt,
+                    http_status: success.http_status,
+                    latency_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+                };
                 if self
-                    .with_redis(message, || self.dedup.complete(lease))
+                    .with_redis(message, || self.dedup.complete(lease, &completed))
                     .await
                     .is_none()
                 {
                     return;
                 }
-                if let Err(e) = message.ack().await {
-                    tracing::warn!(error = %e, "ack failed; the redelivery will find the action done");
+                let mut ack = Disposition::ack();
+                if let Some(outcome) = self.publication(message, &succeeded(request, &completed)) {
+                    ack = ack.publishing_first(outcome);
                 }
+                self.settler.settle(message, ack).await;
+                return;
             }
-            Err(error) => {
-                metrics::counter!("herald_actions_failed_total", "kind" => request.kind.clone(), "class" => error.class())
-                    .increment(1);
-                let next = match &error {
-                    ActionError::Transient(f) => request
-                        .retry
-                        .delay_after(attempt)
-                        .map(|delay| f.retry_after.map_or(delay, |asked| asked.max(delay))),
-                    ActionError::Permanent(_) => None,
-                };
-                match next {
-                    Some(delay) => {
-                        tracing::info!(attempt, ?delay, %error, "action failed; retrying");
-                        let mut outcome =
-                            outcome(request, attempt, OutcomeStatus::Retrying, elapsed);
-                        describe(&mut outcome, &error);
-                        if !self.publish_outcome(message, &outcome).await {
-                            // Unreported, the attempt is repeated once its lease runs out.
-                            nak(message, BUSY_RECHECK).await;
-                        } else if self
-                            .with_redis(message, || self.dedup.release(lease))
-                            .await
-                            .is_some()
-                        {
-                            nak(message, delay).await;
-                        }
-                    }
-                    None => {
-                        if self
-                            .give_up(message, request, attempt, &error, elapsed.as_millis())
-                            .await
-                        {
-                            // A replay from the DLQ must run again, so the lease goes, not `done`.
-                            if self
-                                .with_redis(message, || self.dedup.release(lease))
-                                .await
-                                .is_none()
-                            {
-                                tracing::warn!("lease not released; it expires on its own");
-                            }
-                        }
-                    }
+            Err(error) => error,
+        };
+        metrics::counter!("herald_actions_failed_total", "kind" => request.kind.clone(), "class" => error.class())
+            .increment(1);
+        let Some(first_failed_at) = self.first_failure(message, request).await else {
+            return;
+        };
+        let next = match &error {
+            ActionError::Transient(f) => request.retry.delay_after(attempt).map(|delay| {
+                let ceiling = self.settings.retry_after_ceiling;
+                f.retry_after
+                    .map_or(delay, |asked| asked.min(ceiling).max(delay))
+            }),
+            ActionError::Permanent(_) => None,
+        };
+        let next = match next {
+            Some(delay) => match self.outlived_by(message, delay) {
+                None => Ok(delay),
+                Some(retention) => Err(format!(
+                    "{error}; its next attempt, in {}, would come after the stream's retention \
+                     ({}) deletes it",
+                    humantime_serde::re::humantime::format_duration(delay),
+                    humantime_serde::re::humantime::format_duration(retention)
+                )),
+            },
+            None => Err(error.to_string()),
+        };
+        match next {
+            Ok(delay) => {
+                tracing::info!(attempt, ?delay, %error, "action failed; retrying");
+                let mut outcome = outcome(request, attempt, OutcomeStatus::Retrying, elapsed);
+                describe(&mut outcome, &error);
+                // Released first: the retry need not wait for the lease to expire.
+                if self
+                    .with_redis(message, || self.dedup.release(lease))
+                    .await
+                    .is_none()
+                {
+                    return;
+                }
+                let mut retry = Disposition::retry(delay);
+                if let Some(outcome) = self.publication(message, &outcome) {
+                    retry = retry.publishing_first(outcome);
+                }
+                self.settler.settle(message, retry).await;
+            }
+            Err(reason) => {
+                let mut disposition =
+                    self.give_up(message, request, attempt, &error, elapsed, first_failed_at);
+                if let Disposition::DeadLetter(give_up) = &mut disposition {
+                    give_up.reason = format!("{reason} (after {attempt} attempt(s))");
+                }
+                if self.settler.settle(message, disposition).await == Settled::DeadLettered
+                    // A replay from the DLQ must run again, so the lease goes, not `done`.
+                    && self
+                        .with_redis(message, || self.dedup.release(lease))
+                        .await
+                        .is_none()
+                {
+                    tracing::warn!("lease not released; it expires on its own");
                 }
             }
         }
+    }
+
+    /// The stream's retention when waiting `delay` would let it delete the action first.
+    fn outlived_by(&self, message: &jetstream::Message, delay: Duration) -> Option<Duration> {
+        let retention = self.retention?;
+        let published = message.info().ok()?.published;
+        let now = i128::from(Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX));
+        let age_nanos = u64::try_from(now - published.unix_timestamp_nanos()).unwrap_or(0);
+        let age = Duration::from_nanos(age_nanos);
+        let margin = self.settings.ack_wait;
+        (age + delay + margin >= retention).then_some(retention)
+    }
+
+    /// When this action first failed, recorded in Redis at the first failure.
+    async fn first_failure(
+        &self,
+        message: &jetstream::Message,
+        request: &ActionRequest,
+    ) -> Option<DateTime<Utc>> {
+        self.with_redis(message, || self.dedup.first_failure(&request.id))
+            .await
     }
 
     /// The checks a request passes before anything runs: its subject, kind, retry policy and
@@ -426,7 +502,7 @@ impl Worker {
         }
     }
 
-    /// NAKs a delivery that did not run, counting it so it spends no attempt.
+    /// Puts back a delivery that did not run, counting it so it spends no attempt.
     async fn put_back(
         &self,
         message: &jetstream::Message,
@@ -439,126 +515,97 @@ impl Worker {
             .await
             .is_some()
         {
-            nak(message, delay).await;
+            self.settler
+                .settle(message, Disposition::defer(delay))
+                .await;
         }
     }
 
+    /// A delivery of an action already done. The redelivery of the very message that succeeded
+    /// (its outcome could not be published then) publishes that `succeeded` outcome, under the
+    /// Msg-Id it would have had; any other delivery publishes a `duplicate` one. Then the ack.
     async fn finish_duplicate(
         &self,
         message: &jetstream::Message,
         request: &ActionRequest,
         delivered: u32,
+        completed: Option<Completed>,
     ) {
-        let outcome = outcome(request, delivered, OutcomeStatus::Duplicate, Duration::ZERO);
-        if self.publish_outcome(message, &outcome).await {
-            if let Err(e) = message.ack().await {
-                tracing::warn!(error = %e, "ack of a duplicate failed");
+        let sequence = message.info().map(|i| i.stream_sequence).ok();
+        let outcome = match completed {
+            Some(completed) if Some(completed.stream_sequence) == sequence => {
+                succeeded(request, &completed)
             }
-        } else {
-            nak(message, BUSY_RECHECK).await;
+            _ => outcome(request, delivered, OutcomeStatus::Duplicate, Duration::ZERO),
+        };
+        let mut ack = Disposition::ack();
+        if let Some(outcome) = self.publication(message, &outcome) {
+            ack = ack.publishing_first(outcome);
         }
+        self.settler.settle(message, ack).await;
     }
 
-    /// Dead-letters an action with its outcome; `true` once the dead letter is stored.
-    async fn give_up(
+    /// The dead letter for an action given up on, its `dead_lettered` outcome published first.
+    fn give_up(
         &self,
         message: &jetstream::Message,
         request: &ActionRequest,
         attempt: u32,
         error: &ActionError,
-        latency_ms: u128,
-    ) -> bool {
-        let mut outcome = outcome(
-            request,
-            attempt,
-            OutcomeStatus::DeadLettered,
-            Duration::from_millis(u64::try_from(latency_ms).unwrap_or(u64::MAX)),
-        );
+        latency: Duration,
+        first_failed_at: DateTime<Utc>,
+    ) -> Disposition {
+        let mut outcome = outcome(request, attempt, OutcomeStatus::DeadLettered, latency);
         describe(&mut outcome, error);
-        if !self.publish_outcome(message, &outcome).await {
-            nak(message, BUSY_RECHECK).await;
-            return false;
+        let mut letter = Disposition::dead_letter(format!("{error} (after {attempt} attempt(s))"))
+            .attempts(attempt)
+            .first_failed_at(Some(first_failed_at));
+        let failure = error.failure();
+        if let Some(status) = failure.http_status {
+            letter = letter.header(headers::HTTP_STATUS, status.to_string());
         }
-        let reason = format!("{error} (after {attempt} attempt(s))");
-        self.dead_letter(message, Some(error), &reason, attempt)
-            .await
+        if let Some(snippet) = &failure.snippet {
+            letter = letter.header(headers::RESPONSE_SNIPPET, snippet.clone());
+        }
+        if let Some(outcome) = self.publication(message, &outcome) {
+            letter = letter.publishing_first(outcome);
+        }
+        letter
     }
 
-    async fn dead_letter(
+    /// An outcome ready to publish on `herald.outcomes.<kind>.<observer>`, or `None` (logged)
+    /// when the action's names cannot make that subject.
+    fn publication(
         &self,
         message: &jetstream::Message,
-        error: Option<&ActionError>,
-        reason: &str,
-        attempts: u32,
-    ) -> bool {
-        let letter =
-            DeadLetter::for_message(DlqSource::Actions, message, reason, attempts, Utc::now());
-        let mut extra = message.headers.clone().unwrap_or_default();
-        if let Some(failure) = error.map(ActionError::failure) {
-            if let Some(status) = failure.http_status {
-                extra.insert(headers::HTTP_STATUS, status.to_string().as_str());
-            }
-            if let Some(snippet) = &failure.snippet {
-                extra.insert(headers::RESPONSE_SNIPPET, one_line(snippet).as_str());
-            }
-        }
-        match dlq::publish(
-            &self.jetstream,
-            &letter,
-            message.payload.clone(),
-            Some(&extra),
-            SERVICE,
-        )
-        .await
-        {
-            Ok(()) => {
-                if let Err(e) = message.ack_with(AckKind::Term).await {
-                    tracing::warn!(error = %e, "could not terminate a dead-lettered action");
-                }
-                true
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot dead-letter; the action will be redelivered");
-                nak(message, BUSY_RECHECK).await;
-                false
-            }
-        }
-    }
-
-    /// Publishes an outcome and waits for JetStream to store it.
-    async fn publish_outcome(&self, message: &jetstream::Message, outcome: &ActionOutcome) -> bool {
+        outcome: &ActionOutcome,
+    ) -> Option<Publication> {
         let subject = match subjects::outcome(&outcome.kind, &outcome.observer) {
             Ok(subject) => subject,
             Err(e) => {
                 tracing::error!(error = %e, "no outcome subject for this action");
-                return true;
+                return None;
             }
         };
-        let body = match serde_json::to_vec(outcome) {
-            Ok(body) => body,
+        match Publication::json(subject, &outcome_msg_id(message, outcome), outcome) {
+            Ok(publication) => Some(publication),
             Err(e) => {
                 tracing::error!(error = %e, "cannot serialise an outcome");
-                return true;
-            }
-        };
-        let mut headers = HeaderMap::new();
-        headers.insert(headers::MSG_ID, outcome_msg_id(message, outcome).as_str());
-        telemetry::inject_context(&mut headers);
-        let message = PublishMessage::build()
-            .payload(body.into())
-            .headers(headers);
-        let stored = async {
-            self.jetstream.send_publish(subject, message).await?.await?;
-            Ok::<_, jetstream::context::PublishError>(())
-        };
-        match stored.await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot publish the outcome");
-                false
+                None
             }
         }
     }
+}
+
+fn succeeded(request: &ActionRequest, completed: &Completed) -> ActionOutcome {
+    let mut outcome = outcome(
+        request,
+        completed.attempt,
+        OutcomeStatus::Succeeded,
+        Duration::from_millis(completed.latency_ms),
+    );
+    outcome.http_status = completed.http_status;
+    outcome
 }
 
 fn outcome(
@@ -610,12 +657,6 @@ fn outcome_msg_id(message: &jetstream::Message, outcome: &ActionOutcome) -> Stri
 fn describe(outcome: &mut ActionOutcome, error: &ActionError) {
     outcome.error = Some(error.to_string());
     outcome.http_status = error.failure().http_status;
-}
-
-fn one_line(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
 }
 
 async fn nak(message: &jetstream::Message, delay: Duration) {
