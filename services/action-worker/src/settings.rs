@@ -197,6 +197,13 @@ mod tests {
             (config.service.concurrency, config.service.ack_wait),
             (defaults.concurrency, defaults.ack_wait)
         );
+        assert_eq!(
+            (
+                config.service.max_ack_pending,
+                config.service.retry_after_ceiling
+            ),
+            (defaults.max_ack_pending, defaults.retry_after_ceiling)
+        );
     }
 
     #[test]
