@@ -466,3 +466,52 @@ async fn the_shipped_server_config_runs_jetstream_with_the_service_users() {
         .await
         .expect("stored by JetStream");
 }
+
+#[tokio::test]
+async fn every_dead_lettering_user_can_store_a_dead_letter_body_and_none_can_delete_one() {
+    let nats = server_with_repo_users();
+    for user in ["gateway", "dispatcher", "action-worker", "job-worker"] {
+        let session = Session::open(&nats, user).await;
+        provision(&session, &[streams::DLQ]).await;
+        let bucket = session
+            .js
+            .get_object_store(herald_shared::dlq::BODIES_BUCKET)
+            .await
+            .unwrap_or_else(|e| panic!("{user} opens the bodies bucket: {e}"));
+        let name = format!("{user}:body:dlq");
+        let mut body: &[u8] = b"an original body too large to travel inline";
+        bucket
+            .put(name.as_str(), &mut body)
+            .await
+            .unwrap_or_else(|e| panic!("{user} stores a dead letter body: {e}"));
+        bucket
+            .info(name.as_str())
+            .await
+            .unwrap_or_else(|e| panic!("{user} reads its info back: {e}"));
+    }
+    let auditor = Session::open(&nats, "auditor").await;
+    let bucket = auditor
+        .js
+        .get_object_store(herald_shared::dlq::BODIES_BUCKET)
+        .await
+        .expect("the auditor opens the bodies bucket");
+    let mut read = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(
+        &mut bucket.get("gateway:body:dlq").await.expect("the auditor reads a body"),
+        &mut read,
+    )
+    .await
+    .expect("body");
+    assert_eq!(read, b"an original body too large to travel inline");
+
+    let mut worker = Session::open(&nats, "job-worker").await;
+    let stream = worker
+        .js
+        .get_stream(herald_shared::dlq::BODIES_STREAM)
+        .await
+        .expect("stream");
+    tokio::select! {
+        purged = stream.purge() => panic!("job-worker purging the bodies was answered: {purged:?}"),
+        _ = worker.refused("$JS.API.STREAM.PURGE.OBJ_herald_dlq_bodies") => {}
+    }
+}
