@@ -497,7 +497,10 @@ async fn every_dead_lettering_user_can_store_a_dead_letter_body_and_none_can_del
         .expect("the auditor opens the bodies bucket");
     let mut read = Vec::new();
     tokio::io::AsyncReadExt::read_to_end(
-        &mut bucket.get("gateway:body:dlq").await.expect("the auditor reads a body"),
+        &mut bucket
+            .get("gateway:body:dlq")
+            .await
+            .expect("the auditor reads a body"),
         &mut read,
     )
     .await

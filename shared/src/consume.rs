@@ -25,6 +25,28 @@
 //!
 //! Every settled message is counted: `herald_settled_total{service, disposition}` with
 //! disposition = ack | retry | defer | dead_letter | unsettled.
+//!
+//! A consumer is a loop of decode → handle → settle:
+//!
+//! ```no_run
+//! # use std::time::Duration;
+//! # use futures::StreamExt;
+//! # use herald_shared::consume::{Disposition, Publication, Settler};
+//! # use herald_shared::subjects::DlqSource;
+//! # async fn consume(js: async_nats::jetstream::Context, mut messages: async_nats::jetstream::consumer::pull::Stream) {
+//! let settler = Settler::new(js, DlqSource::Jobs, "job-worker", Duration::from_secs(1));
+//! while let Some(Ok(message)) = messages.next().await {
+//!     let disposition = match herald_shared::messages::decode::<serde_json::Value>(&message.payload) {
+//!         Err(e) => Disposition::dead_letter(e.to_string()),
+//!         Ok(job) => match Publication::json("herald.jobs.status.default", "job-1:queued:1", &job) {
+//!             Ok(status) => Disposition::ack().publishing_first(status),
+//!             Err(e) => Disposition::dead_letter(format!("cannot encode: {e}")),
+//!         },
+//!     };
+//!     settler.settle(&message, disposition).await;
+//! }
+//! # }
+//! ```
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
