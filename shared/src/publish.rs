@@ -192,7 +192,7 @@ mod tests {
             (PublishErrorKind::Other, "transient"),
         ];
         for (kind, class) in table {
-            let error = jetstream::context::PublishError::new(kind.clone());
+            let error = jetstream::context::PublishError::new(kind);
             assert_eq!(classify("herald.x", &error).class(), class, "{kind:?}");
         }
     }

@@ -22,6 +22,7 @@ pub mod error;
 pub mod http;
 pub mod job;
 pub mod kind;
+pub mod pace;
 pub mod settings;
 pub mod slack;
 pub mod ssrf;

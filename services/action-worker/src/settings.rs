@@ -31,6 +31,9 @@ pub struct Settings {
     pub kinds: Vec<String>,
     /// Actions in flight at once in this replica.
     pub concurrency: usize,
+    /// Actions running against one destination (`host:port`) at once, at most, so a slow or
+    /// hanging receiver cannot take every slot.
+    pub per_destination_concurrency: usize,
     /// JetStream's redelivery timer; renewed while an action runs or waits for Redis.
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
@@ -61,6 +64,7 @@ impl Default for Settings {
             worker_name: None,
             kinds: BUILTIN_KINDS.iter().map(|k| (*k).to_owned()).collect(),
             concurrency: 32,
+            per_destination_concurrency: 8,
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 100_000,
             retry_after_ceiling: Duration::from_secs(3600),
@@ -128,6 +132,12 @@ impl Validate for Settings {
         }
         if self.ack_wait < Duration::from_millis(300) {
             problems.push("ack_wait", "must be at least 300ms");
+        }
+        if !(1..=self.concurrency.max(1)).contains(&self.per_destination_concurrency) {
+            problems.push(
+                "per_destination_concurrency",
+                "must be between 1 and concurrency",
+            );
         }
         if self.max_ack_pending < i64::try_from(self.concurrency).unwrap_or(i64::MAX) {
             problems.push("max_ack_pending", "must be at least concurrency");

@@ -23,6 +23,10 @@
 //! retrying or dead-lettered), a delivery of an already-done action publishes a `duplicate` one,
 //! and a put-back delivery publishes none: it was not an attempt.
 //!
+//! One destination cannot take every slot: at most `per_destination_concurrency` actions run
+//! against one `host:port` at once (`pace.rs`); the others are put back without spending an
+//! attempt.
+//!
 //! Redis down: a claim, `done` marker or release that cannot reach Redis is retried every
 //! `redis_retry` while the message is held (ack timer renewed), and the loop fetches nothing new
 //! until Redis answers. Dedup is never skipped; actions wait and then run exactly once.
@@ -47,6 +51,7 @@ use crate::breaker::{Admission, Breakers, Verdict};
 use crate::dedup::{Claim, Completed, Dedup, DedupError, Lease};
 use crate::error::ActionError;
 use crate::kind::{ActionKind, Registry, Success};
+use crate::pace::Pacer;
 use crate::settings::Settings;
 
 /// The `Herald-Dead-Lettered-By` of this service's dead letters.
@@ -54,6 +59,8 @@ pub const SERVICE: &str = "action-worker";
 
 /// Upper bound of the wait before a busy lease is looked at again.
 const BUSY_RECHECK: Duration = Duration::from_secs(1);
+/// The wait before an action put back for its destination's pace comes again.
+const PACE_RECHECK: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -70,6 +77,7 @@ pub struct Worker {
     registry: Registry,
     dedup: Dedup,
     breakers: Breakers,
+    pacer: Pacer,
     settings: Settings,
     redis_up: watch::Sender<bool>,
     shutdown: CancellationToken,
@@ -92,6 +100,7 @@ impl Worker {
             registry,
             dedup,
             breakers: Breakers::new(settings.breaker.clone()),
+            pacer: Pacer::new(settings.per_destination_concurrency),
             settings,
             redis_up: watch::Sender::new(true),
             shutdown,
@@ -233,6 +242,22 @@ impl Worker {
             }
         };
 
+        // Paced before the breaker is asked: a probe it admits must run.
+        let _place = match &destination {
+            Some(host) => match self.pacer.enter(host) {
+                Some(place) => Some(place),
+                None => {
+                    tracing::debug!(
+                        host,
+                        "destination at its share of slots; putting the action back"
+                    );
+                    self.put_back(message, &request, sequence, PACE_RECHECK)
+                        .await;
+                    return;
+                }
+            },
+            None => None,
+        };
         if let Some(host) = &destination
             && let Admission::Wait(delay) = self.breakers.admit(host, Instant::now())
         {

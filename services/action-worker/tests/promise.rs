@@ -214,3 +214,40 @@ async fn a_dead_letter_dates_the_first_failure_not_the_dead_lettering() {
         "first failure {first}, dead-lettered {dead}"
     );
 }
+
+#[tokio::test]
+async fn a_hanging_receiver_holds_its_share_of_slots_never_all_of_them() {
+    let mut app = App::start().await;
+    let slow = Sink::start(|_| Reply::hang()).await;
+    let fast = Sink::start(|_| Reply::status(200)).await;
+    let mut settings = app.settings();
+    settings.concurrency = 4;
+    settings.per_destination_concurrency = 2;
+    app.spawn_worker(settings);
+    // As many hanging actions as there are slots: unpaced, they would take every one.
+    for _ in 0..4 {
+        let request = action(
+            "webhook",
+            "orders",
+            json!({"url": slow.url("/slow")}),
+            retry(3, 50),
+        );
+        app.publish(&request).await;
+    }
+    slow.wait_for(2).await;
+    for _ in 0..5 {
+        let request = action(
+            "webhook",
+            "orders",
+            json!({"url": fast.url("/fast")}),
+            retry(3, 50),
+        );
+        app.publish(&request).await;
+    }
+    fast.wait_for(5).await;
+    assert_eq!(
+        slow.received().len(),
+        2,
+        "the hanging receiver got only its share"
+    );
+}
