@@ -6,14 +6,16 @@
 //!
 //! Where each guarantee lives: `worker.rs` (consumer, ordering of outcome → done → ack, attempt
 //! counting, pausing while Redis is down), `dedup.rs` (leases), `breaker.rs`, `ssrf.rs`,
-//! `error.rs` + `http.rs` (classification, `Retry-After`), and one file per kind, each
-//! documenting its typed `config`.
+//! `error.rs` + `http.rs` (classification, `Retry-After`), `pace.rs` (per-destination share of
+//! slots), and one file per kind, each documenting its typed `config`. Acks, NAKs, outcomes and
+//! dead letters are settled by the shared `herald_shared::consume::Settler`.
 //!
 //! Metrics: `herald_actions_executed_total{kind}`, `herald_actions_succeeded_total{kind}`,
 //! `herald_actions_failed_total{kind,class}` (class = transient | permanent),
 //! `herald_actions_dedup_hits_total{kind}`, `herald_action_duration_seconds{kind}` (histogram),
 //! `herald_action_breaker_state{host}` (0 closed, 1 half-open, 2 open),
-//! `herald_actions_in_flight`, plus the shared `herald_dead_letters_total{source}`.
+//! `herald_actions_in_flight`, plus the shared `herald_dead_letters_total{source}`,
+//! `herald_settled_total{service,disposition}` and `herald_publications_dropped_total`.
 
 pub mod breaker;
 pub mod dedup;
