@@ -34,7 +34,9 @@ const TRAIL_PAGE: usize = 500;
 pub enum ApiError {
     #[error("{0}")]
     BadRequest(#[from] ParamError),
-    #[error("`q` is not a valid query string (Lucene syntax: words, \"phrases\", field:value, AND, OR, NOT)")]
+    #[error(
+        "`q` is not a valid query string (Lucene syntax: words, \"phrases\", field:value, AND, OR, NOT)"
+    )]
     BadQuery,
     #[error("`{0}` is not an event id (a UUID)")]
     BadEventId(String),
@@ -58,9 +60,10 @@ impl IntoResponse for ApiError {
         };
         let mut response = (status, axum::Json(json!({"error": self.to_string()}))).into_response();
         if status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
         }
         response
     }
@@ -144,7 +147,9 @@ async fn search(
         _ => None,
     };
     let documents: Vec<Value> = raw.iter().map(source).collect();
-    Ok(axum::Json(json!({"hits": documents, "next_cursor": next_cursor})))
+    Ok(axum::Json(
+        json!({"hits": documents, "next_cursor": next_cursor}),
+    ))
 }
 
 async fn trail(

@@ -92,7 +92,13 @@ mod tests {
     #[test]
     fn an_answer_that_does_not_match_the_request_is_a_failed_request() {
         let answer = json!({"errors": false, "items": [{"create": {"status": 201}}]});
-        assert!(matches!(verdicts(&answer, 2), Err(ClusterError::Malformed(_))));
-        assert!(matches!(verdicts(&json!({}), 1), Err(ClusterError::Malformed(_))));
+        assert!(matches!(
+            verdicts(&answer, 2),
+            Err(ClusterError::Malformed(_))
+        ));
+        assert!(matches!(
+            verdicts(&json!({}), 1),
+            Err(ClusterError::Malformed(_))
+        ));
     }
 }

@@ -25,7 +25,10 @@ pub fn item(status: u16, reason: impl FnOnce() -> String) -> ItemVerdict {
         200..=299 => ItemVerdict::Stored { duplicate: false },
         409 => ItemVerdict::Stored { duplicate: true },
         s if is_transient(s) => ItemVerdict::Retry(format!("{s} {}", reason())),
-        s => ItemVerdict::Refused(format!("the cluster refused the document ({s}): {}", reason())),
+        s => ItemVerdict::Refused(format!(
+            "the cluster refused the document ({s}): {}",
+            reason()
+        )),
     }
 }
 

@@ -35,7 +35,10 @@ impl Flavor {
 
     /// Reads the distribution from the answer to `GET /`.
     pub fn from_root(root: &Value) -> Self {
-        match root.pointer("/version/distribution").and_then(Value::as_str) {
+        match root
+            .pointer("/version/distribution")
+            .and_then(Value::as_str)
+        {
             Some("opensearch") => Flavor::OpenSearch,
             _ => Flavor::Elasticsearch,
         }
@@ -87,8 +90,7 @@ impl Cluster {
         let mut builder = TransportBuilder::new(SingleNodeConnectionPool::new(url))
             .timeout(settings.request_timeout)
             .enable_meta_header(false);
-        if let (Some(user), Some(password)) = (&settings.cluster_user, &settings.cluster_password)
-        {
+        if let (Some(user), Some(password)) = (&settings.cluster_user, &settings.cluster_password) {
             builder = builder.auth(Credentials::Basic(user.clone(), password.clone()));
         }
         let transport = builder
@@ -301,7 +303,10 @@ mod tests {
     #[test]
     fn error_reasons_are_read_from_the_usual_shape_or_cut_short() {
         let text = r#"{"error":{"type":"index_not_found_exception","reason":"no such index"}}"#;
-        assert_eq!(error_reason(text), "index_not_found_exception: no such index");
+        assert_eq!(
+            error_reason(text),
+            "index_not_found_exception: no such index"
+        );
         assert_eq!(error_reason(&"x".repeat(500)).len(), 200);
     }
 }

@@ -48,8 +48,7 @@ pub async fn settle(
         Disposition::Stored => message.ack().await,
         Disposition::Retry { delay } => message.ack_with(AckKind::Nak(Some(delay))).await,
         Disposition::DeadLetter { reason } => {
-            metrics::counter!("herald_auditor_refused_total", "kind" => kind.as_str())
-                .increment(1);
+            metrics::counter!("herald_auditor_refused_total", "kind" => kind.as_str()).increment(1);
             let Some(source) = dlq_source(kind) else {
                 // The entry stays in HERALD_DLQ, where `herald dlq` shows it; only its audit
                 // copy is missing, and the log says why.

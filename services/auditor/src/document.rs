@@ -204,16 +204,16 @@ mod tests {
             .expect("time")
             .with_timezone(&Utc);
         assert_eq!(Kind::Event.index("herald", at), "herald-events-2026.12");
-        assert_eq!(
-            Kind::DeadLetter.index("h", at),
-            "h-dead-letters-2026.12"
-        );
+        assert_eq!(Kind::DeadLetter.index("h", at), "h-dead-letters-2026.12");
     }
 
     #[test]
     fn full_text_takes_every_value_of_nested_rows() {
         let mut fields = Map::new();
-        fields.insert("data".into(), json!({"status": "paid", "total": 12.5, "tags": ["a"]}));
+        fields.insert(
+            "data".into(),
+            json!({"status": "paid", "total": 12.5, "tags": ["a"]}),
+        );
         fields.insert("none".into(), Value::Null);
         let text = full_text(&fields);
         let mut words: Vec<_> = text.split(' ').collect();

@@ -120,5 +120,7 @@ impl Health {
 
 /// A poisoned lock only means a panic elsewhere; the state inside is still a plain value.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

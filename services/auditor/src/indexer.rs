@@ -105,10 +105,7 @@ impl Indexer {
         stream
             .create_consumer(consumer::pull::Config {
                 durable_name: Some(name),
-                description: Some(format!(
-                    "herald auditor: {} documents",
-                    self.kind.as_str()
-                )),
+                description: Some(format!("herald auditor: {} documents", self.kind.as_str())),
                 filter_subject: filter.to_owned(),
                 deliver_policy: consumer::DeliverPolicy::All,
                 ack_policy: consumer::AckPolicy::Explicit,
@@ -291,11 +288,8 @@ impl Indexer {
 pub fn incoming(message: &jetstream::Message) -> Incoming {
     let (published, sequence) = match message.info() {
         Ok(info) => (
-            DateTime::from_timestamp(
-                info.published.unix_timestamp(),
-                info.published.nanosecond(),
-            )
-            .unwrap_or_else(Utc::now),
+            DateTime::from_timestamp(info.published.unix_timestamp(), info.published.nanosecond())
+                .unwrap_or_else(Utc::now),
             info.stream_sequence,
         ),
         Err(_) => (Utc::now(), 0),

@@ -44,7 +44,12 @@ pub use document::Kind;
 pub use settings::AuditorSettings;
 
 /// The streams the auditor reads from (and, for refused documents, dead-letters to).
-pub const STREAMS: [StreamSpec; 4] = [streams::EVENTS, streams::OUTCOMES, streams::JOBS, streams::DLQ];
+pub const STREAMS: [StreamSpec; 4] = [
+    streams::EVENTS,
+    streams::OUTCOMES,
+    streams::JOBS,
+    streams::DLQ,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -76,7 +81,8 @@ impl Auditor {
         let health = Arc::new(health::Health::default());
         let mut tasks = JoinSet::new();
         {
-            let (health, cluster, stop) = (Arc::clone(&health), Arc::clone(&cluster), shutdown.clone());
+            let (health, cluster, stop) =
+                (Arc::clone(&health), Arc::clone(&cluster), shutdown.clone());
             tasks.spawn(async move { health.watch(&cluster, stop).await });
         }
         for kind in Kind::ALL {
@@ -89,9 +95,14 @@ impl Auditor {
             };
             tasks.spawn(indexer.run(shutdown.clone()));
         }
-        tasks.spawn(report_lag(js, settings.consumer_prefix.clone(), shutdown.clone()));
+        tasks.spawn(report_lag(
+            js,
+            settings.consumer_prefix.clone(),
+            shutdown.clone(),
+        ));
         if !settings.retention.is_zero() {
-            let (cluster, retention, stop) = (Arc::clone(&cluster), settings.retention, shutdown.clone());
+            let (cluster, retention, stop) =
+                (Arc::clone(&cluster), settings.retention, shutdown.clone());
             tasks.spawn(async move { retention::enforce(&cluster, retention, stop).await });
         }
         let (api_address, api) = api::serve(

@@ -12,7 +12,12 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = telemetry::init(SERVICE, &config.telemetry)?;
     let shutdown = herald_shared::shutdown::on_signals();
     let nats = service::connect(&config, SERVICE, &herald_auditor::STREAMS).await?;
-    let auditor = Auditor::start(nats.jetstream.clone(), config.service.clone(), shutdown.clone()).await?;
+    let auditor = Auditor::start(
+        nats.jetstream.clone(),
+        config.service.clone(),
+        shutdown.clone(),
+    )
+    .await?;
     let readiness = auditor.readiness.clone().nats(&nats);
     let (_, admin) = service::admin(&config, readiness, &shutdown).await?;
     auditor.wait().await;

@@ -125,7 +125,9 @@ impl Search {
                 }
                 "cursor" => search.cursor = Some(Cursor::decode(value)?),
                 other => match FILTERS.iter().find(|f| **f == other) {
-                    Some(field) if value.is_empty() => return Err(ParamError::Empty((*field).into())),
+                    Some(field) if value.is_empty() => {
+                        return Err(ParamError::Empty((*field).into()));
+                    }
                     Some(field) => search.filters.push((field, value.clone())),
                     None => return Err(ParamError::Unknown(other.to_owned())),
                 },
@@ -243,9 +245,15 @@ mod tests {
             (&[("since", "yesterday")], ParamError::Time("since")),
             (&[("cursor", "not-a-cursor")], ParamError::Cursor),
             (&[("colour", "red")], ParamError::Unknown("colour".into())),
-            (&[("op", "a"), ("op", "b")], ParamError::Repeated("op".into())),
             (
-                &[("since", "2026-12-02T00:00:00Z"), ("until", "2026-12-01T00:00:00Z")],
+                &[("op", "a"), ("op", "b")],
+                ParamError::Repeated("op".into()),
+            ),
+            (
+                &[
+                    ("since", "2026-12-02T00:00:00Z"),
+                    ("until", "2026-12-01T00:00:00Z"),
+                ],
                 ParamError::Range,
             ),
         ];

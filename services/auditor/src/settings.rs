@@ -99,7 +99,10 @@ impl Validate for AuditorSettings {
             _ => problems.push("cluster_url", "must be an http:// or https:// URL"),
         }
         if self.cluster_user.is_some() != self.cluster_password.is_some() {
-            problems.push("cluster_password", "cluster_user and cluster_password go together");
+            problems.push(
+                "cluster_password",
+                "cluster_user and cluster_password go together",
+            );
         }
         if self.request_timeout < Duration::from_millis(100) {
             problems.push("request_timeout", "must be at least 100ms");

@@ -102,4 +102,3 @@ fn event_id_of(body: &[u8]) -> Option<String> {
                 .find_map(|id| event_id_prefix(&id))
         })
 }
-
