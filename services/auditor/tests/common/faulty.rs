@@ -159,9 +159,20 @@ async fn pass(
 }
 
 async fn bulk(shared: &Shared, body: Bytes) -> Response {
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let actions: Vec<Value> = lines
+        .iter()
+        .step_by(2)
+        .map(|line| serde_json::from_str(line).unwrap_or(Value::Null))
+        .collect();
     let fault = {
         let mut plan = shared.plan.lock().expect("plan lock");
         plan.bulk_requests += 1;
+        for action in &actions {
+            let id = action["create"]["_id"].as_str().unwrap_or_default().to_owned();
+            *plan.sent.entry(id).or_default() += 1;
+        }
         plan.bulks.pop_front()
     };
     match fault {
@@ -173,21 +184,17 @@ async fn bulk(shared: &Shared, body: Bytes) -> Response {
         Some(BulkFault::Stall(delay)) => tokio::time::sleep(delay).await,
         None => {}
     }
-    let text = String::from_utf8_lossy(&body).into_owned();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     // Each item: its own answer (a fault), or its place among the forwarded items.
     let mut answers: Vec<Option<Value>> = Vec::new();
     let mut forwarded = String::new();
     {
         let mut plan = shared.plan.lock().expect("plan lock");
-        for pair in lines.chunks(2) {
-            let action: Value = serde_json::from_str(pair[0]).unwrap_or(Value::Null);
+        for (pair, action) in lines.chunks(2).zip(&actions) {
             let id = action["create"]["_id"]
                 .as_str()
                 .unwrap_or_default()
                 .to_owned();
             let index = action["create"]["_index"].clone();
-            *plan.sent.entry(id.clone()).or_default() += 1;
             let fault = plan
                 .items
                 .iter_mut()
