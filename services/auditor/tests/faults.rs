@@ -61,7 +61,11 @@ async fn a_bulk_that_fails_whole_or_outlives_its_timeout_is_sent_again() {
     }
     stack.search_until(&[("type", "event")], 5).await;
     stack.settled().await;
-    assert!(faults.bulk_requests() >= 3, "{} bulks", faults.bulk_requests());
+    assert!(
+        faults.bulk_requests() >= 3,
+        "{} bulks",
+        faults.bulk_requests()
+    );
     // The first bulk held the first event: refused whole, then timed out, then stored.
     assert!(faults.sent(&events[0].id.to_string()) >= 3);
     assert_eq!(stack.count(Kind::Event).await, 5);
@@ -87,18 +91,32 @@ async fn a_refused_document_is_dead_lettered_with_the_clusters_reason_and_never_
         "{error}"
     );
     stack.settled().await;
-    assert_eq!(faults.sent(&refused), 1, "a refused document is never sent again");
+    assert_eq!(
+        faults.sent(&refused),
+        1,
+        "a refused document is never sent again"
+    );
 
     let dlq = stack.js.get_stream(DLQ_STREAM).await.expect("dlq");
     let reader = dlq
         .create_consumer(async_nats::jetstream::consumer::pull::Config::default())
         .await
         .expect("reader");
-    let mut messages = reader.fetch().max_messages(5).messages().await.expect("fetch");
-    let message = messages.next().await.expect("one dead letter").expect("readable");
+    let mut messages = reader
+        .fetch()
+        .max_messages(5)
+        .messages()
+        .await
+        .expect("fetch");
+    let message = messages
+        .next()
+        .await
+        .expect("one dead letter")
+        .expect("readable");
     let h = message.headers.clone().unwrap_or_default();
     assert_eq!(
-        h.get(headers::ORIGINAL_SUBJECT).map(|v| v.as_str().to_owned()),
+        h.get(headers::ORIGINAL_SUBJECT)
+            .map(|v| v.as_str().to_owned()),
         Some("herald.events.Order.insert".to_owned())
     );
     assert_eq!(
@@ -106,7 +124,8 @@ async fn a_refused_document_is_dead_lettered_with_the_clusters_reason_and_never_
         Some(format!("{refused}:dlq"))
     );
     assert_eq!(
-        h.get(headers::DEAD_LETTERED_BY).map(|v| v.as_str().to_owned()),
+        h.get(headers::DEAD_LETTERED_BY)
+            .map(|v| v.as_str().to_owned()),
         Some("auditor".to_owned())
     );
 }

@@ -170,7 +170,10 @@ async fn bulk(shared: &Shared, body: Bytes) -> Response {
         let mut plan = shared.plan.lock().expect("plan lock");
         plan.bulk_requests += 1;
         for action in &actions {
-            let id = action["create"]["_id"].as_str().unwrap_or_default().to_owned();
+            let id = action["create"]["_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             *plan.sent.entry(id).or_default() += 1;
         }
         plan.bulks.pop_front()
