@@ -58,7 +58,9 @@ pub async fn the_trail_of_a_pipeline_run_has_every_piece(backend: Backend) {
 
     let trail = eventually_async("the whole trail", WAIT, || async {
         let (status, body) = stack.trail(order.id).await;
-        (status == 200 && body["items"].as_array().map_or(0, Vec::len) == 6).then_some(body)
+        let complete =
+            !body["event"].is_null() && body["items"].as_array().map_or(0, Vec::len) == 6;
+        (status == 200 && complete).then_some(body)
     })
     .await;
     let event = &trail["event"];
