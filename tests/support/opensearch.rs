@@ -87,7 +87,9 @@ fn announced_url(log: &Path, timeout: Duration) -> String {
             }
         }
         if Instant::now() >= deadline {
-            panic!("osmem-server did not announce a listening URL within {timeout:?}; its log:\n{text}");
+            panic!(
+                "osmem-server did not announce a listening URL within {timeout:?}; its log:\n{text}"
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -104,7 +106,11 @@ pub fn osmem_server() -> PathBuf {
                 .into_iter()
                 .flatten()
                 .flatten()
-                .map(|python| python.path().join("site-packages/osmem_server/bin/osmem-server"));
+                .map(|python| {
+                    python
+                        .path()
+                        .join("site-packages/osmem_server/bin/osmem-server")
+                });
             let on_path = std::env::var_os("PATH").and_then(|paths| {
                 std::env::split_paths(&paths)
                     .map(|dir| dir.join("osmem-server"))
