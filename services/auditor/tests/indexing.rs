@@ -92,3 +92,27 @@ async fn deep_pages_go_past_ten_thousand_hits() {
     }
     assert_eq!(seen.len(), total as usize);
 }
+
+/// Retention deletes whole monthly indices whose month ended longer ago than the setting, and
+/// keeps the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_only_months_past_their_age() {
+    let stack = Stack::start(Backend::Osmem).await;
+    let now = chrono::Utc::now();
+    let old = now - chrono::Duration::days(200);
+    stack
+        .publish_event(&event_at("Order", Op::Insert, "old", json!({"id": 1}), old))
+        .await;
+    stack
+        .publish_event(&event_at("Order", Op::Insert, "new", json!({"id": 2}), now))
+        .await;
+    stack.search_until(&[("type", "event")], 2).await;
+    let cluster =
+        Cluster::new(&common::settings(&stack.cluster_url, &stack.prefix)).expect("client");
+    let deleted = herald_auditor::retention::sweep(&cluster, chrono::Duration::days(90), now)
+        .await
+        .expect("sweep");
+    assert_eq!(deleted, [Kind::Event.index("herald", old)]);
+    let left = stack.search_until(&[("type", "event")], 1).await;
+    assert_eq!(left[0]["key"], "new");
+}
