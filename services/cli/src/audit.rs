@@ -30,50 +30,7 @@ pub struct AuditArgs {
 pub enum AuditCommand {
     /// Search events, outcomes, job states and dead letters, newest first. Table columns: AT,
     /// TYPE, ID, WHAT. A last line gives the cursor of the next page, if there is one.
-    Search {
-        /// Full text (Lucene query string): words, "phrases", field:value (`data.status:paid`).
-        #[arg(long)]
-        q: Option<String>,
-        #[arg(long)]
-        entity: Option<String>,
-        /// insert, update or delete.
-        #[arg(long)]
-        op: Option<String>,
-        /// The row's primary key.
-        #[arg(long)]
-        key: Option<String>,
-        #[arg(long)]
-        actor: Option<String>,
-        #[arg(long)]
-        observer: Option<String>,
-        /// The action kind (webhook, slack, email, job, ...).
-        #[arg(long)]
-        kind: Option<String>,
-        /// An outcome's or a job's status (succeeded, retrying, dead_lettered, failed, ...).
-        #[arg(long)]
-        status: Option<String>,
-        /// Only one type of document: event, outcome, job or dead_letter.
-        #[arg(long = "type")]
-        doc_type: Option<String>,
-        /// Everything that carries this event id.
-        #[arg(long)]
-        event_id: Option<String>,
-        /// From this time on (RFC 3339).
-        #[arg(long)]
-        since: Option<String>,
-        /// Up to this time (RFC 3339).
-        #[arg(long)]
-        until: Option<String>,
-        /// Hits per page, at most 500.
-        #[arg(long, default_value_t = 50)]
-        size: u32,
-        /// Where the page starts: the `next` cursor a previous page printed.
-        #[arg(long)]
-        cursor: Option<String>,
-        /// The API's answer as one JSON object instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    Search(Box<SearchArgs>),
     /// An event, then everything that carries its id (every outcome attempt, job state change
     /// and dead letter), oldest first. Table columns: AT, TYPE, ID, WHAT.
     Trail {
@@ -82,6 +39,52 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SearchArgs {
+    /// Full text (Lucene query string): words, "phrases", field:value (`data.status:paid`).
+    #[arg(long)]
+    pub q: Option<String>,
+    #[arg(long)]
+    pub entity: Option<String>,
+    /// insert, update or delete.
+    #[arg(long)]
+    pub op: Option<String>,
+    /// The row's primary key.
+    #[arg(long)]
+    pub key: Option<String>,
+    #[arg(long)]
+    pub actor: Option<String>,
+    #[arg(long)]
+    pub observer: Option<String>,
+    /// The action kind (webhook, slack, email, job, ...).
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// An outcome's or a job's status (succeeded, retrying, dead_lettered, failed, ...).
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Only one type of document: event, outcome, job or dead_letter.
+    #[arg(long = "type")]
+    pub doc_type: Option<String>,
+    /// Everything that carries this event id.
+    #[arg(long)]
+    pub event_id: Option<String>,
+    /// From this time on (RFC 3339).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Up to this time (RFC 3339).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Hits per page, at most 500.
+    #[arg(long, default_value_t = 50)]
+    pub size: u32,
+    /// Where the page starts: the `next` cursor a previous page printed.
+    #[arg(long)]
+    pub cursor: Option<String>,
+    /// The API's answer as one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,25 +107,26 @@ pub enum AuditError {
     Encode(#[from] serde_json::Error),
 }
 
-pub async fn run(args: AuditArgs, out: &mut impl Write) -> Result<(), AuditError> {
+pub async fn run(args: &AuditArgs, out: &mut impl Write) -> Result<(), AuditError> {
     match args.command.clone() {
-        AuditCommand::Search {
-            q,
-            entity,
-            op,
-            key,
-            actor,
-            observer,
-            kind,
-            status,
-            doc_type,
-            event_id,
-            since,
-            until,
-            size,
-            cursor,
-            json,
-        } => {
+        AuditCommand::Search(search) => {
+            let SearchArgs {
+                q,
+                entity,
+                op,
+                key,
+                actor,
+                observer,
+                kind,
+                status,
+                doc_type,
+                event_id,
+                since,
+                until,
+                size,
+                cursor,
+                json,
+            } = *search;
             let size = size.to_string();
             let pairs = [
                 ("q", q),
@@ -144,7 +148,7 @@ pub async fn run(args: AuditArgs, out: &mut impl Write) -> Result<(), AuditError
                 .into_iter()
                 .filter_map(|(name, value)| value.map(|v| (name, v)))
                 .collect();
-            let answer = get(&args, "/v1/search", &query).await?;
+            let answer = get(args, "/v1/search", &query).await?;
             if json {
                 writeln!(out, "{}", serde_json::to_string(&answer)?)?;
                 return Ok(());
@@ -156,7 +160,7 @@ pub async fn run(args: AuditArgs, out: &mut impl Write) -> Result<(), AuditError
             }
         }
         AuditCommand::Trail { event_id, json } => {
-            let answer = get(&args, &format!("/v1/trail/{event_id}"), &[]).await?;
+            let answer = get(args, &format!("/v1/trail/{event_id}"), &[]).await?;
             if json {
                 writeln!(out, "{}", serde_json::to_string(&answer)?)?;
                 return Ok(());

@@ -66,7 +66,7 @@ pub enum Command {
     #[command(subcommand)]
     Observers(observers::ObserversCommand),
     /// The audit record (asks a running herald-auditor): search it, show an event's trail.
-    Audit(audit::AuditArgs),
+    Audit(Box<audit::AuditArgs>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +115,7 @@ pub async fn run(
             checkpoint::run(&Session::open(connection).await?, command, out).await?;
         }
         Command::Observers(command) => observers::run(connection, command, out).await?,
-        Command::Audit(args) => audit::run(args, out).await?,
+        Command::Audit(args) => audit::run(&args, out).await?,
     }
     Ok(())
 }
