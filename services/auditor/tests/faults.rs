@@ -17,10 +17,12 @@ use herald_shared::{EntityEvent, Op, headers};
 use herald_test_support::OpenSearchServer;
 use serde_json::json;
 
-async fn stack_behind_faults() -> (Stack, FaultyCluster) {
+async fn stack_behind_faults(
+    adjust: impl FnOnce(&mut herald_auditor::AuditorSettings),
+) -> (Stack, FaultyCluster) {
     let osmem = OpenSearchServer::start();
     let faults = FaultyCluster::start(osmem.url()).await;
-    let stack = Stack::start_on(Some(osmem), faults.url.clone(), "herald".into(), |_| {}).await;
+    let stack = Stack::start_on(Some(osmem), faults.url.clone(), "herald".into(), adjust).await;
     (stack, faults)
 }
 
@@ -32,7 +34,7 @@ fn orders(n: usize) -> Vec<EntityEvent> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn items_answered_429_inside_a_200_bulk_are_sent_again_until_stored() {
-    let (stack, faults) = stack_behind_faults().await;
+    let (stack, faults) = stack_behind_faults(|_| {}).await;
     let events = orders(10);
     let (slow, slower) = (events[2].id.to_string(), events[7].id.to_string());
     faults.too_many_requests(&slow, 1);
@@ -50,7 +52,8 @@ async fn items_answered_429_inside_a_200_bulk_are_sent_again_until_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_that_fails_whole_or_outlives_its_timeout_is_sent_again() {
-    let (stack, faults) = stack_behind_faults().await;
+    // A short client timeout, so a stalled bulk outlives it quickly.
+    let (stack, faults) = stack_behind_faults(|s| s.request_timeout = Duration::from_secs(2)).await;
     faults.next_bulk(BulkFault::Status(503));
     // Longer than the client's 2 s timeout; forwarded afterwards, so the retry meets the
     // documents already stored (409) and counts them as stored.
@@ -73,7 +76,7 @@ async fn a_bulk_that_fails_whole_or_outlives_its_timeout_is_sent_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_document_is_dead_lettered_with_the_clusters_reason_and_never_retried() {
-    let (stack, faults) = stack_behind_faults().await;
+    let (stack, faults) = stack_behind_faults(|_| {}).await;
     let events = orders(5);
     let refused = events[3].id.to_string();
     faults.mapping_error(&refused);

@@ -70,13 +70,14 @@ pub struct Stack {
 pub fn settings(cluster_url: &str, prefix: &str) -> AuditorSettings {
     AuditorSettings {
         cluster_url: cluster_url.to_owned(),
-        request_timeout: Duration::from_secs(2),
+        // Generous: the test machine may be busy building; a slow answer is not what is tested.
+        request_timeout: Duration::from_secs(5),
         index_prefix: prefix.to_owned(),
         bulk_max_docs: 200,
         bulk_max_wait: Duration::from_millis(50),
         retry_initial_delay: Duration::from_millis(50),
         retry_max_delay: Duration::from_millis(500),
-        ack_wait: Duration::from_secs(5),
+        ack_wait: Duration::from_secs(10),
         api_token: TOKEN.to_owned(),
         ..AuditorSettings::default()
     }
@@ -184,9 +185,10 @@ impl Stack {
     /// Polls until the search returns exactly `n` hits.
     pub async fn search_until(&self, query: &[(&str, &str)], n: usize) -> Vec<Value> {
         eventually_async(&format!("{n} hits for {query:?}"), WAIT, || async {
-            let body = self.search(query).await;
+            // A 503 (the cluster slow or not up yet) is one more reason to poll again.
+            let (status, body) = self.get("/v1/search", query).await;
             let hits = body["hits"].as_array().cloned().unwrap_or_default();
-            (hits.len() == n).then_some(hits)
+            (status == 200 && hits.len() == n).then_some(hits)
         })
         .await
     }
