@@ -3,8 +3,9 @@
 //! cluster, without NATS. Then the lag behind the stream while events arrive at a paced
 //! 1,000/s.
 //!
-//! `cargo bench -p herald-auditor` (HERALD_BENCH_EVENTS: backlog size, default 100000;
-//! HERALD_BENCH_PACED_SECONDS: length of the paced run, default 10).
+//! `cargo bench -p herald-auditor` (HERALD_BENCH_EVENTS: backlog size, default 20000 so a run
+//! takes a couple of minutes; 100000 for the figure. HERALD_BENCH_PACED_SECONDS: length
+//! of the paced run, default 10).
 
 use std::time::{Duration, Instant};
 
@@ -117,7 +118,7 @@ async fn backlog(js: &jetstream::Context) -> u64 {
 
 #[tokio::main]
 async fn main() {
-    let total = count_from_env("HERALD_BENCH_EVENTS", 100_000);
+    let total = count_from_env("HERALD_BENCH_EVENTS", 20_000);
     let paced_seconds = count_from_env("HERALD_BENCH_PACED_SECONDS", 10);
     let nats = NatsServer::start();
     let osmem = OpenSearchServer::start();
