@@ -127,7 +127,11 @@ async fn every_service_user_can_provision_its_streams_and_publish_its_own_subjec
             &[streams::JOBS, streams::DLQ],
             &["herald.jobs.status.default", "herald.dlq.jobs"],
         ),
-        ("auditor", &streams::ALL, &[]),
+        (
+            "auditor",
+            &streams::ALL,
+            &["herald.dlq.events", "herald.dlq.actions", "herald.dlq.jobs"],
+        ),
         ("flight-streamer", &[streams::EVENTS], &[]),
     ];
     for (user, specs, subjects) in cases {
@@ -141,7 +145,7 @@ async fn every_service_user_can_provision_its_streams_and_publish_its_own_subjec
     }
     let admin = Session::open(&nats, "cli").await;
     assert_eq!(messages_in(&admin.js, "HERALD_EVENTS").await, 1);
-    assert_eq!(messages_in(&admin.js, "HERALD_DLQ").await, 4);
+    assert_eq!(messages_in(&admin.js, "HERALD_DLQ").await, 7);
 }
 
 #[tokio::test]
@@ -213,6 +217,32 @@ async fn consumers_can_pull_ack_and_read_by_sequence_on_the_streams_they_read() 
     )
     .await
     .expect("auditor creates its durable consumer");
+    // Its indexers: one filtered durable per stream, pulled and acked.
+    let events = auditor
+        .js
+        .get_stream("HERALD_EVENTS")
+        .await
+        .expect("auditor reads HERALD_EVENTS");
+    let consumer = events
+        .create_consumer(pull::Config {
+            durable_name: Some("auditor-events".into()),
+            filter_subject: "herald.events.>".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("auditor creates its events consumer");
+    let mut batch = consumer
+        .fetch()
+        .max_messages(1)
+        .messages()
+        .await
+        .expect("auditor pulls");
+    let message = batch
+        .next()
+        .await
+        .expect("one event")
+        .expect("event delivered");
+    message.double_ack().await.expect("auditor acks");
 }
 
 #[tokio::test]
@@ -255,6 +285,7 @@ async fn a_service_user_is_refused_outside_its_subjects() {
         ("action-worker", "herald.events.Order.insert"),
         ("job-worker", "herald.jobs.submit.default"),
         ("auditor", "herald.outcomes.webhook.x"),
+        ("auditor", "herald.events.Order.insert"),
         ("flight-streamer", "herald.events.Order.insert"),
     ];
     for (user, subject) in cases {

@@ -1,4 +1,5 @@
-//! The one test harness: real nats-server (2.15, JetStream), PostgreSQL and Redis, each started
+//! The one test harness: real nats-server (2.15, JetStream), PostgreSQL, Redis and an
+//! OpenSearch-compatible server (osmem-server), each started
 //! by the test itself on a free loopback port with a temporary data directory, so tests are
 //! isolated from each other and from the machine's own services, and can kill (-9) and restart
 //! a server mid-test. Servers stop when their handle is dropped.
@@ -8,6 +9,7 @@
 mod auth;
 mod binaries;
 mod nats;
+mod opensearch;
 mod postgres;
 mod process;
 mod redis;
@@ -15,6 +17,7 @@ mod wait;
 
 pub use auth::service_password;
 pub use nats::NatsServer;
+pub use opensearch::{OpenSearchServer, osmem_server as osmem_server_binary};
 pub use postgres::Postgres;
 pub use redis::RedisServer;
 pub use wait::{eventually, eventually_async};

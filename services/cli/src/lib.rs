@@ -1,12 +1,14 @@
 //! The `herald` operator CLI: dead letters (`dlq`), stream set-up and state (`streams`), a live
 //! view of any subject (`tail`), the job worker's jobs (`jobs`), the gateway's schema file
-//! (`schema`), and the dispatcher's checkpoints and observers (`checkpoint`, `observers`).
+//! (`schema`), the dispatcher's checkpoints and observers (`checkpoint`, `observers`), and the
+//! auditor's record (`audit`, over its HTTP search API rather than NATS).
 //!
 //! One module per command group, each with its clap `Subcommand` (or `Args`), its error enum and
 //! its `run`. Adding a group (dispatcher checkpoints, job management, the gateway's schema) is one
 //! new module, one variant in `Command` and one arm in `run`; connection settings are shared by
 //! all of them through `connection::Session`, opened only by the commands that talk to NATS.
 
+pub mod audit;
 pub mod checkpoint;
 pub mod connection;
 pub mod dlq;
@@ -63,6 +65,8 @@ pub enum Command {
     /// Observers: dry-run a file on one event, backfill one observer over history.
     #[command(subcommand)]
     Observers(observers::ObserversCommand),
+    /// The audit record (asks a running herald-auditor): search it, show an event's trail.
+    Audit(Box<audit::AuditArgs>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +87,8 @@ pub enum CliError {
     Checkpoint(#[from] checkpoint::CheckpointCommandError),
     #[error(transparent)]
     Observers(#[from] observers::ObserversCommandError),
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
 }
 
 /// Runs one command, writing its output to `out`. `shutdown` ends commands that run until
@@ -109,6 +115,7 @@ pub async fn run(
             checkpoint::run(&Session::open(connection).await?, command, out).await?;
         }
         Command::Observers(command) => observers::run(connection, command, out).await?,
+        Command::Audit(args) => audit::run(&args, out).await?,
     }
     Ok(())
 }
