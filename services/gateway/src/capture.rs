@@ -61,6 +61,16 @@ pub async fn install(pool: &PgPool, schema: &SchemaFile) -> Result<(), CaptureEr
             })?;
     }
     tx.commit().await?;
+    let commit_times: bool =
+        sqlx::query_scalar("SELECT current_setting('track_commit_timestamp') = 'on'")
+            .fetch_one(pool)
+            .await?;
+    if !commit_times {
+        tracing::warn!(
+            "PostgreSQL runs without track_commit_timestamp: events' `at` is the time of the \
+             change, not of the commit (set track_commit_timestamp = on and restart PostgreSQL)"
+        );
+    }
     Ok(())
 }
 
