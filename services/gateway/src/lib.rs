@@ -124,7 +124,7 @@ pub async fn start(
     let pool = connect_database(settings).await?;
     let file = SchemaFile::load(&settings.schema_file)?;
     let catalog = Arc::new(schema::check(&pool, &file).await?);
-    capture::install(&pool, &file).await?;
+    capture::install_with(&pool, &file, settings.relay.all_columns_in_events).await?;
     let schema = graphql::build(pool.clone(), catalog, &settings.limits)
         .map_err(|e| GatewayError::Graphql(e.to_string()))?;
     let app = http::router(http::Http {

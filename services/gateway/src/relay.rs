@@ -78,6 +78,9 @@ pub struct RelaySettings {
     /// Connections of the relay's own pool, apart from GraphQL's, so heavy queries cannot starve
     /// it (LISTEN takes one more of its own).
     pub max_connections: u32,
+    /// Put every column of an entity's table in its events' `data`/`before`, not only the
+    /// fields the schema file exposes (off: a column GraphQL hides never leaks through events).
+    pub all_columns_in_events: bool,
 }
 
 impl Default for RelaySettings {
@@ -89,6 +92,7 @@ impl Default for RelaySettings {
             retry_delay: Duration::from_millis(500),
             max_attempts: 5,
             max_connections: 2,
+            all_columns_in_events: false,
         }
     }
 }

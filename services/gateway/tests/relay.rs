@@ -287,3 +287,58 @@ async fn at_is_the_commit_time_not_the_change_time() {
     );
     gateway.stop().await;
 }
+
+async fn add_password_hash(world: &World) {
+    sqlx::query("ALTER TABLE customers ADD COLUMN password_hash text")
+        .execute(&world.db)
+        .await
+        .expect("add a hidden column");
+}
+
+#[tokio::test]
+async fn a_column_the_schema_file_does_not_expose_never_reaches_an_event() {
+    let world = World::start().await;
+    add_password_hash(&world).await;
+    let gateway = world.gateway().await;
+    sqlx::raw_sql(
+        "INSERT INTO customers (id, name, password_hash) VALUES (1, 'Ada', '$argon2id$secret');
+         UPDATE customers SET password_hash = '$argon2id$rotated' WHERE id = 1;
+         UPDATE customers SET name = 'Ada L.' WHERE id = 1;
+         TRUNCATE customers, orders;",
+    )
+    .execute(&world.db)
+    .await
+    .expect("write");
+    let stored = world.wait_for_events(3).await;
+    assert_eq!(
+        stored.len(),
+        3,
+        "a change to hidden columns only is no event: {:?}",
+        stored.iter().map(|s| s.subject.clone()).collect::<Vec<_>>()
+    );
+    for s in &stored {
+        let body = String::from_utf8_lossy(&s.payload);
+        assert!(
+            !body.contains("argon2id") && !body.contains("password_hash"),
+            "{body}"
+        );
+    }
+    assert_eq!(stored[1].event().changed, Some(vec!["name".to_owned()]));
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn every_column_reaches_events_when_configured_so() {
+    let world = World::start().await;
+    add_password_hash(&world).await;
+    let mut settings = world.settings();
+    settings.relay.all_columns_in_events = true;
+    let gateway = world.gateway_with(settings).await;
+    sqlx::query("INSERT INTO customers (id, name, password_hash) VALUES (1, 'Ada', 'h')")
+        .execute(&world.db)
+        .await
+        .expect("insert");
+    let event = world.wait_for_events(1).await[0].event();
+    assert_eq!(event.data.expect("data")["password_hash"], "h");
+    gateway.stop().await;
+}
