@@ -478,6 +478,11 @@ impl Queue {
         format!("{}:outbox:parked", self.prefix)
     }
 
+    /// How the Redis in use persists writes.
+    pub async fn persistence(&self) -> crate::persistence::Persistence {
+        crate::persistence::check(&mut self.redis.clone()).await
+    }
+
     pub async fn ping(&self) -> Result<(), QueueError> {
         let _: String = redis::cmd("PING")
             .query_async(&mut self.redis.clone())
