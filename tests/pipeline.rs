@@ -506,6 +506,149 @@ async fn a_thousand_mutations_lose_nothing_when_every_service_is_killed_at_rando
     );
 }
 
+/// A poison corpus pushed at every stream a Herald service consumes: each message is
+/// dead-lettered with its reason (or, if harmless, handled), none is lost, and a real mutation
+/// sent after them still becomes its webhook: nothing stalls.
+#[tokio::test]
+async fn a_poison_corpus_at_every_stream_is_dead_lettered_and_stalls_nothing() {
+    let sink = Sink::start(&[]).await;
+    let stack = Stack::with_test_configs(&sink).await;
+    let dlq = stack.watch(DLQ_STREAM, "herald.dlq.>").await;
+    // JetStream itself refuses a header block above 64 KiB (error 10097), so just below it.
+    let huge_parent = format!("00-{}-00f067aa0ba902b7-01", "a".repeat(60 * 1024));
+    let traced = uuid::Uuid::now_v7();
+    let event = |id: uuid::Uuid, version: u32| {
+        json!({
+            "id": id, "entity": "Order", "op": "insert", "key": "90001",
+            "data": {"id": 90001, "customer_id": 1, "status": "new", "total": 10.0},
+            "before": null, "changed": null, "at": chrono::Utc::now(), "actor": null, "tx": 1,
+            "schema_version": version,
+        })
+        .to_string()
+    };
+    let job = |id: &str, version: u32| {
+        json!({
+            "id": id, "queue": "default", "job_type": "http", "payload": {}, "priority": 0,
+            "retry": {"max_attempts": 1, "initial_delay_ms": 10, "max_delay_ms": 10,
+                      "multiplier": 1.0, "jitter": false},
+            "timeout_ms": 1000, "action_id": null, "submitted_at": chrono::Utc::now(),
+            "schema_version": version,
+        })
+        .to_string()
+    };
+    // (what, subject, body, traceparent)
+    let corpus: Vec<(&str, String, String, Option<&str>)> = vec![
+        ("event: bad JSON", "herald.events.Order.insert".into(), "{not json".into(), None),
+        ("event: schema_version 2", "herald.events.Order.insert".into(),
+            event(uuid::Uuid::now_v7(), 2), None),
+        ("action: bad JSON", "herald.actions.webhook.order_created".into(), "[1,".into(), None),
+        ("action: schema_version 9", "herald.actions.webhook.order_created".into(),
+            json!({"schema_version": 9}).to_string(), None),
+        ("job: bad JSON", "herald.jobs.submit.default".into(), "nope".into(), None),
+        ("job: schema_version 3", "herald.jobs.submit.default".into(), job("p-v3", 3), None),
+        ("job: id with a newline", "herald.jobs.submit.default".into(), job("p\nid", 1), None),
+        ("event: 60 KiB traceparent", "herald.events.Order.insert".into(), event(traced, 1),
+            Some(huge_parent.as_str())),
+    ];
+    let sent = corpus.len();
+    for (n, (what, subject, body, parent)) in corpus.iter().enumerate() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(headers::MSG_ID, format!("poison-{n}").as_str());
+        if let Some(parent) = parent {
+            headers.insert(headers::TRACEPARENT, *parent);
+        }
+        stack
+            .js
+            .send_publish(
+                subject.clone(),
+                jetstream::message::PublishMessage::build()
+                    .payload(body.clone().into())
+                    .headers(headers),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("publish {what}: {e}"))
+            .await
+            .unwrap_or_else(|e| panic!("store {what}: {e}"));
+    }
+
+    // A real change after the poison still goes all the way.
+    let customer = stack
+        .mutate(r#"mutation { createCustomer(input: {email: "p@shop.test", name: "P"}) { id } }"#)
+        .await["createCustomer"]["id"]
+        .clone();
+    let order = stack
+        .mutate(&format!(
+            "mutation {{ createOrder(input: {{customer_id: {customer}, total: 30}}) {{ id }} }}"
+        ))
+        .await["createOrder"]["id"]
+        .to_string();
+    let events = stack.watch(EVENTS_STREAM, "herald.events.Order.insert").await;
+    let real = eventually_async("the real order's event", WAIT, || async {
+        events
+            .poll()
+            .await
+            .iter()
+            .filter_map(|m| decode::<EntityEvent>(&m.payload).ok())
+            .find(|e| e.key == order)
+    })
+    .await;
+    let webhook_id = ActionRequest::action_id(real.id, "order_created", 0);
+    eventually("the real order's webhook, past the poison", WAIT, || {
+        sink.received(WEBHOOK_PATH)
+            .iter()
+            .any(|r| r.header("webhook-id").as_deref() == Some(webhook_id.as_str()))
+            .then_some(())
+    })
+    .await;
+
+    // Every poison message is accounted for: dead-lettered with a reason, or (the valid event
+    // with an over-long traceparent) handled like any event.
+    let accounted = eventually_async("every poison message accounted for", WAIT, || async {
+        let letters = dlq.poll().await;
+        let reason_of = |n: usize| {
+            letters.iter().find_map(|m| {
+                let h = m.headers.as_ref()?;
+                let original = h.get(headers::ORIGINAL_MSG_ID)?.as_str();
+                (original == format!("poison-{n}"))
+                    .then(|| h.get(headers::ERROR).map(|e| e.to_string()).unwrap_or_default())
+            })
+        };
+        let mut rows = Vec::new();
+        for (n, (what, ..)) in corpus.iter().enumerate() {
+            let traced_webhook = ActionRequest::action_id(traced, "order_created", 0);
+            let handled = n == corpus.len() - 1
+                && sink.received(WEBHOOK_PATH).iter().any(|r| {
+                    r.header("webhook-id").as_deref() == Some(traced_webhook.as_str())
+                });
+            match (reason_of(n), handled) {
+                (Some(reason), _) => rows.push((*what, format!("dead-lettered: {reason}"))),
+                (None, true) => rows.push((*what, "delivered".to_owned())),
+                (None, false) => return None,
+            }
+        }
+        Some(rows)
+    })
+    .await;
+    let dead = accounted.iter().filter(|(_, r)| r.starts_with("dead")).count();
+    println!(
+        "poison corpus: sent {sent}, delivered {}, duplicates absorbed 0, dead-lettered {dead}, lost 0",
+        sent - dead
+    );
+    for (what, result) in &accounted {
+        println!("  {what}: {result}");
+    }
+    let letters = dlq.poll().await;
+    for letter in &letters {
+        let parent = letter
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::TRACEPARENT))
+            .map(|v| v.as_str().len())
+            .unwrap_or(0);
+        assert!(parent <= 256, "a dead letter carries a {parent}-byte traceparent");
+    }
+}
+
 /// Which service is killed after which mutation, and how long it stays down: every service
 /// `KILLS_PER_SERVICE` times, in a random order at random points of the stream of mutations.
 fn crash_plan(seed: u64, services: usize) -> BTreeMap<usize, (usize, Duration)> {
