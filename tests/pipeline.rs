@@ -506,6 +506,337 @@ async fn a_thousand_mutations_lose_nothing_when_every_service_is_killed_at_rando
     );
 }
 
+/// A server the pipeline depends on, to be crashed (kill -9) and restarted mid-stream.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Nats,
+    Redis,
+    Postgres,
+}
+
+#[tokio::test]
+async fn orders_and_their_updates_survive_a_nats_server_restart_mid_stream() {
+    orders_survive(Fault::Nats).await;
+}
+
+#[tokio::test]
+async fn orders_and_their_updates_survive_a_redis_restart_mid_stream() {
+    orders_survive(Fault::Redis).await;
+}
+
+#[tokio::test]
+async fn orders_and_their_updates_survive_a_postgres_restart_mid_stream() {
+    orders_survive(Fault::Postgres).await;
+}
+
+/// Orders, each updated twice, while `fault` strikes halfway: every committed order has exactly
+/// its events, in commit order per key, and one webhook per insert reaches the receiver (repeats
+/// carry the same `webhook-id`, which the receiver absorbs).
+async fn orders_survive(fault: Fault) {
+    const ORDERS: usize = 40;
+    let sink = Sink::start(&[]).await;
+    let mut stack = Stack::with_test_configs(&sink).await;
+    let customer = stack
+        .mutate(r#"mutation { createCustomer(input: {email: "f@shop.test", name: "F"}) { id } }"#)
+        .await["createCustomer"]["id"]
+        .clone();
+    for i in 0..ORDERS {
+        if i == ORDERS / 2 {
+            match fault {
+                Fault::Nats => stack._servers.nats.restart(),
+                Fault::Redis => stack._servers.redis.restart(),
+                Fault::Postgres => stack._servers.postgres.restart(),
+            }
+        }
+        let id = stack
+            .mutate(&format!(
+                "mutation {{ createOrder(input: {{customer_id: {customer}, total: 25}}) {{ id }} }}"
+            ))
+            .await["createOrder"]["id"]
+            .to_string();
+        for status in ["paid", "shipped"] {
+            stack
+                .mutate(&format!(
+                    r#"mutation {{ updateOrder(id: {id}, input: {{status: "{status}"}}) {{ id }} }}"#
+                ))
+                .await;
+        }
+    }
+
+    let pool = sqlx::PgPool::connect(&stack.database_url)
+        .await
+        .expect("connect to the test PostgreSQL");
+    let committed: BTreeSet<String> = sqlx::query_scalar::<_, i64>("SELECT id FROM orders")
+        .fetch_all(&pool)
+        .await
+        .expect("read the committed orders")
+        .into_iter()
+        .map(|id| id.to_string())
+        .collect();
+    let watch = stack.watch(EVENTS_STREAM, "herald.events.Order.>").await;
+    let events = eventually_async(
+        "every committed order's three events",
+        CHAOS_WAIT,
+        || async {
+            let events: Vec<EntityEvent> = watch
+                .poll()
+                .await
+                .iter()
+                .map(|m| decode(&m.payload).expect("an EntityEvent"))
+                .collect();
+            (events.len() >= committed.len() * 3).then_some(events)
+        },
+    )
+    .await;
+    let mut per_key: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for event in &events {
+        let status = event
+            .data
+            .as_ref()
+            .map_or("gone", |d| d["status"].as_str().unwrap_or("?"));
+        per_key
+            .entry(event.key.as_str())
+            .or_default()
+            .push(format!("{}:{status}", event.op));
+    }
+    assert_eq!(
+        per_key
+            .keys()
+            .map(|k| k.to_string())
+            .collect::<BTreeSet<_>>(),
+        committed,
+        "one event series per committed order"
+    );
+    for (key, series) in &per_key {
+        assert_eq!(
+            series,
+            &["insert:new", "update:paid", "update:shipped"],
+            "order {key}'s events in commit order, each once"
+        );
+    }
+    let expected: BTreeSet<String> = events
+        .iter()
+        .filter(|e| e.op == Op::Insert)
+        .map(|e| ActionRequest::action_id(e.id, "order_created", 0))
+        .collect();
+    let received = eventually("a webhook for every order", CHAOS_WAIT, || {
+        let received = sink.received(WEBHOOK_PATH);
+        let ids: BTreeSet<String> = received
+            .iter()
+            .filter_map(|r| r.header("webhook-id"))
+            .collect();
+        (ids == expected).then_some(received)
+    })
+    .await;
+    let dead = stack
+        .watch(DLQ_STREAM, "herald.dlq.>")
+        .await
+        .poll()
+        .await
+        .len();
+    println!(
+        "{fault:?} restart: sent {} orders ({} events), delivered {} webhooks, duplicates absorbed \
+         {}, dead-lettered {dead}, lost 0",
+        committed.len(),
+        events.len(),
+        expected.len(),
+        received.len() - expected.len()
+    );
+    assert_eq!(dead, 0, "a restart is no reason to give up on anything");
+}
+
+/// A poison corpus pushed at every stream a Herald service consumes: each message is
+/// dead-lettered with its reason (or, if harmless, handled), none is lost, and a real mutation
+/// sent after them still becomes its webhook: nothing stalls.
+#[tokio::test]
+async fn a_poison_corpus_at_every_stream_is_dead_lettered_and_stalls_nothing() {
+    let sink = Sink::start(&[]).await;
+    let stack = Stack::with_test_configs(&sink).await;
+    let dlq = stack.watch(DLQ_STREAM, "herald.dlq.>").await;
+    // JetStream itself refuses a header block above 64 KiB (error 10097), so just below it.
+    let huge_parent = format!("00-{}-00f067aa0ba902b7-01", "a".repeat(60 * 1024));
+    let traced = uuid::Uuid::now_v7();
+    let event = |id: uuid::Uuid, version: u32| {
+        json!({
+            "id": id, "entity": "Order", "op": "insert", "key": "90001",
+            "data": {"id": 90001, "customer_id": 1, "status": "new", "total": 10.0},
+            "before": null, "changed": null, "at": chrono::Utc::now(), "actor": null, "tx": 1,
+            "schema_version": version,
+        })
+        .to_string()
+    };
+    let job = |id: &str, version: u32| {
+        json!({
+            "id": id, "queue": "default", "job_type": "http", "payload": {}, "priority": 0,
+            "retry": {"max_attempts": 1, "initial_delay_ms": 10, "max_delay_ms": 10,
+                      "multiplier": 1.0, "jitter": false},
+            "timeout_ms": 1000, "action_id": null, "submitted_at": chrono::Utc::now(),
+            "schema_version": version,
+        })
+        .to_string()
+    };
+    // (what, subject, body, traceparent)
+    let corpus: Vec<(&str, String, String, Option<&str>)> = vec![
+        (
+            "event: bad JSON",
+            "herald.events.Order.insert".into(),
+            "{not json".into(),
+            None,
+        ),
+        (
+            "event: schema_version 2",
+            "herald.events.Order.insert".into(),
+            event(uuid::Uuid::now_v7(), 2),
+            None,
+        ),
+        (
+            "action: bad JSON",
+            "herald.actions.webhook.order_created".into(),
+            "[1,".into(),
+            None,
+        ),
+        (
+            "action: schema_version 9",
+            "herald.actions.webhook.order_created".into(),
+            json!({"schema_version": 9}).to_string(),
+            None,
+        ),
+        (
+            "job: bad JSON",
+            "herald.jobs.submit.default".into(),
+            "nope".into(),
+            None,
+        ),
+        (
+            "job: schema_version 3",
+            "herald.jobs.submit.default".into(),
+            job("p-v3", 3),
+            None,
+        ),
+        (
+            "job: id with a newline",
+            "herald.jobs.submit.default".into(),
+            job("p\nid", 1),
+            None,
+        ),
+        (
+            "event: 60 KiB traceparent",
+            "herald.events.Order.insert".into(),
+            event(traced, 1),
+            Some(huge_parent.as_str()),
+        ),
+    ];
+    let sent = corpus.len();
+    for (n, (what, subject, body, parent)) in corpus.iter().enumerate() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(headers::MSG_ID, format!("poison-{n}").as_str());
+        if let Some(parent) = parent {
+            headers.insert(headers::TRACEPARENT, *parent);
+        }
+        stack
+            .js
+            .send_publish(
+                subject.clone(),
+                jetstream::message::PublishMessage::build()
+                    .payload(body.clone().into())
+                    .headers(headers),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("publish {what}: {e}"))
+            .await
+            .unwrap_or_else(|e| panic!("store {what}: {e}"));
+    }
+
+    // A real change after the poison still goes all the way.
+    let customer = stack
+        .mutate(r#"mutation { createCustomer(input: {email: "p@shop.test", name: "P"}) { id } }"#)
+        .await["createCustomer"]["id"]
+        .clone();
+    let order = stack
+        .mutate(&format!(
+            "mutation {{ createOrder(input: {{customer_id: {customer}, total: 30}}) {{ id }} }}"
+        ))
+        .await["createOrder"]["id"]
+        .to_string();
+    let events = stack
+        .watch(EVENTS_STREAM, "herald.events.Order.insert")
+        .await;
+    let real = eventually_async("the real order's event", WAIT, || async {
+        events
+            .poll()
+            .await
+            .iter()
+            .filter_map(|m| decode::<EntityEvent>(&m.payload).ok())
+            .find(|e| e.key == order)
+    })
+    .await;
+    let webhook_id = ActionRequest::action_id(real.id, "order_created", 0);
+    eventually("the real order's webhook, past the poison", WAIT, || {
+        sink.received(WEBHOOK_PATH)
+            .iter()
+            .any(|r| r.header("webhook-id").as_deref() == Some(webhook_id.as_str()))
+            .then_some(())
+    })
+    .await;
+
+    // Every poison message is accounted for: dead-lettered with a reason, or (the valid event
+    // with an over-long traceparent) handled like any event.
+    let accounted = eventually_async("every poison message accounted for", WAIT, || async {
+        let letters = dlq.poll().await;
+        let reason_of = |n: usize| {
+            letters.iter().find_map(|m| {
+                let h = m.headers.as_ref()?;
+                let original = h.get(headers::ORIGINAL_MSG_ID)?.as_str();
+                (original == format!("poison-{n}")).then(|| {
+                    h.get(headers::ERROR)
+                        .map(|e| e.to_string())
+                        .unwrap_or_default()
+                })
+            })
+        };
+        let mut rows = Vec::new();
+        for (n, (what, ..)) in corpus.iter().enumerate() {
+            let traced_webhook = ActionRequest::action_id(traced, "order_created", 0);
+            let handled = n == corpus.len() - 1
+                && sink
+                    .received(WEBHOOK_PATH)
+                    .iter()
+                    .any(|r| r.header("webhook-id").as_deref() == Some(traced_webhook.as_str()));
+            match (reason_of(n), handled) {
+                (Some(reason), _) => rows.push((*what, format!("dead-lettered: {reason}"))),
+                (None, true) => rows.push((*what, "delivered".to_owned())),
+                (None, false) => return None,
+            }
+        }
+        Some(rows)
+    })
+    .await;
+    let dead = accounted
+        .iter()
+        .filter(|(_, r)| r.starts_with("dead"))
+        .count();
+    println!(
+        "poison corpus: sent {sent}, delivered {}, duplicates absorbed 0, dead-lettered {dead}, lost 0",
+        sent - dead
+    );
+    for (what, result) in &accounted {
+        println!("  {what}: {result}");
+    }
+    let letters = dlq.poll().await;
+    for letter in &letters {
+        let parent = letter
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::TRACEPARENT))
+            .map(|v| v.as_str().len())
+            .unwrap_or(0);
+        assert!(
+            parent <= 256,
+            "a dead letter carries a {parent}-byte traceparent"
+        );
+    }
+}
+
 /// Which service is killed after which mutation, and how long it stays down: every service
 /// `KILLS_PER_SERVICE` times, in a random order at random points of the stream of mutations.
 fn crash_plan(seed: u64, services: usize) -> BTreeMap<usize, (usize, Duration)> {
@@ -583,7 +914,7 @@ struct Servers {
 impl Servers {
     async fn start(nats: NatsServer) -> Self {
         let postgres = Postgres::start();
-        let redis = RedisServer::start();
+        let redis = RedisServer::start_with_aof();
         let dir = tempfile::Builder::new()
             .prefix("herald-pipeline-")
             .tempdir()

@@ -19,6 +19,7 @@ pub mod shutdown;
 pub mod streams;
 pub mod subjects;
 pub mod telemetry;
+pub mod traceparent;
 
 pub use messages::{
     ActionOutcome, ActionRequest, EntityEvent, JobRequest, JobState, JobStatus, Op, OutcomeStatus,

@@ -47,10 +47,12 @@ impl Postgres {
             "initdb",
         );
         // Durability settings off: the tests crash servers on purpose, but a test cluster need
-        // not survive power loss.
+        // not survive power loss. Commit timestamps on, as Herald recommends: events' `at` is
+        // the commit time.
         let settings = format!(
             "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{dir}'\n\
-             fsync = off\nfull_page_writes = off\nmax_connections = 200\n",
+             fsync = off\nfull_page_writes = off\nmax_connections = 200\n\
+             track_commit_timestamp = on\n",
             dir = pg.dir.path().display()
         );
         std::fs::OpenOptions::new()

@@ -4,7 +4,8 @@
 //! acked, no consumer is left behind, and what is printed is exactly what the stream holds.
 //!
 //! Replay is ordered for the promise: publish the original body to its original subject, wait
-//! for that stream's ack, and only then delete the DLQ entry. A crash in between leaves the entry
+//! for that stream's ack (for a job, until the job worker took it up: `accept.rs`), and only
+//! then delete the DLQ entry. A crash in between leaves the entry
 //! in place, and replaying it again is absorbed by JetStream, because a replay's Msg-Id is
 //! `<original msg id>:replay:<dlq seq>`: fixed per DLQ entry, yet different from the original's
 //! Msg-Id, whose dedup entry would otherwise swallow a replay made within the duplicate window.
@@ -117,6 +118,16 @@ pub enum DlqError {
         object: String,
         #[source]
         source: dlq::DlqError,
+    },
+    #[error(
+        "DLQ entry {seq} was replayed (stored as seq {stored}) but not yet accepted; the entry is \
+         kept, and replaying it again is absorbed: {source}"
+    )]
+    NotAccepted {
+        seq: u64,
+        stored: u64,
+        #[source]
+        source: crate::accept::AcceptError,
     },
     #[error("{failed} of {total} replays failed (see above); the failed entries are kept")]
     SomeReplaysFailed { failed: usize, total: usize },
@@ -417,7 +428,16 @@ async fn replay(
         .map_err(republish_failed)?
         .await
         .map_err(republish_failed)?;
-    // Only now, with the replay stored, may the dead letter go.
+    if let Some(job) = crate::accept::replayed_job(&subject, &entry.message.payload) {
+        crate::accept::job_taken_up(js, &job, ack.sequence, crate::accept::JOB_ACCEPT_TIMEOUT)
+            .await
+            .map_err(|source| DlqError::NotAccepted {
+                seq,
+                stored: ack.sequence,
+                source,
+            })?;
+    }
+    // Only now, with the replay stored (and for a job, taken up), may the dead letter go.
     stream
         .delete_message(seq)
         .await

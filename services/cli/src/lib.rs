@@ -8,6 +8,7 @@
 //! new module, one variant in `Command` and one arm in `run`; connection settings are shared by
 //! all of them through `connection::Session`, opened only by the commands that talk to NATS.
 
+pub mod accept;
 pub mod audit;
 pub mod checkpoint;
 pub mod connection;

@@ -38,8 +38,18 @@ pub enum CaptureError {
 /// REPLACE TRIGGER` on one table can fail with "tuple concurrently updated").
 const INSTALL_LOCK: i64 = 0x6865_7261_6c65;
 
-/// Runs the migrations, then attaches the capture trigger to every entity's table.
+/// Runs the migrations, then attaches the capture trigger to every entity's table; events carry
+/// only the columns the schema file exposes.
 pub async fn install(pool: &PgPool, schema: &SchemaFile) -> Result<(), CaptureError> {
+    install_with(pool, schema, false).await
+}
+
+/// As `install`; with `all_columns`, events carry every column of the tables, exposed or not.
+pub async fn install_with(
+    pool: &PgPool,
+    schema: &SchemaFile,
+    all_columns: bool,
+) -> Result<(), CaptureError> {
     MIGRATOR.run(pool).await?;
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -47,11 +57,19 @@ pub async fn install(pool: &PgPool, schema: &SchemaFile) -> Result<(), CaptureEr
         .execute(&mut *tx)
         .await?;
     for (entity, declared) in &schema.entities {
+        let exposed: Option<Vec<String>> = (!all_columns).then(|| {
+            let mut columns: Vec<String> = declared.fields.keys().cloned().collect();
+            if !columns.contains(&declared.key) {
+                columns.push(declared.key.clone());
+            }
+            columns
+        });
         // Attaching is idempotent: every replica runs it at start.
-        sqlx::query("SELECT herald.install_capture($1::regclass, $2, $3)")
+        sqlx::query("SELECT herald.install_capture($1::regclass, $2, $3, $4)")
             .bind(quote_ident(&declared.table))
             .bind(entity)
             .bind(&declared.key)
+            .bind(exposed)
             .execute(&mut *tx)
             .await
             .map_err(|source| CaptureError::Install {
@@ -61,6 +79,16 @@ pub async fn install(pool: &PgPool, schema: &SchemaFile) -> Result<(), CaptureEr
             })?;
     }
     tx.commit().await?;
+    let commit_times: bool =
+        sqlx::query_scalar("SELECT current_setting('track_commit_timestamp') = 'on'")
+            .fetch_one(pool)
+            .await?;
+    if !commit_times {
+        tracing::warn!(
+            "PostgreSQL runs without track_commit_timestamp: events' `at` is the time of the \
+             change, not of the commit (set track_commit_timestamp = on and restart PostgreSQL)"
+        );
+    }
     Ok(())
 }
 

@@ -1,8 +1,9 @@
 //! The Herald gateway: GraphQL over PostgreSQL whose every committed change becomes an event.
 //!
-//! Two halves share one pool: the GraphQL server (`graphql`, `query`, `http`, `auth`) reads and
-//! writes the declared tables, and the relay (`relay`) moves the outbox rows that the capture
-//! trigger (`capture`) wrote in the same transactions to JetStream. Capture being a trigger is
+//! Two halves, each with its own pool so heavy queries cannot starve the relay: the GraphQL
+//! server (`graphql`, `query`, `http`, `auth`) reads and writes the declared tables, and the
+//! relay (`relay`, supervised by `supervise`) moves the outbox rows that the capture trigger
+//! (`capture`) wrote in the same transactions to JetStream. Capture being a trigger is
 //! what makes the promise hold for writes that never pass through the gateway.
 
 pub mod auth;
@@ -13,6 +14,7 @@ pub mod query;
 pub mod relay;
 pub mod schema;
 pub mod settings;
+pub mod supervise;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,11 +54,15 @@ pub enum GatewayError {
 
 /// Connects a pool whose every statement is bounded by `limits.statement_timeout`.
 pub async fn connect_database(settings: &GatewaySettings) -> Result<PgPool, GatewayError> {
+    connect_pool(settings, settings.max_connections).await
+}
+
+async fn connect_pool(settings: &GatewaySettings, size: u32) -> Result<PgPool, GatewayError> {
     let timeout = settings.limits.statement_timeout.as_millis().to_string();
     let options: PgConnectOptions = settings.database_url.parse()?;
     let options = options.options([("statement_timeout", timeout.as_str())]);
     Ok(PgPoolOptions::new()
-        .max_connections(settings.max_connections)
+        .max_connections(size)
         .connect_with(options)
         .await?)
 }
@@ -66,14 +72,16 @@ pub struct Running {
     /// Where GraphQL is served.
     pub address: SocketAddr,
     pub pool: PgPool,
+    relay: Option<Arc<supervise::TaskHealth>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Running {
-    /// Ready while NATS is connected and PostgreSQL answers.
+    /// Ready while NATS is connected, PostgreSQL answers and the relay (if enabled) runs.
     pub fn readiness(&self, nats: &Nats) -> Readiness {
         let pool = self.pool.clone();
-        Readiness::new().nats(nats).check("postgres", move || {
+        let relay = self.relay.clone();
+        let readiness = Readiness::new().nats(nats).check("postgres", move || {
             let pool = pool.clone();
             async move {
                 sqlx::query("SELECT 1")
@@ -82,7 +90,18 @@ impl Running {
                     .map(|_| ())
                     .map_err(|e| e.to_string())
             }
-        })
+        });
+        match relay {
+            Some(health) => readiness.check("relay", move || {
+                let alive = health.is_alive();
+                async move {
+                    alive
+                        .then_some(())
+                        .ok_or_else(|| "the relay task died and is restarting".to_owned())
+                }
+            }),
+            None => readiness,
+        }
     }
 
     /// Waits for the server and the relay to stop (after `shutdown` is cancelled).
@@ -105,7 +124,7 @@ pub async fn start(
     let pool = connect_database(settings).await?;
     let file = SchemaFile::load(&settings.schema_file)?;
     let catalog = Arc::new(schema::check(&pool, &file).await?);
-    capture::install(&pool, &file).await?;
+    capture::install_with(&pool, &file, settings.relay.all_columns_in_events).await?;
     let schema = graphql::build(pool.clone(), catalog, &settings.limits)
         .map_err(|e| GatewayError::Graphql(e.to_string()))?;
     let app = http::router(http::Http {
@@ -133,19 +152,30 @@ pub async fn start(
             tracing::error!(error = %e, "GraphQL server failed");
         }
     }));
+    let mut relay_health = None;
     if settings.relay.enabled {
         let relay = relay::Relay::new(
-            pool.clone(),
+            connect_pool(settings, settings.relay.max_connections).await?,
             nats.jetstream.clone(),
             nats.client.server_info().max_payload,
             settings.relay.clone(),
         );
-        tasks.push(tokio::spawn(relay.run(shutdown)));
+        let health = supervise::TaskHealth::new();
+        let stop = shutdown.clone();
+        tasks.push(supervise::spawn(
+            "relay",
+            health.clone(),
+            settings.relay.retry_delay,
+            shutdown,
+            move || relay.clone().run(stop.clone()),
+        ));
+        relay_health = Some(health);
     }
     tracing::info!(%address, "GraphQL listening on /graphql");
     Ok(Running {
         address,
         pool,
+        relay: relay_health,
         tasks,
     })
 }

@@ -15,20 +15,31 @@
 //!   duplicate window absorbs the repeat.
 //! - Per-key order survives a failed publish: a batch goes out in waves, each holding at most one
 //!   event per key, and a key whose event failed sends nothing more until the next pass.
-//! - An event that cannot be published (larger than the server's max payload, or an entity name
-//!   that is no subject token) never blocks the outbox: it moves to `herald_outbox_failed` with its
-//!   reason, after a small notice naming it is stored in `herald.dlq.events`.
+//! - An event that cannot be published (larger than the server's max payload with its headers
+//!   counted, or an entity name that is no subject token) never blocks the outbox: it moves to
+//!   `herald_outbox_failed` with its reason, after a small notice naming it is stored in
+//!   `herald.dlq.events`.
+//! - An event the server refuses (a stream limit, a rejected header) is tried `max_attempts`
+//!   times with growing pauses, recorded in `herald_outbox_attempts`; while it waits, only its
+//!   own key waits (claiming skips held keys), then it is moved aside like the above. Timeouts
+//!   and lost connections are outages, not the row's fault: they are retried without counting.
+//! - Header values come from outside (SQL `set_config`, an HTTP header): a `traceparent` that is
+//!   not W3C-valid is dropped with a warning and the event starts its own trace, so no CR/LF or
+//!   over-long value ever reaches async-nats.
+//! - `at` is the writing transaction's commit time when PostgreSQL records commit timestamps
+//!   (`track_commit_timestamp = on`, read per pass), else the time of the change.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
+use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use herald_shared::dlq::{self, DeadLetter};
 use herald_shared::subjects::{self, DlqSource};
-use herald_shared::{EntityEvent, Op, SCHEMA_VERSION, headers, telemetry};
+use herald_shared::{EntityEvent, Op, SCHEMA_VERSION, headers, telemetry, traceparent};
 use serde::Deserialize;
 use serde_json::Value;
 use sqlx::postgres::PgListener;
@@ -42,8 +53,8 @@ use crate::capture::CHANNEL;
 /// The advisory lock every replica's relay competes for ("herald" in ASCII).
 const LEASE_KEY: i64 = 0x6865_7261_6c64;
 
-/// Room left for the headers when comparing a body with the server's max payload.
-const HEADER_ALLOWANCE: usize = 1024;
+/// The longest pause between two tries of a refused event.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 /// Who dead-letters, in `Herald-Dead-Lettered-By`.
 const SERVICE: &str = "gateway";
@@ -58,9 +69,18 @@ pub struct RelaySettings {
     /// How often to look for rows when no NOTIFY arrives (a lost notification, a standby replica).
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
-    /// The pause after a failed pass before the next one.
+    /// The pause after a failed pass before the next one, and before the second try of an
+    /// event the server refused (doubling per try, at most 30 s).
     #[serde(with = "humantime_serde")]
     pub retry_delay: Duration,
+    /// Tries of an event the server refuses before it moves to `herald_outbox_failed`.
+    pub max_attempts: u32,
+    /// Connections of the relay's own pool, apart from GraphQL's, so heavy queries cannot starve
+    /// it (LISTEN takes one more of its own).
+    pub max_connections: u32,
+    /// Put every column of an entity's table in its events' `data`/`before`, not only the
+    /// fields the schema file exposes (off: a column GraphQL hides never leaks through events).
+    pub all_columns_in_events: bool,
 }
 
 impl Default for RelaySettings {
@@ -70,6 +90,9 @@ impl Default for RelaySettings {
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
             retry_delay: Duration::from_millis(500),
+            max_attempts: 5,
+            max_connections: 2,
+            all_columns_in_events: false,
         }
     }
 }
@@ -84,6 +107,12 @@ impl herald_shared::config::Validate for RelaySettings {
         }
         if self.retry_delay.is_zero() {
             problems.push("retry_delay", "must be positive");
+        }
+        if self.max_attempts == 0 {
+            problems.push("max_attempts", "must be at least 1");
+        }
+        if self.max_connections == 0 {
+            problems.push("max_connections", "must be at least 1");
         }
     }
 }
@@ -128,6 +157,17 @@ struct OutboxRow {
     at: DateTime<Utc>,
     actor: Option<String>,
     traceparent: Option<String>,
+    /// The writing transaction's commit time, when PostgreSQL records it.
+    committed_at: Option<DateTime<Utc>>,
+    /// Earlier tries the server refused.
+    attempts: i32,
+}
+
+impl OutboxRow {
+    /// What the contract calls `at`: commit time, or the change time when it is not recorded.
+    fn at(&self) -> DateTime<Utc> {
+        self.committed_at.unwrap_or(self.at)
+    }
 }
 
 /// Why an outbox row can never be published as it is.
@@ -138,8 +178,21 @@ struct Unpublishable {
     subject: String,
     reason: String,
     size: usize,
+    attempts: u32,
 }
 
+/// A row whose publish the server refused on this pass.
+struct Refused {
+    seq: i64,
+    id: Uuid,
+    entity: String,
+    key: String,
+    subject: String,
+    attempts: u32,
+    reason: String,
+}
+
+#[derive(Clone)]
 pub struct Relay {
     pool: PgPool,
     js: jetstream::Context,
@@ -208,37 +261,85 @@ impl Relay {
         }
     }
 
-    /// One pass: take the lease, claim a batch in `seq` order, publish it, delete what was acked.
+    /// One pass: take the lease, claim a batch in `seq` order (skipping keys whose head waits
+    /// for a retry), publish it, delete what was acked, record or move aside what was refused.
     pub async fn pass(&self) -> Result<Pass, RelayError> {
         let mut tx = self.pool.begin().await?;
-        let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(LEASE_KEY)
-            .fetch_one(&mut *tx)
-            .await?;
+        let (leader, commit_times, last_seq): (bool, bool, i64) = sqlx::query_as(
+            "SELECT pg_try_advisory_xact_lock($1), \
+                    current_setting('track_commit_timestamp') = 'on', \
+                    (SELECT last_value FROM public.herald_outbox_seq_seq)",
+        )
+        .bind(LEASE_KEY)
+        .fetch_one(&mut *tx)
+        .await?;
         if !leader {
             return Ok(Pass::Standby);
         }
         let rows: Vec<OutboxRow> = sqlx::query_as(
-            "SELECT seq, id, entity, op, key, data, before, changed, tx, at, actor, traceparent \
-             FROM herald_outbox ORDER BY seq LIMIT $1 FOR UPDATE",
+            "SELECT o.seq, o.id, o.entity, o.op, o.key, o.data, o.before, o.changed, o.tx, o.at, \
+                    o.actor, o.traceparent, \
+                    CASE WHEN $2 THEN pg_xact_commit_timestamp(o.xmin) END AS committed_at, \
+                    coalesce(a.attempts, 0) AS attempts \
+             FROM herald_outbox o LEFT JOIN herald_outbox_attempts a ON a.seq = o.seq \
+             WHERE NOT EXISTS (SELECT 1 FROM herald_outbox_attempts h \
+                               WHERE h.entity = o.entity AND h.key = o.key AND h.retry_at > now()) \
+             ORDER BY o.seq LIMIT $1 FOR UPDATE OF o",
         )
         .bind(i64::from(self.settings.batch_size))
+        .bind(commit_times)
         .fetch_all(&mut *tx)
         .await?;
         let claimed = rows.len();
+        let oldest = rows.first().map(|r| r.seq);
+        let retried: Vec<i64> = rows
+            .iter()
+            .filter(|r| r.attempts > 0)
+            .map(|r| r.seq)
+            .collect();
         let span = tracing::info_span!("relay.pass", rows = claimed);
-        let outcome = self.publish_batch(rows).instrument(span).await;
+        let mut outcome = self.publish_batch(rows).instrument(span).await;
+        for refused in std::mem::take(&mut outcome.refused) {
+            if refused.attempts >= self.settings.max_attempts {
+                outcome.unpublishable.push(Unpublishable {
+                    row_seq: refused.seq,
+                    id: refused.id,
+                    subject: refused.subject,
+                    reason: format!(
+                        "refused by NATS {} times, last: {}",
+                        refused.attempts, refused.reason
+                    ),
+                    size: 0,
+                    attempts: refused.attempts,
+                });
+            } else {
+                self.hold(&mut tx, &refused).await?;
+            }
+        }
         for failed in &outcome.unpublishable {
-            self.dead_letter(&mut tx, failed).await?;
+            // A dead letter that cannot be stored now leaves its row for a later pass; the rest
+            // of the pass still counts.
+            if let Err(e) = self.dead_letter(&mut tx, failed).await {
+                outcome.error.get_or_insert(e);
+            }
         }
         sqlx::query("DELETE FROM herald_outbox WHERE seq = ANY($1)")
             .bind(&outcome.published)
             .execute(&mut *tx)
             .await?;
-        let depth: i64 = sqlx::query_scalar("SELECT count(*) FROM herald_outbox")
-            .fetch_one(&mut *tx)
-            .await?;
+        if !retried.is_empty() {
+            sqlx::query("DELETE FROM herald_outbox_attempts WHERE seq = ANY($1) AND seq = ANY($2)")
+                .bind(&retried)
+                .bind(&outcome.published)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
+        // No count(*) per pass: the sequence numbers issued since the oldest row claimed bound
+        // the depth from above (rolled-back writes also take numbers).
+        let depth = oldest.map_or(0, |oldest| {
+            (last_seq - oldest + 1 - outcome.published.len() as i64).max(0)
+        });
         metrics::gauge!("herald_gateway_outbox_depth").set(depth as f64);
         metrics::counter!("herald_gateway_events_published_total")
             .increment(outcome.published.len() as u64);
@@ -253,39 +354,39 @@ impl Relay {
         let mut failed_keys: HashSet<(String, String)> = HashSet::new();
         for wave in waves(rows) {
             let started = Instant::now();
-            let mut pending: Vec<(OutboxRow, PublishAckFuture)> = Vec::with_capacity(wave.len());
+            let mut pending: Vec<(OutboxRow, String, PublishAckFuture)> =
+                Vec::with_capacity(wave.len());
             for row in wave {
                 let identity = (row.entity.clone(), row.key.clone());
                 if failed_keys.contains(&identity) {
                     continue;
                 }
-                let prepared = match self.prepare(&row) {
+                let (subject, message) = match self.prepare(&row) {
                     Ok(prepared) => prepared,
                     Err(failed) => {
                         outcome.unpublishable.push(failed);
                         continue;
                     }
                 };
-                let (subject, message) = prepared;
-                match self.js.send_publish(subject, message).await {
-                    Ok(ack) => pending.push((row, ack)),
+                match self.js.send_publish(subject.clone(), message).await {
+                    Ok(ack) => pending.push((row, subject, ack)),
                     Err(e) => {
                         failed_keys.insert(identity);
-                        outcome.fail(row.id, e.to_string());
+                        outcome.fail(row, subject, e);
                     }
                 }
             }
-            for (row, ack) in pending {
+            for (row, subject, ack) in pending {
                 match ack.await {
                     Ok(_) => {
-                        let lag = (Utc::now() - row.at).to_std().unwrap_or_default();
+                        let lag = (Utc::now() - row.at()).to_std().unwrap_or_default();
                         metrics::histogram!("herald_gateway_relay_lag_seconds")
                             .record(lag.as_secs_f64());
                         outcome.published.push(row.seq);
                     }
                     Err(e) => {
                         failed_keys.insert((row.entity.clone(), row.key.clone()));
-                        outcome.fail(row.id, e.to_string());
+                        outcome.fail(row, subject, e);
                     }
                 }
             }
@@ -303,6 +404,7 @@ impl Relay {
             subject,
             reason,
             size,
+            attempts: 1,
         };
         let raw_subject = format!("herald.events.{}.{}", row.entity, row.op);
         let op: Op = row
@@ -319,7 +421,7 @@ impl Relay {
             data: row.data.clone(),
             before: row.before.clone(),
             changed: row.changed.clone(),
-            at: row.at,
+            at: row.at(),
             actor: row.actor.clone(),
             tx: row.tx,
             schema_version: SCHEMA_VERSION,
@@ -331,32 +433,17 @@ impl Relay {
                 0,
             )
         })?;
-        let limit = self.max_payload.saturating_sub(HEADER_ALLOWANCE);
-        if body.len() > limit {
+        let headers = event_headers(row);
+        let size = body.len() + header_bytes(&headers);
+        if size > self.max_payload {
             return Err(unpublishable(
                 subject,
                 format!(
-                    "event {} is {} bytes, above the NATS max payload of {} bytes (less {} for headers)",
-                    row.id,
-                    body.len(),
-                    self.max_payload,
-                    HEADER_ALLOWANCE
+                    "event {} is {} bytes with its headers, above the NATS max payload of {} bytes",
+                    row.id, size, self.max_payload
                 ),
-                body.len(),
+                size,
             ));
-        }
-        let mut headers = HeaderMap::new();
-        headers.insert(headers::MSG_ID, row.id.to_string().as_str());
-        match &row.traceparent {
-            Some(parent) => headers.insert(headers::TRACEPARENT, parent.as_str()),
-            None => telemetry::inject_context(&mut headers),
-        }
-        if headers.get(headers::TRACEPARENT).is_none() {
-            // No writer's trace and no sampled span here (e.g. a log filter above `info` disables
-            // the relay's span): the event starts its own trace, its id being the event id, so
-            // every event still carries one.
-            let parent = format!("00-{}-{:016x}-01", row.id.simple(), span_id_for(row.id));
-            headers.insert(headers::TRACEPARENT, parent.as_str());
         }
         Ok((
             subject,
@@ -364,6 +451,42 @@ impl Relay {
                 .payload(Bytes::from(body))
                 .headers(headers),
         ))
+    }
+
+    /// Records a refused try: the row (and so its key) waits, the rest of the outbox goes on.
+    async fn hold(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        refused: &Refused,
+    ) -> Result<(), RelayError> {
+        let exponent = refused.attempts.saturating_sub(1).min(16);
+        let delay = self
+            .settings
+            .retry_delay
+            .saturating_mul(1 << exponent)
+            .min(MAX_RETRY_DELAY);
+        sqlx::query(
+            "INSERT INTO herald_outbox_attempts (seq, entity, key, attempts, last_error, retry_at) \
+             VALUES ($1, $2, $3, $4, $5, clock_timestamp() + $6 * interval '1 millisecond') \
+             ON CONFLICT (seq) DO UPDATE SET attempts = EXCLUDED.attempts, \
+                 last_error = EXCLUDED.last_error, retry_at = EXCLUDED.retry_at",
+        )
+        .bind(refused.seq)
+        .bind(&refused.entity)
+        .bind(&refused.key)
+        .bind(refused.attempts as i32)
+        .bind(&refused.reason)
+        .bind(delay.as_millis() as f64)
+        .execute(&mut **tx)
+        .await?;
+        tracing::warn!(
+            event = %refused.id,
+            attempts = refused.attempts,
+            error = %refused.reason,
+            retry_in = ?delay,
+            "NATS refused an event; its key waits, the others go on"
+        );
+        Ok(())
     }
 
     /// Stores a notice in the DLQ, then moves the row to `herald_outbox_failed`, in the pass's
@@ -386,7 +509,7 @@ impl Relay {
             original_subject: failed.subject.clone(),
             original_msg_id: failed.id.to_string(),
             error: failed.reason.clone(),
-            attempts: 1,
+            attempts: failed.attempts,
             first_failed_at: Utc::now(),
         };
         dlq::publish(
@@ -402,7 +525,8 @@ impl Relay {
             source,
         })?;
         sqlx::query(
-            "WITH moved AS (DELETE FROM herald_outbox WHERE seq = $1 RETURNING *) \
+            "WITH moved AS (DELETE FROM herald_outbox WHERE seq = $1 RETURNING *), \
+                  forgotten AS (DELETE FROM herald_outbox_attempts WHERE seq = $1) \
              INSERT INTO herald_outbox_failed \
              SELECT moved.*, clock_timestamp(), $2 FROM moved",
         )
@@ -414,6 +538,62 @@ impl Relay {
         tracing::error!(event = %failed.id, reason = %failed.reason, "event cannot be published; moved to herald_outbox_failed");
         Ok(())
     }
+}
+
+/// `Nats-Msg-Id` and a `traceparent`: the writer's when it is valid, else the relay's span's,
+/// else one derived from the event id, so every event carries a trace.
+fn event_headers(row: &OutboxRow) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(headers::MSG_ID, row.id.to_string().as_str());
+    let writer = row
+        .traceparent
+        .as_deref()
+        .and_then(|parent| match traceparent::parse(parent) {
+            Ok(parsed) => Some(parsed.to_string()),
+            Err(e) => {
+                tracing::warn!(event = %row.id, error = %e, "dropping the writer's invalid traceparent");
+                None
+            }
+        });
+    match writer {
+        Some(parent) => headers.insert(headers::TRACEPARENT, parent.as_str()),
+        None => telemetry::inject_context(&mut headers),
+    }
+    if headers.get(headers::TRACEPARENT).is_none() {
+        // No sampled span here (e.g. a log filter above `info` disables the relay's span): the
+        // event starts its own trace, its id being the event id.
+        let parent = format!("00-{}-{:016x}-01", row.id.simple(), span_id_for(row.id));
+        headers.insert(headers::TRACEPARENT, parent.as_str());
+    }
+    headers
+}
+
+/// The bytes `headers` take on the wire (`NATS/1.0` line, `Name: value` lines, blank line):
+/// the server's max payload counts them with the body.
+fn header_bytes(headers: &HeaderMap) -> usize {
+    let lines: usize = headers
+        .iter()
+        .map(|(name, values)| {
+            let name: &str = name.as_ref();
+            values
+                .iter()
+                .map(|v| name.len() + 2 + v.as_str().len() + 2)
+                .sum::<usize>()
+        })
+        .sum();
+    "NATS/1.0\r\n".len() + lines + 2
+}
+
+/// Whether a failed publish is the row's fault (the server answered and refused it) rather than
+/// an outage that every row would meet.
+fn refused(error: &PublishError) -> bool {
+    !matches!(
+        error.kind(),
+        PublishErrorKind::TimedOut
+            | PublishErrorKind::BrokenPipe
+            | PublishErrorKind::MaxAckPending
+            | PublishErrorKind::StreamNotFound
+    )
 }
 
 /// A non-zero span id derived from the event id's random bits.
@@ -436,12 +616,28 @@ async fn wake(listener: &mut Option<PgListener>) -> bool {
 struct BatchOutcome {
     published: Vec<i64>,
     unpublishable: Vec<Unpublishable>,
+    refused: Vec<Refused>,
     error: Option<RelayError>,
 }
 
 impl BatchOutcome {
-    fn fail(&mut self, id: Uuid, reason: String) {
-        self.error.get_or_insert(RelayError::Publish { id, reason });
+    fn fail(&mut self, row: OutboxRow, subject: String, error: PublishError) {
+        if refused(&error) {
+            self.refused.push(Refused {
+                seq: row.seq,
+                id: row.id,
+                entity: row.entity,
+                key: row.key,
+                subject,
+                attempts: row.attempts.max(0) as u32 + 1,
+                reason: error.to_string(),
+            });
+        } else {
+            self.error.get_or_insert(RelayError::Publish {
+                id: row.id,
+                reason: error.to_string(),
+            });
+        }
     }
 }
 
@@ -481,6 +677,8 @@ mod tests {
             at: Utc::now(),
             actor: None,
             traceparent: None,
+            committed_at: None,
+            attempts: 0,
         }
     }
 

@@ -19,7 +19,7 @@ pub struct GatewaySettings {
     pub schema_file: PathBuf,
     /// Where GraphQL is served (`/graphql`).
     pub listen: SocketAddr,
-    /// Connections in the pool shared by GraphQL and the relay.
+    /// Connections in GraphQL's pool (the relay has its own, `relay.max_connections`).
     pub max_connections: u32,
     pub limits: Limits,
     pub auth: AuthSettings,

@@ -2,7 +2,10 @@
 //! (one Lua script: dedup by job id, pending set, `pending` event into the outbox) and only then
 //! acked, so an acked job is durable. A duplicate submission (a re-delivery, or the same id sent
 //! twice) finds its job already stored and is acked without effect — for as long as the job record
-//! lives (until `terminal_ttl` after it finished). Undecodable submissions go
+//! lives (until `terminal_ttl` after it finished). A replay from the DLQ (it carries
+//! `Herald-Replayed-From`) is not a duplicate: a dead job runs again as a new attempt series,
+//! and a repeat of the same replay is absorbed by its Msg-Id. Undecodable submissions, and job
+//! ids that could not travel in a header or a Redis key, go
 //! to `herald.dlq.jobs` with the reason; while Redis is unreachable submissions are NAKed with a
 //! delay and come back.
 
@@ -26,6 +29,9 @@ use crate::queue::Queue;
 /// Submissions stored at once; each waits on one Redis script, so overlapping them hides the
 /// round trip.
 const IN_FLIGHT: usize = 256;
+
+/// The longest job id accepted: it travels in every status event's Msg-Id.
+pub const MAX_JOB_ID_LEN: usize = 256;
 
 /// How long a submission waits before coming back while Redis is unreachable.
 const REDIS_DOWN_DELAY: Duration = Duration::from_secs(1);
@@ -110,7 +116,15 @@ impl Intake {
             telemetry::inject_context(&mut carried);
             let traceparent = telemetry::traceparent(Some(&carried)).unwrap_or_default();
             let request = String::from_utf8_lossy(&message.payload);
-            match self.queue.store(&job, &request, &traceparent).await {
+            let stored = match replay_of(&message) {
+                Some(replay) => {
+                    self.queue
+                        .store_replay(&job, &request, &traceparent, &replay)
+                        .await
+                }
+                None => self.queue.store(&job, &request, &traceparent).await,
+            };
+            match stored {
                 Ok(stored) => {
                     if stored {
                         metrics::counter!("herald_jobs_submitted_total", "queue" => job.queue.clone())
@@ -148,9 +162,7 @@ impl Intake {
                 job.queue, message.subject
             ));
         }
-        if job.id.is_empty() {
-            return Err("the job id is empty".into());
-        }
+        check_id(&job.id)?;
         let problems = job.retry.problems("retry");
         if !problems.is_empty() {
             let text: Vec<String> = problems
@@ -175,10 +187,60 @@ impl Intake {
     }
 }
 
+/// A job id is one line of visible text of bounded length: it becomes part of Redis keys and of
+/// every status event's Msg-Id header.
+pub fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("the job id is empty".into());
+    }
+    if id.len() > MAX_JOB_ID_LEN {
+        return Err(format!(
+            "the job id is {} bytes, above the {MAX_JOB_ID_LEN}-byte limit",
+            id.len()
+        ));
+    }
+    if id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err("the job id contains white space or control characters".into());
+    }
+    Ok(())
+}
+
+/// The replay's own name when the submission was re-published from the DLQ: its Msg-Id, fixed
+/// per DLQ entry, so replaying one entry twice re-arms the job once.
+fn replay_of(message: &jetstream::Message) -> Option<String> {
+    let found = message.headers.as_ref()?;
+    let from = found.get(headers::REPLAYED_FROM)?.as_str();
+    Some(
+        found
+            .get(headers::MSG_ID)
+            .map_or_else(|| format!("replay:{from}"), |id| id.as_str().to_owned()),
+    )
+}
+
 /// The Msg-Id a submission is published with: its job id.
 pub fn submission_headers(job: &JobRequest) -> HeaderMap {
     let mut out = HeaderMap::new();
     telemetry::inject_context(&mut out);
     out.insert(headers::MSG_ID, job.id.as_str());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_that_could_break_a_header_or_a_key_are_refused() {
+        assert!(check_id("order-1:send-mail:0").is_ok());
+        for bad in [
+            "",
+            "a\nb",
+            "a\r",
+            "a b",
+            "tab\t",
+            &"x".repeat(MAX_JOB_ID_LEN + 1),
+        ] {
+            assert!(check_id(bad).is_err(), "accepted {bad:?}");
+        }
+    }
 }

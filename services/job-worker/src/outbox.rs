@@ -7,18 +7,26 @@
 //! Entries are read in stream order and status publishes are pipelined on one connection, so
 //! events of one job reach the stream in the order they happened. Several instances may publish
 //! the same entries at once; Msg-Id de-duplication makes that harmless.
+//!
+//! An entry that can never be published (fields the scripts never write, a result above the NATS
+//! max payload, a job id that is no header value, or one the server refused `MAX_REFUSALS` times)
+//! is set aside: a small notice goes to `herald.dlq.jobs`, then the entry moves to
+//! `P:outbox:parked` with its reason, and the entries behind it go on. An outage (a timeout, a
+//! lost connection) is waited out instead, without reordering anything.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
+use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use chrono::{DateTime, TimeZone, Utc};
 use herald_shared::dlq::{self, DeadLetter};
 use herald_shared::subjects::{self, DlqSource};
-use herald_shared::{JobState, JobStatus, SCHEMA_VERSION, headers, telemetry};
+use herald_shared::{JobState, JobStatus, SCHEMA_VERSION, headers, telemetry, traceparent};
+use tokio::sync::Mutex;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -28,18 +36,28 @@ use crate::queue::{OutboxEntry, Queue, QueueError};
 
 const BATCH: usize = 256;
 
+/// Refusals by the server (an answer, not an outage) before an entry is set aside.
+const MAX_REFUSALS: u32 = 5;
+
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
     #[error(transparent)]
     Queue(#[from] QueueError),
     #[error("publishing a job status failed: {0}")]
-    Publish(#[from] jetstream::context::PublishError),
+    Publish(#[from] PublishError),
     #[error(transparent)]
     Dlq(#[from] dlq::DlqError),
-    /// An entry that cannot be published as written; logged and dropped so it cannot block every
-    /// later event.
+    /// An entry that cannot be published as written; set aside so it cannot block every later
+    /// event.
     #[error("unusable outbox entry {id}: {reason}")]
     Unusable { id: String, reason: String },
+    /// The server refused an entry; it is tried again, and set aside after `MAX_REFUSALS`.
+    #[error("outbox entry {id} refused ({count} of {MAX_REFUSALS}): {reason}")]
+    Refused {
+        id: String,
+        count: u32,
+        reason: String,
+    },
 }
 
 fn unusable(entry: &OutboxEntry, reason: impl Into<String>) -> OutboxError {
@@ -54,6 +72,37 @@ pub struct Outbox {
     jetstream: jetstream::Context,
     wake: Arc<Notify>,
     poll: Duration,
+    /// Refusals per outbox entry id, while the entry is still being tried.
+    refusals: Mutex<HashMap<String, u32>>,
+}
+
+/// What to do about an entry that failed.
+enum Failure {
+    /// It can never be published: set it aside.
+    Permanent(String),
+    /// The server refused it: try again, up to `MAX_REFUSALS` times.
+    Refused(String),
+    /// An outage: stop this batch and wait.
+    Outage(OutboxError),
+}
+
+impl From<OutboxError> for Failure {
+    fn from(e: OutboxError) -> Self {
+        match &e {
+            OutboxError::Unusable { reason, .. } => Failure::Permanent(reason.clone()),
+            OutboxError::Publish(p) | OutboxError::Dlq(dlq::DlqError::Publish(p)) => {
+                match p.kind() {
+                    PublishErrorKind::MaxPayloadExceeded => Failure::Permanent(p.to_string()),
+                    PublishErrorKind::TimedOut
+                    | PublishErrorKind::BrokenPipe
+                    | PublishErrorKind::MaxAckPending
+                    | PublishErrorKind::StreamNotFound => Failure::Outage(e),
+                    _ => Failure::Refused(p.to_string()),
+                }
+            }
+            OutboxError::Queue(_) | OutboxError::Refused { .. } => Failure::Outage(e),
+        }
+    }
 }
 
 impl Outbox {
@@ -68,6 +117,7 @@ impl Outbox {
             jetstream,
             wake,
             poll,
+            refusals: Mutex::new(HashMap::new()),
         }
     }
 
@@ -115,33 +165,117 @@ impl Outbox {
         if entries.is_empty() {
             return Ok(0);
         }
-        let mut acks: Vec<PublishAckFuture> = Vec::with_capacity(entries.len());
+        let mut done: Vec<String> = Vec::with_capacity(entries.len());
+        let mut acks: Vec<(&OutboxEntry, PublishAckFuture)> = Vec::with_capacity(entries.len());
         for entry in &entries {
             let published = match entry.fields.get("kind").map(String::as_str) {
-                Some("status") => self.send_status(entry).await.map(|ack| acks.push(ack)),
+                Some("status") => match self.send_status(entry).await {
+                    Ok(ack) => {
+                        acks.push((entry, ack));
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                },
                 Some("dlq") => {
                     // The dead letter must not overtake the `dead` status sent before it.
-                    for ack in acks.drain(..) {
-                        ack.await?;
-                    }
+                    self.settle(&mut acks, &mut done).await?;
                     self.dead_letter(entry).await
                 }
                 other => Err(unusable(entry, format!("unknown kind {other:?}"))),
             };
             match published {
-                Ok(()) => {}
-                Err(e @ OutboxError::Unusable { .. }) => {
-                    tracing::error!(error = %e, "dropping outbox entry");
-                }
-                Err(e) => return Err(e),
+                Ok(()) => done.push(entry.id.clone()),
+                Err(e) => self.failed(entry, e.into()).await?,
             }
         }
-        for ack in acks {
-            ack.await?;
+        self.settle(&mut acks, &mut done).await?;
+        self.queue.outbox_done(&done).await?;
+        let mut refusals = self.refusals.lock().await;
+        for id in &done {
+            refusals.remove(id);
         }
-        let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
-        self.queue.outbox_done(&ids).await?;
         Ok(entries.len())
+    }
+
+    /// Awaits the pending status acks in order.
+    async fn settle(
+        &self,
+        acks: &mut Vec<(&OutboxEntry, PublishAckFuture)>,
+        done: &mut Vec<String>,
+    ) -> Result<(), OutboxError> {
+        for (entry, ack) in acks.drain(..) {
+            match ack.await {
+                Ok(_) => done.push(entry.id.clone()),
+                Err(e) => self.failed(entry, OutboxError::from(e).into()).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets a permanently failing entry aside; an error stops the batch (nothing after the entry
+    /// is deleted, so order holds and repeats are absorbed).
+    async fn failed(&self, entry: &OutboxEntry, failure: Failure) -> Result<(), OutboxError> {
+        let reason = match failure {
+            Failure::Outage(e) => return Err(e),
+            Failure::Permanent(reason) => reason,
+            Failure::Refused(reason) => {
+                let mut refusals = self.refusals.lock().await;
+                let count = refusals.entry(entry.id.clone()).or_insert(0);
+                *count += 1;
+                if *count < MAX_REFUSALS {
+                    return Err(OutboxError::Refused {
+                        id: entry.id.clone(),
+                        count: *count,
+                        reason,
+                    });
+                }
+                refusals.remove(&entry.id);
+                format!("refused {MAX_REFUSALS} times, last: {reason}")
+            }
+        };
+        self.park(entry, &reason).await
+    }
+
+    /// A notice in the DLQ first (so `herald dlq list` shows it), then the entry moves to the
+    /// parked stream. A crash in between repeats the notice under the same Msg-Id.
+    async fn park(&self, entry: &OutboxEntry, reason: &str) -> Result<(), OutboxError> {
+        let field = |name: &str| entry.fields.get(name).map(String::as_str).unwrap_or("");
+        let queue = field("queue");
+        let original_subject = subjects::job_status(queue)
+            .or_else(|_| subjects::job_submit("unknown"))
+            .map_err(|e| unusable(entry, e.to_string()))?;
+        let notice = serde_json::json!({
+            "outbox_entry": entry.id,
+            "kind": field("kind"),
+            "job": field("job"),
+            "queue": queue,
+            "state": field("state"),
+            "attempt": field("attempt"),
+            "bytes": entry.fields.values().map(String::len).sum::<usize>(),
+            "error": reason,
+            "parked_in": self.queue.parked_key(),
+        });
+        let letter = DeadLetter {
+            source: DlqSource::Jobs,
+            original_subject,
+            // Outbox entry ids (`<ms>-<n>`) are always header-safe, unlike a job id may be.
+            original_msg_id: format!("job-outbox:{}", entry.id),
+            error: reason.to_owned(),
+            attempts: 1,
+            first_failed_at: Utc::now(),
+        };
+        dlq::publish(
+            &self.jetstream,
+            &letter,
+            Bytes::from(notice.to_string()),
+            None,
+            SERVICE,
+        )
+        .await?;
+        self.queue.park(entry, reason).await?;
+        metrics::counter!("herald_jobs_outbox_parked_total").increment(1);
+        tracing::error!(entry = %entry.id, %reason, "job outbox entry set aside in the parked stream");
+        Ok(())
     }
 
     async fn send_status(&self, entry: &OutboxEntry) -> Result<PublishAckFuture, OutboxError> {
@@ -149,7 +283,11 @@ impl Outbox {
         let subject =
             subjects::job_status(&status.queue).map_err(|e| unusable(entry, e.to_string()))?;
         let body = serde_json::to_vec(&status).map_err(|e| unusable(entry, e.to_string()))?;
-        let headers = traced_headers(&entry.fields, &status.msg_id());
+        let msg_id = status.msg_id();
+        if !header_safe(&msg_id) {
+            return Err(unusable(entry, "the job id cannot be a header value"));
+        }
+        let headers = traced_headers(&entry.fields, &msg_id);
         self.jetstream
             .send_publish(
                 subject,
@@ -165,6 +303,9 @@ impl Outbox {
         let unusable = |reason: String| unusable(entry, reason);
         let field = |name: &str| entry.fields.get(name).cloned().unwrap_or_default();
         let job_id = field("job");
+        if !header_safe(&job_id) {
+            return Err(unusable("the job id cannot be a header value".into()));
+        }
         let queue = field("queue");
         let original_subject = subjects::job_submit(&queue).map_err(|e| unusable(e.to_string()))?;
         let attempts = field("attempt")
@@ -188,9 +329,8 @@ impl Outbox {
         };
         let mut original = HeaderMap::new();
         original.insert(headers::MSG_ID, job_id.as_str());
-        let traceparent = field("traceparent");
-        if !traceparent.is_empty() {
-            original.insert(headers::TRACEPARENT, traceparent.as_str());
+        if let Ok(parent) = traceparent::parse(&field("traceparent")) {
+            original.insert(headers::TRACEPARENT, parent.to_string().as_str());
         }
         dlq::publish(
             &self.jetstream,
@@ -208,8 +348,11 @@ impl Outbox {
 /// `Nats-Msg-Id` plus the job's trace context, carried on from the submission.
 fn traced_headers(fields: &HashMap<String, String>, msg_id: &str) -> HeaderMap {
     let mut incoming = HeaderMap::new();
-    if let Some(traceparent) = fields.get("traceparent").filter(|t| !t.is_empty()) {
-        incoming.insert(headers::TRACEPARENT, traceparent.as_str());
+    if let Some(parent) = fields
+        .get("traceparent")
+        .and_then(|t| traceparent::parse(t).ok())
+    {
+        incoming.insert(headers::TRACEPARENT, parent.to_string().as_str());
     }
     let span = tracing::info_span!("job status", msg_id);
     telemetry::adopt_context(&span, Some(&incoming));
@@ -217,6 +360,11 @@ fn traced_headers(fields: &HashMap<String, String>, msg_id: &str) -> HeaderMap {
     span.in_scope(|| telemetry::inject_context(&mut out));
     out.insert(headers::MSG_ID, msg_id);
     out
+}
+
+/// A value async-nats accepts in a header, small enough not to crowd the payload.
+fn header_safe(value: &str) -> bool {
+    value.len() <= 1024 && !value.contains(['\r', '\n'])
 }
 
 fn status_of(entry: &OutboxEntry) -> Result<JobStatus, OutboxError> {

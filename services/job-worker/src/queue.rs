@@ -10,6 +10,9 @@
 //! - `P:q:<queue>:delayed` sorted set, scored by when the retry is due (ms).
 //! - `P:q:<queue>:{succeeded,dead,cancelled}` sorted sets, scored by finish time, for listing.
 //! - `P:queues` set of every queue seen; `P:outbox` stream of events still to publish.
+//! - `P:outbox:parked` stream of outbox entries that can never be published (a result above the
+//!   NATS max payload, an id that is no header value), each with its `reason`: set aside so they
+//!   cannot block the events behind them, and kept for an operator.
 //!
 //! Why a job is never lost: it is in exactly one of pending, running or delayed from the moment
 //! it is stored until it finishes, and every move between them is one script. A claim moves it
@@ -359,8 +362,40 @@ requeue(id, queue, tonumber(attempt), now_ms())
 return 'pending'
 "#;
 
+/// ARGV: id, queue, job_type, score, request, traceparent, max_attempts, replay key. A submission
+/// re-published from the DLQ: a dead job (or one whose record expired) runs again as a new
+/// attempt series, keeping its attempt count so every status event keeps its own Msg-Id. The
+/// replay key is remembered, so a repeat of the same replay is absorbed. 1 = stored or re-armed,
+/// 0 = absorbed (the same replay again, or the job is alive or finished otherwise).
+const STORE_REPLAY: &str = r#"
+local id, queue, replay = ARGV[3], ARGV[4], ARGV[10]
+local key = job_key(id)
+local state = redis.call('HGET', key, 'state')
+if not state then
+  local now = now_ms()
+  redis.call('HSET', key, 'id', id, 'queue', queue, 'job_type', ARGV[5], 'score', ARGV[6],
+    'request', ARGV[7], 'traceparent', ARGV[8], 'max_attempts', ARGV[9], 'state', 'pending',
+    'attempt', 0, 'base', 0, 'created_at', now, 'updated_at', now, 'replay', replay)
+  redis.call('ZADD', set_key(queue, 'pending'), ARGV[6], id)
+  redis.call('SADD', P .. ':queues', queue)
+  emit(id, 'pending', 0, now)
+  return 1
+end
+if redis.call('HGET', key, 'replay') == replay or state ~= 'dead' then return 0 end
+local attempt = redis.call('HGET', key, 'attempt')
+redis.call('ZREM', set_key(queue, 'dead'), id)
+redis.call('PERSIST', key)
+redis.call('HSET', key, 'base', attempt, 'replay', replay, 'request', ARGV[7],
+  'max_attempts', ARGV[9])
+redis.call('HDEL', key, 'finished_at', 'first_failed_at')
+redis.call('SADD', P .. ':queues', queue)
+requeue(id, queue, tonumber(attempt), now_ms())
+return 1
+"#;
+
 struct Scripts {
     store: Script,
+    store_replay: Script,
     claim: Script,
     heartbeat: Script,
     complete: Script,
@@ -374,6 +409,7 @@ impl Scripts {
         let script = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
         Self {
             store: script(STORE),
+            store_replay: script(STORE_REPLAY),
             claim: script(CLAIM),
             heartbeat: script(HEARTBEAT),
             complete: script(COMPLETE),
@@ -437,6 +473,16 @@ impl Queue {
         format!("{}:outbox", self.prefix)
     }
 
+    /// Where unpublishable outbox entries are kept.
+    pub fn parked_key(&self) -> String {
+        format!("{}:outbox:parked", self.prefix)
+    }
+
+    /// How the Redis in use persists writes.
+    pub async fn persistence(&self) -> crate::persistence::Persistence {
+        crate::persistence::check(&mut self.redis.clone()).await
+    }
+
     pub async fn ping(&self) -> Result<(), QueueError> {
         let _: String = redis::cmd("PING")
             .query_async(&mut self.redis.clone())
@@ -467,6 +513,30 @@ impl Queue {
             .arg(request)
             .arg(traceparent)
             .arg(job.retry.max_attempts.max(1))
+            .invoke_async(&mut self.redis.clone())
+            .await?;
+        Ok(stored == 1)
+    }
+
+    /// Stores a replay of a dead-lettered submission (see `STORE_REPLAY`); `replay` names the
+    /// replay (its Msg-Id), so a repeat of it is absorbed. Returns whether the job runs again.
+    pub async fn store_replay(
+        &self,
+        job: &JobRequest,
+        request: &str,
+        traceparent: &str,
+        replay: &str,
+    ) -> Result<bool, QueueError> {
+        let stored: i64 = self
+            .invoke(&self.scripts.store_replay)
+            .arg(&job.id)
+            .arg(&job.queue)
+            .arg(&job.job_type)
+            .arg(Self::score(job))
+            .arg(request)
+            .arg(traceparent)
+            .arg(job.retry.max_attempts.max(1))
+            .arg(replay)
             .invoke_async(&mut self.redis.clone())
             .await?;
         Ok(stored == 1)
@@ -669,6 +739,27 @@ impl Queue {
                 })
             })
             .collect()
+    }
+
+    /// Moves an outbox entry that can never be published to `P:outbox:parked` with its reason,
+    /// in one step, so it no longer holds up the entries behind it.
+    pub async fn park(&self, entry: &OutboxEntry, reason: &str) -> Result<(), QueueError> {
+        let mut fields: Vec<(&str, &str)> = entry
+            .fields
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        fields.push(("outbox_id", entry.id.as_str()));
+        fields.push(("reason", reason));
+        let _: () = redis::pipe()
+            .atomic()
+            .xadd(self.parked_key(), "*", &fields)
+            .ignore()
+            .xdel(self.outbox_key(), &[entry.id.as_str()])
+            .ignore()
+            .query_async(&mut self.redis.clone())
+            .await?;
+        Ok(())
     }
 
     /// Forgets outbox entries once they are published.

@@ -133,3 +133,25 @@ async fn a_job_whose_lease_expires_on_its_last_attempt_goes_dead_with_a_dead_let
         ]
     );
 }
+
+#[tokio::test]
+async fn the_worker_can_tell_whether_redis_persists_acked_jobs() {
+    use herald_job_worker::persistence::Persistence;
+    let plain = RedisServer::start();
+    let aof = RedisServer::start_with_aof();
+    let settings = |url: String| Settings {
+        redis_url: url,
+        ..Settings::default()
+    };
+    let plain = Queue::connect(&settings(plain.url())).await.expect("redis");
+    let aof = Queue::connect(&settings(aof.url())).await.expect("redis");
+    assert_eq!(plain.persistence().await, Persistence::SnapshotsOnly);
+    let durable = aof.persistence().await;
+    assert_eq!(
+        durable,
+        Persistence::AppendOnly {
+            fsync: Some("always".into())
+        }
+    );
+    assert!(durable.is_durable());
+}

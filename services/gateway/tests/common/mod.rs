@@ -257,6 +257,19 @@ impl Gateway {
         body["data"].clone()
     }
 
+    /// What `/ready` would report as failing, empty when ready.
+    pub async fn not_ready(&self, nats: &Nats) -> Vec<String> {
+        match &self.running {
+            Some(running) => running.readiness(nats).failures().await,
+            None => vec!["stopped".into()],
+        }
+    }
+
+    /// The pool GraphQL serves from (the relay has its own).
+    pub fn graphql_pool(&self) -> &PgPool {
+        &self.running.as_ref().expect("running").pool
+    }
+
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(running) = self.running.take() {
