@@ -148,4 +148,42 @@ mod tests {
         assert!(is_valid(&format!("01{}-future", &GOOD[2..])));
         assert!(!is_valid(&format!("01{}future", &GOOD[2..])));
     }
+
+    #[test]
+    fn each_refusal_says_why() {
+        assert_eq!(
+            parse(&format!("cc{}-future-fields", &GOOD[2..])).map(|_| ()),
+            Ok(())
+        );
+        let cases = [
+            ("", InvalidTraceparent::Malformed),
+            ("00-abc-def-01", InvalidTraceparent::Malformed),
+            (&*format!("{GOOD}\r\nX: 1"), InvalidTraceparent::Malformed),
+            (&*format!("{GOOD}-x"), InvalidTraceparent::Malformed),
+            (&*GOOD.to_uppercase(), InvalidTraceparent::Malformed),
+            (
+                &*format!("ff{}", &GOOD[2..]),
+                InvalidTraceparent::ForbiddenVersion,
+            ),
+            (
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+                InvalidTraceparent::ZeroTraceId,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+                InvalidTraceparent::ZeroParentId,
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0\u{e9}",
+                InvalidTraceparent::Malformed,
+            ),
+        ];
+        for (value, expected) in cases {
+            assert_eq!(parse(value), Err(expected), "{value:?}");
+        }
+        assert_eq!(
+            parse(&"0".repeat(64 * 1024)),
+            Err(InvalidTraceparent::TooLong(64 * 1024))
+        );
+    }
 }

@@ -24,6 +24,7 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use chrono::{DateTime, TimeZone, Utc};
 use herald_shared::dlq::{self, DeadLetter};
+use herald_shared::publish::PublishFailure;
 use herald_shared::subjects::{self, DlqSource};
 use herald_shared::{JobState, JobStatus, SCHEMA_VERSION, headers, telemetry, traceparent};
 use tokio::sync::Mutex;
@@ -90,16 +91,20 @@ impl From<OutboxError> for Failure {
     fn from(e: OutboxError) -> Self {
         match &e {
             OutboxError::Unusable { reason, .. } => Failure::Permanent(reason.clone()),
-            OutboxError::Publish(p) | OutboxError::Dlq(dlq::DlqError::Publish(p)) => {
-                match p.kind() {
-                    PublishErrorKind::MaxPayloadExceeded => Failure::Permanent(p.to_string()),
-                    PublishErrorKind::TimedOut
-                    | PublishErrorKind::BrokenPipe
-                    | PublishErrorKind::MaxAckPending
-                    | PublishErrorKind::StreamNotFound => Failure::Outage(e),
-                    _ => Failure::Refused(p.to_string()),
-                }
-            }
+            OutboxError::Dlq(dlq::DlqError::Publish(p)) => match p {
+                PublishFailure::TooLarge(reason) => Failure::Permanent(reason.clone()),
+                PublishFailure::PermissionDenied(_) => Failure::Refused(p.to_string()),
+                PublishFailure::NoStream(_) | PublishFailure::Transient(_) => Failure::Outage(e),
+            },
+            OutboxError::Dlq(dlq::DlqError::Body(_)) => Failure::Outage(e),
+            OutboxError::Publish(p) => match p.kind() {
+                PublishErrorKind::MaxPayloadExceeded => Failure::Permanent(p.to_string()),
+                PublishErrorKind::TimedOut
+                | PublishErrorKind::BrokenPipe
+                | PublishErrorKind::MaxAckPending
+                | PublishErrorKind::StreamNotFound => Failure::Outage(e),
+                _ => Failure::Refused(p.to_string()),
+            },
             OutboxError::Queue(_) | OutboxError::Refused { .. } => Failure::Outage(e),
         }
     }
