@@ -1,31 +1,33 @@
 //! The GraphQL schema, built at start from the checked catalogue with async-graphql's dynamic
-//! schema (spec-compliant parsing, validation, introspection, depth and complexity limits), and
-//! the resolvers of its root fields. A root resolver compiles its whole selection to one
-//! statement (`query.rs`) and runs it; the per-field resolvers below it only read the JSON the
-//! statement returned.
+//! schema (spec-compliant parsing, validation, introspection), and the resolvers of its root
+//! fields. A root resolver collects its selection as the spec says (`collect.rs`), compiles it
+//! to one statement (`query.rs`) and runs it; the per-field resolvers below it only read the
+//! JSON the statement returned. What a request may cost is checked before it runs (`budget.rs`).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use async_graphql::Value;
 use async_graphql::dynamic::{
     Enum, Field, FieldFuture, FieldValue, InputObject, InputValue, Object, ResolverContext, Scalar,
-    Schema, SchemaError, TypeRef,
+    Schema, TypeRef,
 };
+use async_graphql::extensions::apollo_persisted_queries::{
+    ApolloPersistedQueries, LruCacheStorage,
+};
+use async_graphql::{ErrorExtensions, Value};
 use sqlx::PgPool;
 
 use crate::auth::Caller;
+use crate::budget::{self, Budget, Shape};
 use crate::capture::{ACTOR_SETTING, TRACEPARENT_SETTING};
+use crate::collect::{CollectError, Collector};
 use crate::query::{Compiler, ListArgs, Param, QueryError, Selection, Statement};
-use crate::schema::{Catalog, CheckedEntity, FieldType, RelationKind};
-use crate::settings::Limits;
+use crate::schema::{Catalog, CheckedEntity, RelationKind};
+use crate::settings::{GraphqlSettings, Limits};
 
-const SCALARS: [FieldType; 6] = [
-    FieldType::ID,
-    FieldType::Int,
-    FieldType::Float,
-    FieldType::String,
-    FieldType::Boolean,
-    FieldType::JSON,
+/// Every scalar a column can be served as; each gets a `<Scalar>Filter` input type.
+const SCALARS: [&str; 8] = [
+    "ID", "Int", "Float", "String", "Boolean", "JSON", "BigInt", "Decimal",
 ];
 
 /// What every resolver needs, stored in the schema's data.
@@ -35,25 +37,50 @@ struct Backend {
     limits: Limits,
 }
 
-/// Per-request data: who calls, and the trace to hand to the events it causes.
+/// Per-request data: who calls, the trace to hand to the events it causes, and the id that
+/// ties a client's error to the gateway's log line.
 #[derive(Debug, Clone)]
 pub struct RequestContext {
     pub caller: Caller,
     pub traceparent: Option<String>,
+    pub request_id: String,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
     #[error(transparent)]
     Query(#[from] QueryError),
+    #[error(transparent)]
+    Collect(#[from] CollectError),
     #[error("mutations require an authenticated caller (a JWT or an API key)")]
     Unauthenticated,
-    #[error("database error: {0}")]
-    Database(String),
+    /// The database refused the statement. Its own text (which can name tables, constraints
+    /// and values) is only logged; the client gets what kind of refusal it was.
+    #[error("{}", database_refusal(.code.as_deref()))]
+    Database {
+        code: Option<String>,
+        message: String,
+    },
     #[error("the statement exceeded the statement timeout and was cancelled")]
     Timeout,
     #[error("{0}")]
     Engine(String),
+}
+
+/// What a client may learn from an SQLSTATE: the class of the problem, never the server's text.
+fn database_refusal(code: Option<&str>) -> &'static str {
+    match code.unwrap_or_default() {
+        "22001" => "a value is too long for its column",
+        "22003" => "a number is out of range for its column",
+        "22P02" | "22007" | "22008" | "22023" => "a value is not valid for its column's type",
+        "22021" | "22P05" => "a value holds a character its column cannot store",
+        "23502" => "a required value is missing (a NOT NULL column)",
+        "23503" => "a referenced row does not exist, or other rows still refer to this one",
+        "23505" => "a row with this unique value already exists",
+        "23514" => "a value breaks a check constraint",
+        code if code.starts_with("40") => "the transaction conflicted with another; retry it",
+        _ => "the database could not run the request",
+    }
 }
 
 impl From<sqlx::Error> for ResolveError {
@@ -63,10 +90,25 @@ impl From<sqlx::Error> for ResolveError {
             sqlx::Error::Database(db) if db.code().as_deref() == Some("57014") => {
                 ResolveError::Timeout
             }
-            sqlx::Error::Database(db) => ResolveError::Database(db.message().to_owned()),
-            _ => ResolveError::Database(e.to_string()),
+            sqlx::Error::Database(db) => ResolveError::Database {
+                code: db.code().map(|c| c.into_owned()),
+                message: db.message().to_owned(),
+            },
+            _ => ResolveError::Database {
+                code: None,
+                message: e.to_string(),
+            },
         }
     }
+}
+
+/// Why the schema cannot be built from the catalogue.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("generated GraphQL names collide:\n{}", .0.join("\n"))]
+    Collisions(Vec<String>),
+    #[error(transparent)]
+    Schema(#[from] async_graphql::dynamic::SchemaError),
 }
 
 fn lower_first(name: &str) -> String {
@@ -77,16 +119,103 @@ fn lower_first(name: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The type and root-field names an entity generates, each with what kind of name it is.
+fn generated_names(entity: &CheckedEntity) -> Vec<String> {
+    let name = &entity.name;
+    let single = lower_first(name);
+    vec![
+        format!("type {name}"),
+        format!("type {name}Where"),
+        format!("type {name}OrderBy"),
+        format!("type {name}Input"),
+        format!("field Query.{single}"),
+        format!("field Query.{single}List"),
+        format!("field Mutation.create{name}"),
+        format!("field Mutation.update{name}"),
+        format!("field Mutation.delete{name}"),
+    ]
+}
+
+/// Two entities generating one name would make async-graphql refuse (or panic on) the schema;
+/// this names both at start instead.
+fn check_names(catalog: &Catalog) -> Result<(), BuildError> {
+    let mut owners: BTreeMap<String, String> = BTreeMap::new();
+    let built_in = SCALARS
+        .iter()
+        .flat_map(|s| [format!("type {s}"), format!("type {s}Filter")])
+        .chain(["type OrderDirection", "type Query", "type Mutation"].map(String::from));
+    for name in built_in {
+        owners.insert(name, "the gateway's built-in types".to_owned());
+    }
+    let mut collisions = Vec::new();
+    for entity in catalog.entities.values() {
+        for name in generated_names(entity) {
+            let owner = format!("entity {}", entity.name);
+            match owners.get(&name) {
+                Some(first) => collisions.push(format!("{owner} and {first} both generate {name}")),
+                None => {
+                    owners.insert(name, owner);
+                }
+            }
+        }
+    }
+    if collisions.is_empty() {
+        Ok(())
+    } else {
+        Err(BuildError::Collisions(collisions))
+    }
+}
+
+fn text_scalar(name: &str, description: &str, valid: fn(&str) -> bool) -> Scalar {
+    Scalar::new(name)
+        .description(description)
+        .validator(move |value| match value {
+            Value::String(text) => valid(text),
+            Value::Number(n) => valid(&n.to_string()),
+            _ => false,
+        })
+}
+
+fn is_decimal(text: &str) -> bool {
+    let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
+    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+    !(whole.is_empty() && fraction.is_empty())
+        && whole.chars().all(|c| c.is_ascii_digit())
+        && fraction.chars().all(|c| c.is_ascii_digit())
+}
+
 /// Builds the schema for `catalog`.
-pub fn build(pool: PgPool, catalog: Arc<Catalog>, limits: &Limits) -> Result<Schema, SchemaError> {
+pub fn build(
+    pool: PgPool,
+    catalog: Arc<Catalog>,
+    limits: &Limits,
+    settings: &GraphqlSettings,
+) -> Result<Schema, BuildError> {
+    check_names(&catalog)?;
     let mut query = Object::new("Query");
     let mut mutation = Object::new("Mutation");
+    let mut shape = Shape::default();
     let mut builder_types: Vec<async_graphql::dynamic::Type> = Vec::new();
 
     builder_types.push(Scalar::new("JSON").into());
+    builder_types.push(
+        text_scalar(
+            "BigInt",
+            "A 64-bit integer, answered as a string (exact in every client); a number is accepted too.",
+            |t| t.parse::<i64>().is_ok(),
+        )
+        .into(),
+    );
+    builder_types.push(
+        text_scalar(
+            "Decimal",
+            "An exact decimal (PostgreSQL numeric), answered as a string; a number is accepted too.",
+            is_decimal,
+        )
+        .into(),
+    );
     builder_types.push(Enum::new("OrderDirection").item("ASC").item("DESC").into());
-    for scalar in SCALARS {
-        let name = scalar.graphql_name();
+    for name in SCALARS {
         let mut filter = InputObject::new(format!("{name}Filter"));
         for operator in ["eq", "neq", "gt", "gte", "lt", "lte"] {
             filter = filter.field(InputValue::new(operator, TypeRef::named(name)));
@@ -101,9 +230,18 @@ pub fn build(pool: PgPool, catalog: Arc<Catalog>, limits: &Limits) -> Result<Sch
     for entity in catalog.entities.values() {
         builder_types.extend(entity_types(entity, &catalog));
         let name = entity.name.clone();
-        let key_type = TypeRef::named_nn(entity.key.field_type.graphql_name());
+        let key_type = TypeRef::named_nn(entity.key.graphql_type());
         let key_name = entity.key.name.clone();
         let single = lower_first(&name);
+        shape.add("Query", &single, &name, false);
+        shape.add("Query", &format!("{single}List"), &name, true);
+        for op in ["create", "update", "delete"] {
+            shape.add("Mutation", &format!("{op}{name}"), &name, false);
+        }
+        for (relation_name, relation) in &entity.relations {
+            let list = relation.kind == RelationKind::Many;
+            shape.add(&name, relation_name, &relation.entity, list);
+        }
 
         let root = |field: String, ty: TypeRef, kind: Root| {
             root_field(field, ty, name.clone(), key_name.clone(), kind)
@@ -140,21 +278,29 @@ pub fn build(pool: PgPool, catalog: Arc<Catalog>, limits: &Limits) -> Result<Sch
     let has_entities = !catalog.entities.is_empty();
     let mut builder = Schema::build("Query", has_entities.then_some("Mutation"), None)
         .register(query)
-        .limit_depth(limits.max_depth)
-        .limit_complexity(limits.max_complexity);
+        .limit_directives(limits.max_directives)
+        .extension(Budget::new(shape, limits.clone()));
+    if !settings.introspection {
+        builder = builder.disable_introspection();
+    }
+    if settings.persisted_queries > 0 {
+        builder = builder.extension(ApolloPersistedQueries::new(LruCacheStorage::new(
+            settings.persisted_queries,
+        )));
+    }
     if has_entities {
         builder = builder.register(mutation);
     }
     for ty in builder_types {
         builder = builder.register(ty);
     }
-    builder
+    Ok(builder
         .data(Backend {
             pool,
             catalog,
             limits: limits.clone(),
         })
-        .finish()
+        .finish()?)
 }
 
 /// The kinds of root field; each compiles to one statement.
@@ -177,8 +323,9 @@ fn root_field(name: String, ty: TypeRef, entity: String, key_arg: String, kind: 
     })
 }
 
-/// Records a failed root field as an error carrying its path, the field itself becoming null.
-/// (The dynamic schema leaves the path off errors returned from a resolver.)
+/// Records a failed root field as an error carrying its path and the request id, the field
+/// itself becoming null. (The dynamic schema leaves the path off errors returned from a
+/// resolver.) A database refusal is logged in full under the same request id.
 fn reported(
     ctx: &ResolverContext<'_>,
     resolved: Result<Option<FieldValue<'static>>, ResolveError>,
@@ -186,8 +333,20 @@ fn reported(
     match resolved {
         Ok(value) => value,
         Err(e) => {
-            let error =
-                async_graphql::Error::new(e.to_string()).into_server_error(ctx.ctx.item.pos);
+            let request_id = ctx
+                .data_opt::<RequestContext>()
+                .map(|r| r.request_id.clone())
+                .unwrap_or_default();
+            let message = match &e {
+                ResolveError::Database { code, message } => {
+                    tracing::warn!(%request_id, code = code.as_deref().unwrap_or(""), error = %message, "the database refused a statement");
+                    format!("{e} (request id {request_id})")
+                }
+                _ => e.to_string(),
+            };
+            let error = async_graphql::Error::new(message)
+                .extend_with(|_, extensions| extensions.set("request_id", request_id))
+                .into_server_error(ctx.ctx.item.pos);
             ctx.ctx.add_error(ctx.ctx.set_error_path(error));
             None
         }
@@ -200,7 +359,7 @@ async fn resolve_root(
     key_arg: &str,
     kind: Root,
 ) -> Result<Option<FieldValue<'static>>, ResolveError> {
-    let selection = selection(ctx).map_err(|e| ResolveError::Engine(e.message))?;
+    let selection = selection(ctx)?;
     let backend = ctx
         .data::<Backend>()
         .map_err(|e| ResolveError::Engine(e.message))?;
@@ -275,7 +434,7 @@ fn entity_types(entity: &CheckedEntity, catalog: &Catalog) -> Vec<async_graphql:
     let mut order = InputObject::new(format!("{name}OrderBy"));
     let mut input = InputObject::new(format!("{name}Input"));
     for column in &entity.columns {
-        let ty = column.field_type.graphql_name();
+        let ty = column.graphql_type();
         let field_type = if column.name == entity.key.name {
             TypeRef::named_nn(ty)
         } else {
@@ -384,20 +543,12 @@ fn authenticated<'a>(ctx: &ResolverContext<'a>) -> Result<&'a RequestContext, Re
     }
 }
 
-/// The resolver's field and everything below it, with variables already substituted.
-fn selection(ctx: &ResolverContext<'_>) -> async_graphql::Result<Selection> {
-    fn walk(field: async_graphql::SelectionField<'_>) -> async_graphql::Result<Selection> {
-        Ok(Selection {
-            key: field.alias().unwrap_or(field.name()).to_owned(),
-            field: field.name().to_owned(),
-            arguments: field.arguments()?,
-            children: field
-                .selection_set()
-                .map(walk)
-                .collect::<async_graphql::Result<Vec<_>>>()?,
-        })
-    }
-    walk(ctx.field())
+/// The resolver's field and everything below it, collected per the spec with the request's
+/// variables substituted.
+fn selection(ctx: &ResolverContext<'_>) -> Result<Selection, CollectError> {
+    let env = &ctx.ctx.query_env;
+    let lookup = |name: &str| budget::variable(&env.operation.node, &env.variables, name);
+    Collector::new(&env.fragments, &lookup).field(&ctx.ctx.item.node)
 }
 
 /// Runs a statement. A mutation runs in a transaction that first records the actor and trace

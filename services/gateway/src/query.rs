@@ -2,8 +2,8 @@
 //! answer as a single `jsonb` value: nested relations become correlated sub-selects aggregated
 //! with `jsonb_agg`, so a query never fans out into one statement per row.
 //!
-//! Safety rule: values only ever travel as bound parameters (cast in SQL to the column's type as
-//! the catalogue reported it); identifiers only ever come from the checked `Catalog` and are
+//! Safety rule: values only ever travel as bound parameters (cast in SQL to the column's base
+//! type, so the column's own length and precision apply when it is stored); identifiers only ever come from the checked `Catalog` and are
 //! quoted. Nothing a client sends is spliced into SQL text.
 
 use async_graphql::{Name, Value};
@@ -40,7 +40,7 @@ pub struct Selection {
 }
 
 impl Selection {
-    fn argument(&self, name: &str) -> Option<&Value> {
+    pub(crate) fn argument(&self, name: &str) -> Option<&Value> {
         self.arguments
             .iter()
             .find(|(n, _)| n.as_str() == name)
@@ -146,7 +146,7 @@ impl<'a> Compiler<'a> {
             "SELECT {object} FROM {table} {alias} WHERE {alias}.{key} = CAST({key_param} AS {ty})",
             table = quote_ident(&entity.table),
             key = quote_ident(&entity.key.name),
-            ty = entity.key.sql_type,
+            ty = entity.key.base_type(),
         );
         Ok(self.finish(sql))
     }
@@ -215,7 +215,7 @@ impl<'a> Compiler<'a> {
              RETURNING *) SELECT {object} FROM {alias}",
             table = quote_ident(&entity.table),
             key = quote_ident(&entity.key.name),
-            ty = entity.key.sql_type,
+            ty = entity.key.base_type(),
         );
         Ok(self.finish(sql))
     }
@@ -236,7 +236,7 @@ impl<'a> Compiler<'a> {
              RETURNING *) SELECT {object} FROM {alias}",
             table = quote_ident(&entity.table),
             key = quote_ident(&entity.key.name),
-            ty = entity.key.sql_type,
+            ty = entity.key.base_type(),
         );
         Ok(self.finish(sql))
     }
@@ -255,7 +255,7 @@ impl<'a> Compiler<'a> {
             let param = self.value_param(column, value, "input")?;
             assignments.push((
                 quote_ident(&column.name),
-                format!("CAST({param} AS {})", column.sql_type),
+                format!("CAST({param} AS {})", column.base_type()),
             ));
         }
         Ok(assignments)
@@ -275,7 +275,8 @@ impl<'a> Compiler<'a> {
             }
             let key = self.bind(Param::Text(Some(selected.key.clone())));
             let value = if let Some(column) = entity.column(&selected.field) {
-                format!("{alias}.{}", quote_ident(&column.name))
+                let cast = if column.answers_text() { "::text" } else { "" };
+                format!("{alias}.{}{cast}", quote_ident(&column.name))
             } else if let Some(relation) = entity.relations.get(&selected.field) {
                 let target = self.entity(&relation.entity)?;
                 let from = column(entity, &relation.from)?;
@@ -439,7 +440,9 @@ impl<'a> Compiler<'a> {
                     };
                     let items = match value {
                         Value::List(items) => items.iter().collect::<Vec<_>>(),
-                        Value::Null => continue,
+                        Value::Null => {
+                            return Err(bad("where", format!("`{name}` cannot be null")));
+                        }
                         single => vec![single],
                     };
                     if items.is_empty() {
@@ -477,16 +480,22 @@ impl<'a> Compiler<'a> {
             ));
         };
         let target = format!("{alias}.{}", quote_ident(&column.name));
-        let ty = &column.sql_type;
+        let ty = column.base_type();
         let mut parts = Vec::new();
         for (operator, value) in operators {
             let operator = operator.as_str();
             let comparison = match (operator, value) {
-                (_, Value::Null) if operator != "is_null" => match operator {
-                    "eq" => format!("{target} IS NULL"),
-                    "neq" => format!("{target} IS NOT NULL"),
-                    _ => continue,
-                },
+                // Dropping the comparison would answer every row; `= NULL` would answer none.
+                (_, Value::Null) => {
+                    return Err(bad(
+                        "where",
+                        format!(
+                            "`{}: {{{operator}: null}}` compares with nothing; \
+                             match nulls with `is_null: true`",
+                            column.name
+                        ),
+                    ));
+                }
                 ("eq" | "neq" | "gt" | "gte" | "lt" | "lte", value) => {
                     let sql_operator = match operator {
                         "eq" => "=",
@@ -516,7 +525,6 @@ impl<'a> Compiler<'a> {
                 }
                 ("is_null", Value::Boolean(true)) => format!("{target} IS NULL"),
                 ("is_null", Value::Boolean(false)) => format!("{target} IS NOT NULL"),
-                ("is_null", Value::Null) => continue,
                 ("in" | "like" | "is_null", _) => {
                     return Err(bad("where", format!("wrong value for `{operator}`")));
                 }

@@ -34,8 +34,8 @@ async fn queries_filter_order_page_and_nest_relations() {
     assert_eq!(
         data,
         json!({"customer": {"name": "Ada", "email": "ada@example.com", "orders": [
-            {"id": 11, "total": 99.0, "meta": null},
-            {"id": 10, "total": 12.5, "meta": {"gift": true}},
+            {"id": 11, "total": "99.00", "meta": null},
+            {"id": 10, "total": "12.50", "meta": {"gift": true}},
         ]}})
     );
 
