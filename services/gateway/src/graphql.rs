@@ -21,7 +21,7 @@ use crate::auth::Caller;
 use crate::budget::{self, Budget, Shape};
 use crate::capture::{ACTOR_SETTING, TRACEPARENT_SETTING};
 use crate::collect::{CollectError, Collector};
-use crate::query::{Compiler, ListArgs, Param, QueryError, Selection, Statement};
+use crate::query::{Access, Compiler, ListArgs, Param, QueryError, Selection, Statement};
 use crate::schema::{Catalog, CheckedEntity, RelationKind};
 use crate::settings::{GraphqlSettings, Limits};
 
@@ -195,26 +195,22 @@ pub fn build(
     let mut query = Object::new("Query");
     let mut mutation = Object::new("Mutation");
     let mut shape = Shape::default();
-    let mut builder_types: Vec<async_graphql::dynamic::Type> = Vec::new();
-
-    builder_types.push(Scalar::new("JSON").into());
-    builder_types.push(
+    let mut builder_types: Vec<async_graphql::dynamic::Type> = vec![
+        Scalar::new("JSON").into(),
         text_scalar(
             "BigInt",
             "A 64-bit integer, answered as a string (exact in every client); a number is accepted too.",
             |t| t.parse::<i64>().is_ok(),
         )
         .into(),
-    );
-    builder_types.push(
         text_scalar(
             "Decimal",
             "An exact decimal (PostgreSQL numeric), answered as a string; a number is accepted too.",
             is_decimal,
         )
         .into(),
-    );
-    builder_types.push(Enum::new("OrderDirection").item("ASC").item("DESC").into());
+        Enum::new("OrderDirection").item("ASC").item("DESC").into(),
+    ];
     for name in SCALARS {
         let mut filter = InputObject::new(format!("{name}Filter"));
         for operator in ["eq", "neq", "gt", "gte", "lt", "lte"] {
@@ -363,7 +359,20 @@ async fn resolve_root(
     let backend = ctx
         .data::<Backend>()
         .map_err(|e| ResolveError::Engine(e.message))?;
-    let compiler = Compiler::new(&backend.catalog, &backend.limits);
+    let caller = ctx
+        .data_opt::<RequestContext>()
+        .map(|r| r.caller.clone())
+        .unwrap_or(Caller::Anonymous);
+    let claim = |name: &str| caller.claim(name);
+    let compiler = Compiler::new(&backend.catalog, &backend.limits).with_access(Access {
+        roles: caller.roles(),
+        claim: &claim,
+    });
+    let governed = backend
+        .catalog
+        .entity(entity)
+        .is_some_and(|e| !e.permissions.is_empty());
+    let writer = || writer(ctx, governed);
     let children = &selection.children;
     let (statement, request) = match kind {
         Root::ByKey => (
@@ -375,14 +384,14 @@ async fn resolve_root(
             None,
         ),
         Root::Create => {
-            let request = authenticated(ctx)?;
+            let request = writer()?;
             (
                 compiler.create(entity, &argument(ctx, "input"), children)?,
                 Some(request),
             )
         }
         Root::Update => {
-            let request = authenticated(ctx)?;
+            let request = writer()?;
             let (key, input) = (argument(ctx, key_arg), argument(ctx, "input"));
             (
                 compiler.update(entity, &key, &input, children)?,
@@ -390,7 +399,7 @@ async fn resolve_root(
             )
         }
         Root::Delete => {
-            let request = authenticated(ctx)?;
+            let request = writer()?;
             (
                 compiler.delete(entity, &argument(ctx, key_arg), children)?,
                 Some(request),
@@ -536,9 +545,14 @@ fn argument(ctx: &ResolverContext<'_>, name: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
-fn authenticated<'a>(ctx: &ResolverContext<'a>) -> Result<&'a RequestContext, ResolveError> {
+/// The request a write runs for. On an entity with permissions the compiler decides who may
+/// write; on one without, any authenticated caller may and an anonymous one may not.
+fn writer<'a>(
+    ctx: &ResolverContext<'a>,
+    governed: bool,
+) -> Result<&'a RequestContext, ResolveError> {
     match ctx.data_opt::<RequestContext>() {
-        Some(request) if request.caller.actor().is_some() => Ok(request),
+        Some(request) if governed || request.caller.actor().is_some() => Ok(request),
         _ => Err(ResolveError::Unauthenticated),
     }
 }

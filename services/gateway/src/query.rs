@@ -9,7 +9,7 @@
 use async_graphql::{Name, Value};
 
 use crate::capture::quote_ident;
-use crate::schema::{Catalog, CheckedEntity, Column, FieldType, RelationKind};
+use crate::schema::{Catalog, CheckedEntity, Column, FieldType, Operation, RelationKind};
 use crate::settings::Limits;
 
 /// `jsonb_build_object` takes at most 100 arguments: objects are built in chunks and joined.
@@ -57,6 +57,11 @@ pub enum QueryError {
     UnknownField { entity: String, field: String },
     #[error("unknown filter operator `{0}`")]
     UnknownOperator(String),
+    #[error("not permitted to {} {entity}", .operation.as_str())]
+    Forbidden {
+        entity: String,
+        operation: Operation,
+    },
     #[error("`{argument}` {message}")]
     BadArgument {
         argument: &'static str,
@@ -90,9 +95,23 @@ impl<'a> ListArgs<'a> {
     }
 }
 
+/// Who a statement runs for: their roles, and their claims for row filters.
+pub struct Access<'a> {
+    pub roles: Vec<&'a str>,
+    pub claim: &'a dyn Fn(&str) -> Option<String>,
+}
+
+/// What a caller reaches of one entity for one operation: all rows, or the rows where one of
+/// the (column, claim value) pairs holds.
+enum Reach {
+    All,
+    Rows(Vec<(String, String)>),
+}
+
 pub struct Compiler<'a> {
     catalog: &'a Catalog,
     limits: &'a Limits,
+    access: Option<Access<'a>>,
     params: Vec<Param>,
     aliases: usize,
 }
@@ -102,9 +121,123 @@ impl<'a> Compiler<'a> {
         Self {
             catalog,
             limits,
+            access: None,
             params: Vec::new(),
             aliases: 0,
         }
+    }
+
+    /// Applies the entities' permissions for this caller (without it, nothing is checked).
+    pub fn with_access(mut self, access: Access<'a>) -> Self {
+        self.access = Some(access);
+        self
+    }
+
+    /// An entity without permissions is open (the resolver still requires a caller for
+    /// writes); with permissions, a role of the caller must grant `operation`.
+    fn reach(&self, entity: &CheckedEntity, operation: Operation) -> Result<Reach, QueryError> {
+        let Some(access) = &self.access else {
+            return Ok(Reach::All);
+        };
+        if entity.permissions.is_empty() {
+            return Ok(Reach::All);
+        }
+        let mut rows = Vec::new();
+        for role in &access.roles {
+            let Some(permission) = entity.permissions.get(*role) else {
+                continue;
+            };
+            if !permission.operations.contains(&operation) {
+                continue;
+            }
+            match &permission.row_filter {
+                None => return Ok(Reach::All),
+                Some(filter) => {
+                    if let Some(value) = (access.claim)(&filter.claim) {
+                        rows.push((filter.column.clone(), value));
+                    }
+                }
+            }
+        }
+        if rows.is_empty() {
+            return Err(QueryError::Forbidden {
+                entity: entity.name.clone(),
+                operation,
+            });
+        }
+        Ok(Reach::Rows(rows))
+    }
+
+    /// The SQL condition limiting `alias` to what `operation` reaches, if anything limits it.
+    fn reach_condition(
+        &mut self,
+        entity: &CheckedEntity,
+        alias: &str,
+        operation: Operation,
+    ) -> Result<Option<String>, QueryError> {
+        let Reach::Rows(rows) = self.reach(entity, operation)? else {
+            return Ok(None);
+        };
+        let mut terms = Vec::new();
+        for (name, value) in rows {
+            let column = column(entity, &name)?;
+            let param = self.bind(Param::Text(Some(value)));
+            // An UPDATE or DELETE names its table's columns without an alias.
+            let prefix = if alias.is_empty() {
+                String::new()
+            } else {
+                format!("{alias}.")
+            };
+            terms.push(format!(
+                "{prefix}{} = CAST({param} AS {})",
+                quote_ident(&column.name),
+                column.base_type()
+            ));
+        }
+        Ok(Some(format!("({})", terms.join(" OR "))))
+    }
+
+    /// A write's input, checked against the row filter: the filtered column may only hold the
+    /// caller's claim, and on insert is set to it when the input leaves it out.
+    fn constrained_input(
+        &self,
+        entity: &CheckedEntity,
+        input: &Value,
+        operation: Operation,
+    ) -> Result<Value, QueryError> {
+        let Reach::Rows(rows) = self.reach(entity, operation)? else {
+            return Ok(input.clone());
+        };
+        let Value::Object(fields) = input else {
+            return Err(bad("input", "must be an object"));
+        };
+        let mut fields = fields.clone();
+        let forbidden = || QueryError::Forbidden {
+            entity: entity.name.clone(),
+            operation,
+        };
+        let (first_column, first_value) = &rows[0];
+        let mut matched = false;
+        for (name, value) in &rows {
+            match fields.get(name.as_str()) {
+                Some(given) => {
+                    let column = column(entity, name)?;
+                    if value_text(column, given)?.as_deref() == Some(value.as_str()) {
+                        matched = true;
+                    }
+                }
+                None if operation == Operation::Update => matched = true,
+                None => {}
+            }
+        }
+        if !matched {
+            if operation == Operation::Insert && !fields.contains_key(first_column.as_str()) {
+                fields.insert(Name::new(first_column), Value::String(first_value.clone()));
+            } else {
+                return Err(forbidden());
+            }
+        }
+        Ok(Value::Object(fields))
     }
 
     fn finish(self, sql: String) -> Statement {
@@ -140,10 +273,14 @@ impl<'a> Compiler<'a> {
     ) -> Result<Statement, QueryError> {
         let entity = self.entity(entity)?;
         let alias = self.alias();
+        let reach = self
+            .reach_condition(entity, &alias, Operation::Read)?
+            .map(|c| format!(" AND {c}"))
+            .unwrap_or_default();
         let object = self.object(entity, &alias, selection)?;
         let key_param = self.value_param(&entity.key, key, "key")?;
         let sql = format!(
-            "SELECT {object} FROM {table} {alias} WHERE {alias}.{key} = CAST({key_param} AS {ty})",
+            "SELECT {object} FROM {table} {alias} WHERE {alias}.{key} = CAST({key_param} AS {ty}){reach}",
             table = quote_ident(&entity.table),
             key = quote_ident(&entity.key.name),
             ty = entity.key.base_type(),
@@ -171,7 +308,8 @@ impl<'a> Compiler<'a> {
         selection: &[Selection],
     ) -> Result<Statement, QueryError> {
         let entity = self.entity(entity)?;
-        let assignments = self.assignments(entity, input)?;
+        let input = self.constrained_input(entity, input, Operation::Insert)?;
+        let assignments = self.assignments(entity, &input)?;
         let alias = self.alias();
         let insert = if assignments.is_empty() {
             format!("INSERT INTO {} DEFAULT VALUES", quote_ident(&entity.table))
@@ -198,10 +336,15 @@ impl<'a> Compiler<'a> {
         selection: &[Selection],
     ) -> Result<Statement, QueryError> {
         let entity = self.entity(entity)?;
-        let assignments = self.assignments(entity, input)?;
+        let input = self.constrained_input(entity, input, Operation::Update)?;
+        let assignments = self.assignments(entity, &input)?;
         if assignments.is_empty() {
             return Err(bad("input", "sets no field"));
         }
+        let reach = self
+            .reach_condition(entity, "", Operation::Update)?
+            .map(|c| format!(" AND {c}"))
+            .unwrap_or_default();
         let set = assignments
             .into_iter()
             .map(|(column, value)| format!("{column} = {value}"))
@@ -211,7 +354,7 @@ impl<'a> Compiler<'a> {
         let alias = self.alias();
         let object = self.object(entity, &alias, selection)?;
         let sql = format!(
-            "WITH {alias} AS (UPDATE {table} SET {set} WHERE {key} = CAST({key_param} AS {ty}) \
+            "WITH {alias} AS (UPDATE {table} SET {set} WHERE {key} = CAST({key_param} AS {ty}){reach} \
              RETURNING *) SELECT {object} FROM {alias}",
             table = quote_ident(&entity.table),
             key = quote_ident(&entity.key.name),
@@ -229,10 +372,14 @@ impl<'a> Compiler<'a> {
     ) -> Result<Statement, QueryError> {
         let entity = self.entity(entity)?;
         let key_param = self.value_param(&entity.key, key, "key")?;
+        let reach = self
+            .reach_condition(entity, "", Operation::Delete)?
+            .map(|c| format!(" AND {c}"))
+            .unwrap_or_default();
         let alias = self.alias();
         let object = self.object(entity, &alias, selection)?;
         let sql = format!(
-            "WITH {alias} AS (DELETE FROM {table} WHERE {key} = CAST({key_param} AS {ty}) \
+            "WITH {alias} AS (DELETE FROM {table} WHERE {key} = CAST({key_param} AS {ty}){reach} \
              RETURNING *) SELECT {object} FROM {alias}",
             table = quote_ident(&entity.table),
             key = quote_ident(&entity.key.name),
@@ -285,9 +432,13 @@ impl<'a> Compiler<'a> {
                 match relation.kind {
                     RelationKind::One => {
                         let inner = self.alias();
+                        let reach = self
+                            .reach_condition(target, &inner, Operation::Read)?
+                            .map(|c| format!(" AND {c}"))
+                            .unwrap_or_default();
                         let object = self.object(target, &inner, &selected.children)?;
                         format!(
-                            "(SELECT {object} FROM {table} {inner} WHERE {inner}.{to} = {alias}.{from} LIMIT 1)",
+                            "(SELECT {object} FROM {table} {inner} WHERE {inner}.{to} = {alias}.{from}{reach} LIMIT 1)",
                             table = quote_ident(&target.table),
                             to = quote_ident(&to.name),
                             from = quote_ident(&from.name),
@@ -331,8 +482,11 @@ impl<'a> Compiler<'a> {
         link: Option<(&str, &Column, &Column)>,
     ) -> Result<String, QueryError> {
         let alias = self.alias();
-        let object = self.object(entity, &alias, selection)?;
         let mut conditions = Vec::new();
+        if let Some(reach) = self.reach_condition(entity, &alias, Operation::Read)? {
+            conditions.push(reach);
+        }
+        let object = self.object(entity, &alias, selection)?;
         if let Some((parent, from, to)) = link {
             conditions.push(format!(
                 "{alias}.{} = {parent}.{}",
@@ -615,6 +769,7 @@ mod tests {
                 column("name", "text", FieldType::String),
             ],
             relations: BTreeMap::new(),
+            permissions: BTreeMap::new(),
         };
         Catalog {
             entities: BTreeMap::from([("Customer".to_owned(), entity)]),

@@ -70,15 +70,64 @@ pub struct Relation {
     pub to: String,
 }
 
+/// What a role may do with an entity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    Read,
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Read => "read",
+            Operation::Insert => "insert",
+            Operation::Update => "update",
+            Operation::Delete => "delete",
+        }
+    }
+}
+
+/// Rows a role reaches only where `column` equals the caller's claim (`customer_id = sub`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RowFilter {
+    pub column: String,
+    /// A top-level claim name, or a JSON pointer (`/org/id`) into the token's claims. An API
+    /// key's only claim is `sub`, its actor name.
+    pub claim: String,
+}
+
+/// One role's grant on one entity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Permission {
+    pub operations: Vec<Operation>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_filter: Option<RowFilter>,
+}
+
+/// The role every caller without a credential has.
+pub const ANONYMOUS_ROLE: &str = "anonymous";
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Entity {
     pub table: String,
     pub key: String,
-    /// Column name → GraphQL type. The key column must be among them.
+    /// Column name → GraphQL type. The key column must be among them. Columns not listed are
+    /// not served at all.
     pub fields: BTreeMap<String, FieldType>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub relations: BTreeMap<String, Relation>,
+    /// Role → grant. When an entity declares any, only the roles listed reach it (anonymous
+    /// callers only through the `anonymous` role); when it declares none, anyone may read it
+    /// and any authenticated caller may write it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub permissions: BTreeMap<String, Permission>,
 }
 
 /// The whole file: entity name → declaration.
@@ -142,6 +191,7 @@ pub struct CheckedEntity {
     pub key: Column,
     pub columns: Vec<Column>,
     pub relations: BTreeMap<String, Relation>,
+    pub permissions: BTreeMap<String, Permission>,
 }
 
 impl Column {
@@ -310,11 +360,22 @@ pub async fn check(pool: &PgPool, file: &SchemaFile) -> Result<Catalog, SchemaEr
                     key,
                     columns: checked,
                     relations: entity.relations.clone(),
+                    permissions: entity.permissions.clone(),
                 },
             );
         }
     }
     for (name, entity) in &file.entities {
+        for (role, permission) in &entity.permissions {
+            if let Some(filter) = &permission.row_filter
+                && !entity.fields.contains_key(&filter.column)
+            {
+                problems.push(format!(
+                    "entity {name}: the row filter of role `{role}` uses `{}`, which is not a field",
+                    filter.column
+                ));
+            }
+        }
         for (relation_name, relation) in &entity.relations {
             if entity.fields.contains_key(relation_name) || !is_graphql_name(relation_name) {
                 problems.push(format!(
@@ -382,6 +443,7 @@ pub async fn introspect(pool: &PgPool) -> Result<SchemaFile, SchemaError> {
                     .map(|(column, sql_type)| (column.clone(), FieldType::for_sql(sql_type)))
                     .collect(),
                 relations: BTreeMap::new(),
+                permissions: BTreeMap::new(),
             },
         );
     }

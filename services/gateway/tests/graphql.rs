@@ -897,3 +897,137 @@ async fn a_key_that_names_no_single_row_or_colliding_names_refuse_the_start() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn permissions_grant_operations_per_role_and_filter_rows_on_a_claim() {
+    let world = World::start().await;
+    seed(&world).await;
+    let path = world.dir.path().join("permissions.toml");
+    let schema = format!(
+        "{}\n[entities.Order.permissions.customer]\noperations = [\"read\", \"insert\", \"update\"]\n\
+         row_filter = {{ column = \"customer_id\", claim = \"/app/customer\" }}\n\
+         [entities.Order.permissions.admin]\noperations = [\"read\", \"insert\", \"update\", \"delete\"]\n",
+        common::SCHEMA
+    );
+    std::fs::write(&path, schema).expect("write");
+    let mut settings = world.settings();
+    settings.schema_file = path;
+    settings.auth.jwt_roles_claim = Some("/app/roles".into());
+    settings
+        .auth
+        .api_key_roles
+        .insert(API_KEY_ACTOR.into(), vec!["admin".into()]);
+    let gateway = world.gateway_with(settings).await;
+    let ada = {
+        let claims = json!({"sub": "ada", "exp": chrono::Utc::now().timestamp() + 600,
+                            "app": {"roles": ["customer"], "customer": 1}});
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(common::JWT_SECRET.as_bytes()),
+        )
+        .expect("sign");
+        format!("Bearer {token}")
+    };
+    let as_ada = [("authorization", ada.as_str())];
+    let ask = |query: &'static str, headers: &'static [(&'static str, &'static str)]| {
+        let gateway = &gateway;
+        async move { gateway.post(query, json!({}), headers).await.1 }
+    };
+
+    let body = ask("{ orderList { id } }", &[]).await;
+    assert!(
+        message(&body).contains("not permitted to read Order"),
+        "{body}"
+    );
+    let body = gateway
+        .post(
+            "{ orderList { id } }",
+            json!({}),
+            &[("authorization", &format!("Bearer {}", token("no-roles")))],
+        )
+        .await
+        .1;
+    assert!(
+        message(&body).contains("not permitted"),
+        "a caller without the role: {body}"
+    );
+
+    let (_, body) = gateway
+        .post(
+            "{ orderList { id } order(id: 12) { id } customer(id: 2) { name orders { id } } }",
+            json!({}),
+            &as_ada,
+        )
+        .await;
+    assert_eq!(
+        body["data"],
+        json!({"orderList": [{"id": 10}, {"id": 11}], "order": null,
+               "customer": {"name": "Bob", "orders": []}}),
+        "only Ada's own orders, also through a relation: {body}"
+    );
+
+    let (_, body) = gateway
+        .post(
+            r#"mutation { createOrder(input: {id: 30, status: "new"}) { id customer_id } }"#,
+            json!({}),
+            &as_ada,
+        )
+        .await;
+    assert_eq!(
+        body["data"],
+        json!({"createOrder": {"id": 30, "customer_id": 1}}),
+        "the filtered column is set from the claim: {body}"
+    );
+    for mutation in [
+        r#"mutation { createOrder(input: {id: 31, customer_id: 2}) { id } }"#,
+        r#"mutation { updateOrder(id: 10, input: {customer_id: 2}) { id } }"#,
+        "mutation { deleteOrder(id: 10) { id } }",
+    ] {
+        let (_, body) = gateway.post(mutation, json!({}), &as_ada).await;
+        assert!(
+            message(&body).contains("not permitted"),
+            "{mutation}: {body}"
+        );
+    }
+    let (_, body) = gateway
+        .post(
+            r#"mutation { updateOrder(id: 12, input: {status: "mine now"}) { id } }"#,
+            json!({}),
+            &as_ada,
+        )
+        .await;
+    assert_eq!(
+        body["data"],
+        json!({"updateOrder": null}),
+        "Bob's row is out of reach: {body}"
+    );
+
+    let (_, body) = gateway
+        .post(
+            "mutation { deleteOrder(id: 12) { id } }",
+            json!({}),
+            &[("x-api-key", API_KEY)],
+        )
+        .await;
+    assert_eq!(
+        body["data"],
+        json!({"deleteOrder": {"id": 12}}),
+        "the admin role: {body}"
+    );
+    let rows: Vec<(i32, Option<i32>, String)> =
+        sqlx::query_as("SELECT id, customer_id, status FROM orders ORDER BY id")
+            .fetch_all(&world.db)
+            .await
+            .expect("read back");
+    assert_eq!(
+        rows,
+        vec![
+            (10, Some(1), "paid".to_owned()),
+            (11, Some(1), "new".to_owned()),
+            (13, Some(3), "paid".to_owned()),
+            (30, Some(1), "new".to_owned()),
+        ]
+    );
+    gateway.stop().await;
+}
