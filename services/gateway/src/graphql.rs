@@ -130,7 +130,11 @@ fn generated_names(entity: &CheckedEntity) -> Vec<String> {
         format!("type {name}Input"),
         format!("field Query.{single}"),
         format!("field Query.{single}List"),
+        format!("type {name}Aggregate"),
+        format!("field Query.{single}Aggregate"),
         format!("field Mutation.create{name}"),
+        format!("field Mutation.create{name}List"),
+        format!("field Mutation.upsert{name}"),
         format!("field Mutation.update{name}"),
         format!("field Mutation.delete{name}"),
     ]
@@ -231,9 +235,10 @@ pub fn build(
         let single = lower_first(&name);
         shape.add("Query", &single, &name, false);
         shape.add("Query", &format!("{single}List"), &name, true);
-        for op in ["create", "update", "delete"] {
+        for op in ["create", "update", "delete", "upsert"] {
             shape.add("Mutation", &format!("{op}{name}"), &name, false);
         }
+        shape.add("Mutation", &format!("create{name}List"), &name, true);
         for (relation_name, relation) in &entity.relations {
             let list = relation.kind == RelationKind::Many;
             shape.add(&name, relation_name, &relation.entity, list);
@@ -253,7 +258,19 @@ pub fn build(
                 Root::List,
             ),
             &name,
+            entity.key.graphql_type(),
         ));
+        query = query.field(
+            root(
+                format!("{single}Aggregate"),
+                TypeRef::named_nn(format!("{name}Aggregate")),
+                Root::Aggregate,
+            )
+            .argument(InputValue::new(
+                "where",
+                TypeRef::named(format!("{name}Where")),
+            )),
+        );
         let input = || InputValue::new("input", TypeRef::named_nn(format!("{name}Input")));
         let key = || InputValue::new(key_name.clone(), key_type.clone());
         mutation = mutation
@@ -268,6 +285,21 @@ pub fn build(
             )
             .field(
                 root(format!("delete{name}"), TypeRef::named(&name), Root::Delete).argument(key()),
+            )
+            .field(
+                root(
+                    format!("create{name}List"),
+                    TypeRef::named_nn_list_nn(&name),
+                    Root::CreateMany,
+                )
+                .argument(InputValue::new(
+                    "inputs",
+                    TypeRef::named_nn_list_nn(format!("{name}Input")),
+                )),
+            )
+            .field(
+                root(format!("upsert{name}"), TypeRef::named(&name), Root::Upsert)
+                    .argument(input()),
             );
     }
 
@@ -304,7 +336,10 @@ pub fn build(
 enum Root {
     ByKey,
     List,
+    Aggregate,
     Create,
+    CreateMany,
+    Upsert,
     Update,
     Delete,
 }
@@ -383,10 +418,28 @@ async fn resolve_root(
             compiler.list(entity, &ListArgs::of(&selection), children)?,
             None,
         ),
+        Root::Aggregate => (
+            compiler.aggregate(entity, selection.argument("where"), children)?,
+            None,
+        ),
         Root::Create => {
             let request = writer()?;
             (
                 compiler.create(entity, &argument(ctx, "input"), children)?,
+                Some(request),
+            )
+        }
+        Root::CreateMany => {
+            let request = writer()?;
+            (
+                compiler.create_many(entity, &argument(ctx, "inputs"), children)?,
+                Some(request),
+            )
+        }
+        Root::Upsert => {
+            let request = writer()?;
+            (
+                compiler.upsert(entity, &argument(ctx, "input"), children)?,
                 Some(request),
             )
         }
@@ -408,8 +461,9 @@ async fn resolve_root(
     };
     let row = fetch(backend, &statement, request).await?;
     let op = match kind {
-        Root::ByKey | Root::List => None,
-        Root::Create => Some("create"),
+        Root::ByKey | Root::List | Root::Aggregate => None,
+        Root::Create | Root::CreateMany => Some("create"),
+        Root::Upsert => Some("upsert"),
         Root::Update => Some("update"),
         Root::Delete => Some("delete"),
     };
@@ -417,7 +471,7 @@ async fn resolve_root(
         count_mutation(entity, op);
     }
     Ok(row.map(match kind {
-        Root::List => list_value,
+        Root::List | Root::CreateMany => list_value,
         _ => object_value,
     }))
 }
@@ -469,9 +523,10 @@ fn entity_types(entity: &CheckedEntity, catalog: &Catalog) -> Vec<async_graphql:
         input = input.field(InputValue::new(column.name.clone(), TypeRef::named(ty)));
     }
     for (relation_name, relation) in &entity.relations {
-        if catalog.entity(&relation.entity).is_none() {
+        let Some(target) = catalog.entity(&relation.entity) else {
             continue;
-        }
+        };
+        let target_key = target.key.graphql_type();
         match relation.kind {
             RelationKind::One => {
                 object = object.field(Field::new(
@@ -498,14 +553,34 @@ fn entity_types(entity: &CheckedEntity, catalog: &Catalog) -> Vec<async_graphql:
                         },
                     ),
                     &relation.entity,
+                    target_key,
                 ))
             }
         }
     }
-    vec![object.into(), filter.into(), order.into(), input.into()]
+    let aggregate = Object::new(format!("{name}Aggregate")).field(Field::new(
+        "count",
+        TypeRef::named_nn(TypeRef::INT),
+        |ctx| {
+            FieldFuture::new(async move {
+                let value = response_entry(&ctx)?;
+                Ok(Some(FieldValue::value(
+                    Value::from_json(value)
+                        .map_err(|e| async_graphql::Error::new(e.to_string()))?,
+                )))
+            })
+        },
+    ));
+    vec![
+        object.into(),
+        filter.into(),
+        order.into(),
+        input.into(),
+        aggregate.into(),
+    ]
 }
 
-fn list_arguments(field: Field, entity: &str) -> Field {
+fn list_arguments(field: Field, entity: &str, key_type: &str) -> Field {
     field
         .argument(InputValue::new(
             "where",
@@ -517,6 +592,7 @@ fn list_arguments(field: Field, entity: &str) -> Field {
         ))
         .argument(InputValue::new("limit", TypeRef::named(TypeRef::INT)))
         .argument(InputValue::new("offset", TypeRef::named(TypeRef::INT)))
+        .argument(InputValue::new("after", TypeRef::named(key_type)))
 }
 
 /// The value the parent's statement returned under this field's response key.

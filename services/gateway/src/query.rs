@@ -76,12 +76,15 @@ fn bad(argument: &'static str, message: impl Into<String>) -> QueryError {
     }
 }
 
-/// Arguments of a list: `where`, `order_by`, `limit`, `offset`.
+/// Arguments of a list: `where`, `order_by`, `limit`, `offset`, `after` (a key: the rows
+/// after that row in this order).
+#[derive(Default)]
 pub struct ListArgs<'a> {
     pub filter: Option<&'a Value>,
     pub order_by: Option<&'a Value>,
     pub limit: Option<&'a Value>,
     pub offset: Option<&'a Value>,
+    pub after: Option<&'a Value>,
 }
 
 impl<'a> ListArgs<'a> {
@@ -91,6 +94,7 @@ impl<'a> ListArgs<'a> {
             order_by: selection.argument("order_by"),
             limit: selection.argument("limit"),
             offset: selection.argument("offset"),
+            after: selection.argument("after"),
         }
     }
 }
@@ -300,6 +304,156 @@ impl<'a> Compiler<'a> {
         Ok(self.finish(sql))
     }
 
+    /// `{ count }` over the rows a filter matches (and the caller reaches).
+    pub fn aggregate(
+        mut self,
+        entity: &str,
+        filter: Option<&Value>,
+        selection: &[Selection],
+    ) -> Result<Statement, QueryError> {
+        let entity = self.entity(entity)?;
+        let alias = self.alias();
+        let mut conditions = Vec::new();
+        if let Some(reach) = self.reach_condition(entity, &alias, Operation::Read)? {
+            conditions.push(reach);
+        }
+        if let Some(filter) = filter.filter(|f| !matches!(f, Value::Null)) {
+            conditions.push(self.condition(entity, &alias, filter)?);
+        }
+        let mut pairs = Vec::new();
+        for selected in selection {
+            if selected.field == "count" {
+                let key = self.bind(Param::Text(Some(selected.key.clone())));
+                pairs.push(format!("{key}::text, count(*)"));
+            }
+        }
+        let condition = if conditions.is_empty() {
+            "TRUE".to_owned()
+        } else {
+            conditions.join(" AND ")
+        };
+        let sql = format!(
+            "SELECT jsonb_build_object({}) FROM {table} {alias} WHERE {condition}",
+            pairs.join(", "),
+            table = quote_ident(&entity.table),
+        );
+        Ok(self.finish(sql))
+    }
+
+    /// Many rows in ONE `INSERT ... VALUES (...), (...)`: one statement, one transaction, and
+    /// the capture trigger still writes one event per row. A column some rows leave out takes
+    /// its DEFAULT in those rows.
+    pub fn create_many(
+        mut self,
+        entity: &str,
+        inputs: &Value,
+        selection: &[Selection],
+    ) -> Result<Statement, QueryError> {
+        let entity = self.entity(entity)?;
+        let Value::List(items) = inputs else {
+            return Err(bad("inputs", "must be a list"));
+        };
+        if items.is_empty() {
+            return Err(bad("inputs", "must hold at least one row"));
+        }
+        let mut rows = Vec::new();
+        for item in items {
+            let input = self.constrained_input(entity, item, Operation::Insert)?;
+            rows.push(self.assignments(entity, &input)?);
+        }
+        let mut columns: Vec<String> = Vec::new();
+        for (column, _) in rows.iter().flatten() {
+            if !columns.contains(column) {
+                columns.push(column.clone());
+            }
+        }
+        let alias = self.alias();
+        let insert = if columns.is_empty() {
+            let values = vec!["(DEFAULT)"; rows.len()].join(", ");
+            format!(
+                "INSERT INTO {table} ({key}) VALUES {values}",
+                table = quote_ident(&entity.table),
+                key = quote_ident(&entity.key.name),
+            )
+        } else {
+            let values = rows
+                .iter()
+                .map(|row| {
+                    let cells = columns
+                        .iter()
+                        .map(|c| {
+                            row.iter()
+                                .find(|(column, _)| column == c)
+                                .map_or("DEFAULT".to_owned(), |(_, value)| value.clone())
+                        })
+                        .collect::<Vec<_>>();
+                    format!("({})", cells.join(", "))
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!(
+                "INSERT INTO {} ({}) VALUES {values}",
+                quote_ident(&entity.table),
+                columns.join(", ")
+            )
+        };
+        let object = self.object(entity, &alias, selection)?;
+        let sql = format!(
+            "WITH {alias} AS ({insert} RETURNING *) \
+             SELECT coalesce(jsonb_agg({object}), '[]'::jsonb) FROM {alias}"
+        );
+        Ok(self.finish(sql))
+    }
+
+    /// Insert, or update the row with the input's key: `INSERT ... ON CONFLICT (key) DO
+    /// UPDATE`, one statement whose event is an insert or an update. The update half reaches
+    /// only the rows the caller may update.
+    pub fn upsert(
+        mut self,
+        entity: &str,
+        input: &Value,
+        selection: &[Selection],
+    ) -> Result<Statement, QueryError> {
+        let entity = self.entity(entity)?;
+        let input = self.constrained_input(entity, input, Operation::Insert)?;
+        let input = self.constrained_input(entity, &input, Operation::Update)?;
+        let assignments = self.assignments(entity, &input)?;
+        let key = quote_ident(&entity.key.name);
+        if !assignments.iter().any(|(column, _)| *column == key) {
+            return Err(bad(
+                "input",
+                format!("must set the key `{}`", entity.key.name),
+            ));
+        }
+        let table = quote_ident(&entity.table);
+        let reach = self
+            .reach_condition(entity, &table, Operation::Update)?
+            .map(|c| format!(" WHERE {c}"))
+            .unwrap_or_default();
+        let updates = assignments
+            .iter()
+            .filter(|(column, _)| *column != key)
+            .map(|(column, _)| format!("{column} = EXCLUDED.{column}"))
+            .collect::<Vec<_>>();
+        // With nothing but the key given, the key itself is "updated" so the row still returns.
+        let set = if updates.is_empty() {
+            format!("{key} = EXCLUDED.{key}")
+        } else {
+            updates.join(", ")
+        };
+        let (columns, values): (Vec<_>, Vec<_>) = assignments.into_iter().unzip();
+        let alias = self.alias();
+        let object = self.object(entity, &alias, selection)?;
+        let sql = format!(
+            "WITH {alias} AS (INSERT INTO {table} ({}) VALUES ({}) \
+             ON CONFLICT ({key}) DO UPDATE SET {set}{reach} RETURNING *) \
+             SELECT {object} FROM {alias}",
+            columns.join(", "),
+            values.join(", "),
+        );
+        Ok(self.finish(sql))
+    }
+
     /// `INSERT ... RETURNING *`, then the row as JSON, in one statement.
     pub fn create(
         mut self,
@@ -497,12 +651,20 @@ impl<'a> Compiler<'a> {
         if let Some(filter) = args.filter.filter(|f| !matches!(f, Value::Null)) {
             conditions.push(self.condition(entity, &alias, filter)?);
         }
+        let order = self.order(entity, args.order_by)?;
+        if let Some(after) = args.after.filter(|a| !matches!(a, Value::Null)) {
+            conditions.push(self.after_condition(entity, &alias, &order, after)?);
+        }
         let condition = if conditions.is_empty() {
             "TRUE".to_owned()
         } else {
             conditions.join(" AND ")
         };
-        let order = self.order(entity, &alias, args.order_by)?;
+        let order = order
+            .iter()
+            .map(|(column, direction)| format!("{alias}.{column} {direction}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let limit = match args.limit {
             None | Some(Value::Null) => i64::from(self.limits.default_limit),
             Some(value) => {
@@ -545,9 +707,8 @@ impl<'a> Compiler<'a> {
     fn order(
         &mut self,
         entity: &CheckedEntity,
-        alias: &str,
         order_by: Option<&Value>,
-    ) -> Result<String, QueryError> {
+    ) -> Result<Vec<(String, &'static str)>, QueryError> {
         let mut terms = Vec::new();
         let items: Vec<&Value> = match order_by {
             None | Some(Value::Null) => Vec::new(),
@@ -566,11 +727,42 @@ impl<'a> Compiler<'a> {
                     Value::Null => continue,
                     _ => return Err(bad("order_by", "direction must be ASC or DESC")),
                 };
-                terms.push(format!("{alias}.{} {direction}", quote_ident(&column.name)));
+                terms.push((quote_ident(&column.name), direction));
             }
         }
-        terms.push(format!("{alias}.{} ASC", quote_ident(&entity.key.name)));
-        Ok(terms.join(", "))
+        terms.push((quote_ident(&entity.key.name), "ASC"));
+        Ok(terms)
+    }
+
+    /// Keyset paging: the rows that sort after the row whose key is `after`, in `order`. The
+    /// anchor row's values are read in the same statement, so the cursor is just a key.
+    fn after_condition(
+        &mut self,
+        entity: &CheckedEntity,
+        alias: &str,
+        order: &[(String, &'static str)],
+        after: &Value,
+    ) -> Result<String, QueryError> {
+        let key = self.value_param(&entity.key, after, "after")?;
+        let anchor = |column: &str| {
+            format!(
+                "(SELECT {column} FROM {table} WHERE {key_column} = CAST({key} AS {ty}))",
+                table = quote_ident(&entity.table),
+                key_column = quote_ident(&entity.key.name),
+                ty = entity.key.base_type(),
+            )
+        };
+        let mut alternatives = Vec::new();
+        for (i, (column, direction)) in order.iter().enumerate() {
+            let mut terms: Vec<String> = order[..i]
+                .iter()
+                .map(|(c, _)| format!("{alias}.{c} IS NOT DISTINCT FROM {}", anchor(c)))
+                .collect();
+            let comparison = if *direction == "ASC" { ">" } else { "<" };
+            terms.push(format!("{alias}.{column} {comparison} {}", anchor(column)));
+            alternatives.push(format!("({})", terms.join(" AND ")));
+        }
+        Ok(format!("({})", alternatives.join(" OR ")))
     }
 
     /// A `where` object: its entries are ANDed; `and` / `or` take lists of where objects.
@@ -823,7 +1015,7 @@ mod tests {
                     filter: Some(&filter),
                     order_by: None,
                     limit: Some(&Value::Number(Number::from(5))),
-                    offset: None,
+                    ..Default::default()
                 },
                 &[selection("id"), selection("name")],
             )
@@ -861,7 +1053,7 @@ mod tests {
                     filter: None,
                     order_by: None,
                     limit: Some(&too_many),
-                    offset: None,
+                    ..Default::default()
                 },
                 &[selection("id")],
             )

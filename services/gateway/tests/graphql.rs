@@ -1031,3 +1031,98 @@ async fn permissions_grant_operations_per_role_and_filter_rows_on_a_claim() {
     );
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn keyset_pages_aggregates_multi_row_inserts_and_upserts() {
+    let world = World::start().await;
+    let gateway = world.gateway().await;
+    seed(&world).await;
+    let before = world.wait_for_events(7).await.len();
+
+    let page = |after: &str| {
+        format!("{{ orderList(order_by: [{{status: ASC}}], limit: 2{after}) {{ id }} }}")
+    };
+    // status order: new(11) paid(10) paid(13) shipped(12); ties broken by the key.
+    assert_eq!(
+        gateway.query(&page("")).await,
+        json!({"orderList": [{"id": 11}, {"id": 10}]})
+    );
+    assert_eq!(
+        gateway.query(&page(", after: 10")).await,
+        json!({"orderList": [{"id": 13}, {"id": 12}]})
+    );
+    assert_eq!(
+        gateway
+            .query("{ customer(id: 1) { orders(order_by: [{total: DESC}], after: 11) { id } } }")
+            .await,
+        json!({"customer": {"orders": [{"id": 10}]}})
+    );
+    assert_eq!(
+        gateway
+            .query(r#"{ all: orderAggregate { count } paid: orderAggregate(where: {status: {eq: "paid"}}) { n: count } }"#)
+            .await,
+        json!({"all": {"count": 4}, "paid": {"n": 2}})
+    );
+
+    let (_, body) = gateway
+        .post(
+            r#"mutation { createOrderList(inputs: [{id: 40, customer_id: 1, status: "new"},
+                                                  {id: 41, customer_id: 2}]) { id status } }"#,
+            json!({}),
+            &[("x-api-key", API_KEY)],
+        )
+        .await;
+    assert_eq!(
+        body["data"],
+        json!({"createOrderList": [{"id": 40, "status": "new"}, {"id": 41, "status": "new"}]}),
+        "{body}"
+    );
+    let (_, body) = gateway
+        .post(
+            r#"mutation { createOrderList(inputs: [{id: 42}, {id: 40}]) { id } }"#,
+            json!({}),
+            &[("x-api-key", API_KEY)],
+        )
+        .await;
+    assert!(message(&body).contains("already exists"), "{body}");
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE id = 42")
+        .fetch_one(&world.db)
+        .await
+        .expect("count");
+    assert_eq!(
+        count, 0,
+        "one statement: the failing row takes the other with it"
+    );
+
+    for (status, expected) in [("first", "first"), ("second", "second")] {
+        let (_, body) = gateway
+            .post(
+                &format!(r#"mutation {{ upsertOrder(input: {{id: 50, customer_id: 3, status: "{status}"}}) {{ id status }} }}"#),
+                json!({}),
+                &[("x-api-key", API_KEY)],
+            )
+            .await;
+        assert_eq!(
+            body["data"],
+            json!({"upsertOrder": {"id": 50, "status": expected}}),
+            "{body}"
+        );
+    }
+    let stored = world.wait_for_events(before + 4).await;
+    let events: Vec<_> = stored[before..].iter().map(|s| s.event()).collect();
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.op, e.key.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (Op::Insert, "40"),
+            (Op::Insert, "41"),
+            (Op::Insert, "50"),
+            (Op::Update, "50"),
+        ],
+        "one event per row"
+    );
+    assert_eq!(events[0].tx, events[1].tx, "the rows share one transaction");
+    gateway.stop().await;
+}
