@@ -199,3 +199,52 @@ async fn introspection_and_graphiql_can_each_be_switched_off() {
     assert_eq!(data, json!({"__type": {"name": "Order"}}), "on by default");
     open.stop().await;
 }
+
+#[tokio::test]
+async fn an_automatic_persisted_query_is_registered_once_then_sent_by_hash() {
+    let world = World::start().await;
+    sqlx::raw_sql("INSERT INTO customers (id, name) VALUES (1, 'Ada');")
+        .execute(&world.db)
+        .await
+        .expect("seed");
+    let gateway = world.gateway().await;
+    let query = "{ customerList { id name } }";
+    let hash = format!(
+        "{:x}",
+        <sha2::Sha256 as sha2::Digest>::digest(query.as_bytes())
+    );
+    let send = |body: Value| {
+        let gateway = &gateway;
+        async move {
+            gateway
+                .http
+                .post(&gateway.url)
+                .json(&body)
+                .send()
+                .await
+                .expect("an answer")
+                .json::<Value>()
+                .await
+                .expect("json")
+        }
+    };
+    let extension = json!({"persistedQuery": {"version": 1, "sha256Hash": hash}});
+    let unknown = send(json!({"extensions": extension})).await;
+    assert_eq!(
+        unknown["errors"][0]["message"], "PersistedQueryNotFound",
+        "{unknown}"
+    );
+    let registered = send(json!({"query": query, "extensions": extension})).await;
+    assert_eq!(
+        registered["data"],
+        json!({"customerList": [{"id": 1, "name": "Ada"}]})
+    );
+    let by_hash = send(json!({"extensions": extension})).await;
+    assert_eq!(by_hash["data"], registered["data"], "{by_hash}");
+    let forged = send(json!({"query": "{ orderList { id } }", "extensions": extension})).await;
+    assert!(
+        forged["errors"][0]["message"].is_string(),
+        "a hash must match its query"
+    );
+    gateway.stop().await;
+}
