@@ -549,6 +549,15 @@ mod tests {
             file.entities["Order"].relations["customer"].entity,
             "Customer"
         );
+        let customer = &file.entities["Order"].permissions["customer"];
+        assert_eq!(
+            customer.operations,
+            [Operation::Read, Operation::Insert, Operation::Update]
+        );
+        assert_eq!(
+            customer.row_filter.as_ref().map(|f| f.column.as_str()),
+            Some("customer_id")
+        );
     }
 
     #[test]
