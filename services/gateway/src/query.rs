@@ -1060,4 +1060,54 @@ mod tests {
             .expect_err("limit");
         assert!(err.to_string().contains("maximum"), "{err}");
     }
+
+    #[test]
+    fn rows_of_a_bulk_insert_share_one_statement_and_missing_columns_take_their_default() {
+        let catalog = catalog();
+        let limits = Limits::default();
+        let inputs = Value::List(vec![
+            object(vec![
+                ("id", Value::from(1)),
+                ("name", Value::String("a".into())),
+            ]),
+            object(vec![("name", Value::String("b".into()))]),
+        ]);
+        let statement = Compiler::new(&catalog, &limits)
+            .create_many("Customer", &inputs, &[selection("id")])
+            .expect("compiles");
+        assert_eq!(
+            statement.sql.matches("INSERT").count(),
+            1,
+            "{}",
+            statement.sql
+        );
+        assert!(
+            statement.sql.contains("(DEFAULT, CAST($3 AS text))"),
+            "{}",
+            statement.sql
+        );
+    }
+
+    #[test]
+    fn a_null_comparison_is_refused_rather_than_dropped() {
+        let catalog = catalog();
+        let limits = Limits::default();
+        for operator in ["eq", "neq", "gt", "like", "in", "is_null"] {
+            let filter = object(vec![("name", object(vec![(operator, Value::Null)]))]);
+            let err = Compiler::new(&catalog, &limits)
+                .list(
+                    "Customer",
+                    &ListArgs {
+                        filter: Some(&filter),
+                        ..Default::default()
+                    },
+                    &[selection("id")],
+                )
+                .expect_err("null is refused");
+            assert!(
+                err.to_string().contains("is_null: true"),
+                "{operator}: {err}"
+            );
+        }
+    }
 }
