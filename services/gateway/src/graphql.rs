@@ -503,15 +503,7 @@ fn entity_types(entity: &CheckedEntity, catalog: &Catalog) -> Vec<async_graphql:
         } else {
             TypeRef::named(ty)
         };
-        object = object.field(Field::new(column.name.clone(), field_type, |ctx| {
-            FieldFuture::new(async move {
-                let value = response_entry(&ctx)?;
-                Ok(Some(FieldValue::value(
-                    Value::from_json(value)
-                        .map_err(|e| async_graphql::Error::new(e.to_string()))?,
-                )))
-            })
-        }));
+        object = object.field(Field::new(column.name.clone(), field_type, scalar_entry));
         filter = filter.field(InputValue::new(
             column.name.clone(),
             TypeRef::named(format!("{ty}Filter")),
@@ -533,10 +525,10 @@ fn entity_types(entity: &CheckedEntity, catalog: &Catalog) -> Vec<async_graphql:
                     relation_name.clone(),
                     TypeRef::named(&relation.entity),
                     |ctx| {
-                        FieldFuture::new(async move {
-                            let value = response_entry(&ctx)?;
-                            Ok(Some(value).filter(|v| !v.is_null()).map(object_value))
-                        })
+                        resolved(
+                            response_entry(&ctx)
+                                .map(|value| Some(value).filter(|v| !v.is_null()).map(borrowed)),
+                        )
                     },
                 ))
             }
@@ -546,10 +538,7 @@ fn entity_types(entity: &CheckedEntity, catalog: &Catalog) -> Vec<async_graphql:
                         relation_name.clone(),
                         TypeRef::named_nn_list_nn(&relation.entity),
                         |ctx| {
-                            FieldFuture::new(async move {
-                                let value = response_entry(&ctx)?;
-                                Ok(Some(list_value(value)))
-                            })
+                            resolved(response_entry(&ctx).map(|value| Some(borrowed_list(value))))
                         },
                     ),
                     &relation.entity,
@@ -561,15 +550,7 @@ fn entity_types(entity: &CheckedEntity, catalog: &Catalog) -> Vec<async_graphql:
     let aggregate = Object::new(format!("{name}Aggregate")).field(Field::new(
         "count",
         TypeRef::named_nn(TypeRef::INT),
-        |ctx| {
-            FieldFuture::new(async move {
-                let value = response_entry(&ctx)?;
-                Ok(Some(FieldValue::value(
-                    Value::from_json(value)
-                        .map_err(|e| async_graphql::Error::new(e.to_string()))?,
-                )))
-            })
-        },
+        scalar_entry,
     ));
     vec![
         object.into(),
@@ -595,12 +576,42 @@ fn list_arguments(field: Field, entity: &str, key_type: &str) -> Field {
         .argument(InputValue::new("after", TypeRef::named(key_type)))
 }
 
-/// The value the parent's statement returned under this field's response key.
-fn response_entry(ctx: &ResolverContext<'_>) -> async_graphql::Result<serde_json::Value> {
+const JSON_NULL: serde_json::Value = serde_json::Value::Null;
+
+/// The value the parent's statement returned under this field's response key, borrowed: the
+/// whole answer is one JSON tree and every field below the root reads its part of it.
+fn response_entry<'a>(ctx: &ResolverContext<'a>) -> async_graphql::Result<&'a serde_json::Value> {
     let parent = ctx.parent_value.try_downcast_ref::<serde_json::Value>()?;
     let field = ctx.field();
     let key = field.alias().unwrap_or(field.name());
-    Ok(parent.get(key).cloned().unwrap_or(serde_json::Value::Null))
+    Ok(parent.get(key).unwrap_or(&JSON_NULL))
+}
+
+/// A resolver's answer without an async hop: these fields only read JSON already fetched.
+fn resolved(value: async_graphql::Result<Option<FieldValue<'_>>>) -> FieldFuture<'_> {
+    match value {
+        Ok(value) => FieldFuture::Value(value),
+        Err(e) => FieldFuture::new(async move { Err::<Option<FieldValue<'_>>, _>(e) }),
+    }
+}
+
+fn scalar_entry(ctx: ResolverContext<'_>) -> FieldFuture<'_> {
+    resolved(response_entry(&ctx).and_then(|value| {
+        Value::from_json(value.clone())
+            .map(|v| Some(FieldValue::value(v)))
+            .map_err(|e| async_graphql::Error::new(e.to_string()))
+    }))
+}
+
+fn borrowed(value: &serde_json::Value) -> FieldValue<'_> {
+    FieldValue::borrowed_any(value)
+}
+
+fn borrowed_list(value: &serde_json::Value) -> FieldValue<'_> {
+    match value {
+        serde_json::Value::Array(items) => FieldValue::list(items.iter().map(borrowed)),
+        _ => FieldValue::list(Vec::<FieldValue<'_>>::new()),
+    }
 }
 
 fn object_value(value: serde_json::Value) -> FieldValue<'static> {
