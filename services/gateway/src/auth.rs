@@ -2,6 +2,10 @@
 //! keys of a JWKS file, chosen by the token's `kid`) or an API key (`X-Api-Key`). The JWT subject, or the name configured for the API
 //! key, becomes the `actor` written into every event the caller's mutations produce.
 //!
+//! Roles, which the schema file's per-entity permissions name, come from the token's claim at
+//! `jwt_roles_claim` (a JSON pointer, `/roles` by default) or from `api_key_roles`; a caller
+//! without a credential has the single role `anonymous`.
+//!
 //! A credential that is present but wrong is refused outright (never downgraded to anonymous),
 //! so a typo in a token cannot silently turn an attributed write into an unattributed one.
 
@@ -29,6 +33,11 @@ pub struct AuthSettings {
     pub jwt_audience: Option<String>,
     /// API key → the actor it acts as.
     pub api_keys: BTreeMap<String, String>,
+    /// Where a token's roles are (a JSON pointer to a string or a list of strings); `/roles`
+    /// when unset. Hasura-style tokens: `/https:~1~1hasura.io~1jwt~1claims/x-hasura-allowed-roles`.
+    pub jwt_roles_claim: Option<String>,
+    /// An API key's actor → its roles.
+    pub api_key_roles: BTreeMap<String, Vec<String>>,
     /// Refuse anonymous queries too (mutations always need a caller).
     pub queries_require_auth: bool,
 }
@@ -49,6 +58,19 @@ impl Validate for AuthSettings {
         if self.api_keys.keys().any(|k| k.len() < 16) {
             problems.push("api_keys", "every key must be at least 16 characters");
         }
+        if let Some(pointer) = &self.jwt_roles_claim
+            && !pointer.starts_with('/')
+        {
+            problems.push("jwt_roles_claim", "must be a JSON pointer such as /roles");
+        }
+        for actor in self.api_key_roles.keys() {
+            if !self.api_keys.values().any(|a| a == actor) {
+                problems.push(
+                    "api_key_roles",
+                    format!("`{actor}` is the actor of no API key"),
+                );
+            }
+        }
     }
 }
 
@@ -56,14 +78,44 @@ impl Validate for AuthSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
     Anonymous,
-    Authenticated { actor: String },
+    Authenticated {
+        actor: String,
+        roles: Vec<String>,
+        /// The token's claims (`{"sub": actor}` for an API key), for row filters.
+        claims: serde_json::Value,
+    },
 }
 
 impl Caller {
     pub fn actor(&self) -> Option<&str> {
         match self {
             Caller::Anonymous => None,
-            Caller::Authenticated { actor } => Some(actor),
+            Caller::Authenticated { actor, .. } => Some(actor),
+        }
+    }
+
+    pub fn roles(&self) -> Vec<&str> {
+        match self {
+            Caller::Anonymous => vec![crate::schema::ANONYMOUS_ROLE],
+            Caller::Authenticated { roles, .. } => roles.iter().map(String::as_str).collect(),
+        }
+    }
+
+    /// The claim a row filter names, as text: a top-level name or a JSON pointer.
+    pub fn claim(&self, claim: &str) -> Option<String> {
+        let Caller::Authenticated { claims, .. } = self else {
+            return None;
+        };
+        let value = if claim.starts_with('/') {
+            claims.pointer(claim)
+        } else {
+            claims.get(claim)
+        }?;
+        match value {
+            serde_json::Value::String(text) => Some(text.clone()),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            serde_json::Value::Bool(b) => Some(b.to_string()),
+            _ => None,
         }
     }
 }
@@ -82,11 +134,6 @@ pub enum AuthError {
     UnknownKey,
     #[error("cannot read the JWKS file {path}: {message}")]
     Key { path: String, message: String },
-}
-
-#[derive(Debug, Deserialize)]
-struct Claims {
-    sub: String,
 }
 
 pub struct Authenticator {
@@ -154,7 +201,16 @@ impl Authenticator {
                     }
                 });
             return found
-                .map(|actor| Caller::Authenticated { actor })
+                .map(|actor| Caller::Authenticated {
+                    roles: self
+                        .settings
+                        .api_key_roles
+                        .get(&actor)
+                        .cloned()
+                        .unwrap_or_default(),
+                    claims: serde_json::json!({ "sub": actor }),
+                    actor,
+                })
                 .ok_or(AuthError::UnknownApiKey);
         }
         Ok(Caller::Anonymous)
@@ -187,10 +243,27 @@ impl Authenticator {
             Some(audience) => validation.set_audience(&[audience]),
             None => validation.validate_aud = false,
         }
-        let data = jsonwebtoken::decode::<Claims>(token, key, &validation)
+        let data = jsonwebtoken::decode::<serde_json::Value>(token, key, &validation)
             .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
+        let claims = data.claims;
+        let actor = claims
+            .get("sub")
+            .and_then(|s| s.as_str())
+            .ok_or_else(|| AuthError::InvalidToken("the token has no string `sub`".into()))?
+            .to_owned();
+        let pointer = self.settings.jwt_roles_claim.as_deref().unwrap_or("/roles");
+        let roles = match claims.pointer(pointer) {
+            Some(serde_json::Value::String(role)) => vec![role.clone()],
+            Some(serde_json::Value::Array(items)) => items
+                .iter()
+                .filter_map(|r| r.as_str().map(str::to_owned))
+                .collect(),
+            _ => Vec::new(),
+        };
         Ok(Caller::Authenticated {
-            actor: data.claims.sub,
+            actor,
+            roles,
+            claims,
         })
     }
 }

@@ -22,13 +22,17 @@ pub struct Http {
     pub schema: Schema,
     pub auth: Authenticator,
     pub max_body_bytes: usize,
+    /// Serve the GraphiQL page (`graphql.graphiql`).
+    pub graphiql: bool,
 }
 
 pub fn router(http: Http) -> Router {
     let limit = http.max_body_bytes;
-    Router::new()
-        .route("/graphql", get(get_graphql).post(post_graphql))
-        .route("/graphiql", get(graphiql))
+    let mut router = Router::new().route("/graphql", get(get_graphql).post(post_graphql));
+    if http.graphiql {
+        router = router.route("/graphiql", get(graphiql));
+    }
+    router
         .layer(DefaultBodyLimit::max(limit))
         .with_state(Arc::new(http))
 }
@@ -109,6 +113,7 @@ async fn execute(http: &Http, headers: &HeaderMap, request: async_graphql::Reque
         .execute(request.data(RequestContext {
             caller,
             traceparent,
+            request_id: uuid::Uuid::now_v7().to_string(),
         }))
         .await;
     axum::Json(response).into_response()

@@ -7,7 +7,9 @@
 //! what makes the promise hold for writes that never pass through the gateway.
 
 pub mod auth;
+pub mod budget;
 pub mod capture;
+pub mod collect;
 pub mod graphql;
 pub mod http;
 pub mod query;
@@ -125,12 +127,13 @@ pub async fn start(
     let file = SchemaFile::load(&settings.schema_file)?;
     let catalog = Arc::new(schema::check(&pool, &file).await?);
     capture::install_with(&pool, &file, settings.relay.all_columns_in_events).await?;
-    let schema = graphql::build(pool.clone(), catalog, &settings.limits)
+    let schema = graphql::build(pool.clone(), catalog, &settings.limits, &settings.graphql)
         .map_err(|e| GatewayError::Graphql(e.to_string()))?;
     let app = http::router(http::Http {
         schema,
         auth: auth::Authenticator::new(&settings.auth)?,
         max_body_bytes: settings.limits.max_body_bytes,
+        graphiql: settings.graphql.graphiql,
     });
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await

@@ -2,14 +2,14 @@
 //! answer as a single `jsonb` value: nested relations become correlated sub-selects aggregated
 //! with `jsonb_agg`, so a query never fans out into one statement per row.
 //!
-//! Safety rule: values only ever travel as bound parameters (cast in SQL to the column's type as
-//! the catalogue reported it); identifiers only ever come from the checked `Catalog` and are
+//! Safety rule: values only ever travel as bound parameters (cast in SQL to the column's base
+//! type, so the column's own length and precision apply when it is stored); identifiers only ever come from the checked `Catalog` and are
 //! quoted. Nothing a client sends is spliced into SQL text.
 
 use async_graphql::{Name, Value};
 
 use crate::capture::quote_ident;
-use crate::schema::{Catalog, CheckedEntity, Column, FieldType, RelationKind};
+use crate::schema::{Catalog, CheckedEntity, Column, FieldType, Operation, RelationKind};
 use crate::settings::Limits;
 
 /// `jsonb_build_object` takes at most 100 arguments: objects are built in chunks and joined.
@@ -40,7 +40,7 @@ pub struct Selection {
 }
 
 impl Selection {
-    fn argument(&self, name: &str) -> Option<&Value> {
+    pub(crate) fn argument(&self, name: &str) -> Option<&Value> {
         self.arguments
             .iter()
             .find(|(n, _)| n.as_str() == name)
@@ -57,6 +57,11 @@ pub enum QueryError {
     UnknownField { entity: String, field: String },
     #[error("unknown filter operator `{0}`")]
     UnknownOperator(String),
+    #[error("not permitted to {} {entity}", .operation.as_str())]
+    Forbidden {
+        entity: String,
+        operation: Operation,
+    },
     #[error("`{argument}` {message}")]
     BadArgument {
         argument: &'static str,
@@ -71,12 +76,15 @@ fn bad(argument: &'static str, message: impl Into<String>) -> QueryError {
     }
 }
 
-/// Arguments of a list: `where`, `order_by`, `limit`, `offset`.
+/// Arguments of a list: `where`, `order_by`, `limit`, `offset`, `after` (a key: the rows
+/// after that row in this order).
+#[derive(Default)]
 pub struct ListArgs<'a> {
     pub filter: Option<&'a Value>,
     pub order_by: Option<&'a Value>,
     pub limit: Option<&'a Value>,
     pub offset: Option<&'a Value>,
+    pub after: Option<&'a Value>,
 }
 
 impl<'a> ListArgs<'a> {
@@ -86,13 +94,28 @@ impl<'a> ListArgs<'a> {
             order_by: selection.argument("order_by"),
             limit: selection.argument("limit"),
             offset: selection.argument("offset"),
+            after: selection.argument("after"),
         }
     }
+}
+
+/// Who a statement runs for: their roles, and their claims for row filters.
+pub struct Access<'a> {
+    pub roles: Vec<&'a str>,
+    pub claim: &'a dyn Fn(&str) -> Option<String>,
+}
+
+/// What a caller reaches of one entity for one operation: all rows, or the rows where one of
+/// the (column, claim value) pairs holds.
+enum Reach {
+    All,
+    Rows(Vec<(String, String)>),
 }
 
 pub struct Compiler<'a> {
     catalog: &'a Catalog,
     limits: &'a Limits,
+    access: Option<Access<'a>>,
     params: Vec<Param>,
     aliases: usize,
 }
@@ -102,9 +125,123 @@ impl<'a> Compiler<'a> {
         Self {
             catalog,
             limits,
+            access: None,
             params: Vec::new(),
             aliases: 0,
         }
+    }
+
+    /// Applies the entities' permissions for this caller (without it, nothing is checked).
+    pub fn with_access(mut self, access: Access<'a>) -> Self {
+        self.access = Some(access);
+        self
+    }
+
+    /// An entity without permissions is open (the resolver still requires a caller for
+    /// writes); with permissions, a role of the caller must grant `operation`.
+    fn reach(&self, entity: &CheckedEntity, operation: Operation) -> Result<Reach, QueryError> {
+        let Some(access) = &self.access else {
+            return Ok(Reach::All);
+        };
+        if entity.permissions.is_empty() {
+            return Ok(Reach::All);
+        }
+        let mut rows = Vec::new();
+        for role in &access.roles {
+            let Some(permission) = entity.permissions.get(*role) else {
+                continue;
+            };
+            if !permission.operations.contains(&operation) {
+                continue;
+            }
+            match &permission.row_filter {
+                None => return Ok(Reach::All),
+                Some(filter) => {
+                    if let Some(value) = (access.claim)(&filter.claim) {
+                        rows.push((filter.column.clone(), value));
+                    }
+                }
+            }
+        }
+        if rows.is_empty() {
+            return Err(QueryError::Forbidden {
+                entity: entity.name.clone(),
+                operation,
+            });
+        }
+        Ok(Reach::Rows(rows))
+    }
+
+    /// The SQL condition limiting `alias` to what `operation` reaches, if anything limits it.
+    fn reach_condition(
+        &mut self,
+        entity: &CheckedEntity,
+        alias: &str,
+        operation: Operation,
+    ) -> Result<Option<String>, QueryError> {
+        let Reach::Rows(rows) = self.reach(entity, operation)? else {
+            return Ok(None);
+        };
+        let mut terms = Vec::new();
+        for (name, value) in rows {
+            let column = column(entity, &name)?;
+            let param = self.bind(Param::Text(Some(value)));
+            // An UPDATE or DELETE names its table's columns without an alias.
+            let prefix = if alias.is_empty() {
+                String::new()
+            } else {
+                format!("{alias}.")
+            };
+            terms.push(format!(
+                "{prefix}{} = CAST({param} AS {})",
+                quote_ident(&column.name),
+                column.base_type()
+            ));
+        }
+        Ok(Some(format!("({})", terms.join(" OR "))))
+    }
+
+    /// A write's input, checked against the row filter: the filtered column may only hold the
+    /// caller's claim, and on insert is set to it when the input leaves it out.
+    fn constrained_input(
+        &self,
+        entity: &CheckedEntity,
+        input: &Value,
+        operation: Operation,
+    ) -> Result<Value, QueryError> {
+        let Reach::Rows(rows) = self.reach(entity, operation)? else {
+            return Ok(input.clone());
+        };
+        let Value::Object(fields) = input else {
+            return Err(bad("input", "must be an object"));
+        };
+        let mut fields = fields.clone();
+        let forbidden = || QueryError::Forbidden {
+            entity: entity.name.clone(),
+            operation,
+        };
+        let (first_column, first_value) = &rows[0];
+        let mut matched = false;
+        for (name, value) in &rows {
+            match fields.get(name.as_str()) {
+                Some(given) => {
+                    let column = column(entity, name)?;
+                    if value_text(column, given)?.as_deref() == Some(value.as_str()) {
+                        matched = true;
+                    }
+                }
+                None if operation == Operation::Update => matched = true,
+                None => {}
+            }
+        }
+        if !matched {
+            if operation == Operation::Insert && !fields.contains_key(first_column.as_str()) {
+                fields.insert(Name::new(first_column), Value::String(first_value.clone()));
+            } else {
+                return Err(forbidden());
+            }
+        }
+        Ok(Value::Object(fields))
     }
 
     fn finish(self, sql: String) -> Statement {
@@ -140,13 +277,17 @@ impl<'a> Compiler<'a> {
     ) -> Result<Statement, QueryError> {
         let entity = self.entity(entity)?;
         let alias = self.alias();
+        let reach = self
+            .reach_condition(entity, &alias, Operation::Read)?
+            .map(|c| format!(" AND {c}"))
+            .unwrap_or_default();
         let object = self.object(entity, &alias, selection)?;
         let key_param = self.value_param(&entity.key, key, "key")?;
         let sql = format!(
-            "SELECT {object} FROM {table} {alias} WHERE {alias}.{key} = CAST({key_param} AS {ty})",
+            "SELECT {object} FROM {table} {alias} WHERE {alias}.{key} = CAST({key_param} AS {ty}){reach}",
             table = quote_ident(&entity.table),
             key = quote_ident(&entity.key.name),
-            ty = entity.key.sql_type,
+            ty = entity.key.base_type(),
         );
         Ok(self.finish(sql))
     }
@@ -163,6 +304,156 @@ impl<'a> Compiler<'a> {
         Ok(self.finish(sql))
     }
 
+    /// `{ count }` over the rows a filter matches (and the caller reaches).
+    pub fn aggregate(
+        mut self,
+        entity: &str,
+        filter: Option<&Value>,
+        selection: &[Selection],
+    ) -> Result<Statement, QueryError> {
+        let entity = self.entity(entity)?;
+        let alias = self.alias();
+        let mut conditions = Vec::new();
+        if let Some(reach) = self.reach_condition(entity, &alias, Operation::Read)? {
+            conditions.push(reach);
+        }
+        if let Some(filter) = filter.filter(|f| !matches!(f, Value::Null)) {
+            conditions.push(self.condition(entity, &alias, filter)?);
+        }
+        let mut pairs = Vec::new();
+        for selected in selection {
+            if selected.field == "count" {
+                let key = self.bind(Param::Text(Some(selected.key.clone())));
+                pairs.push(format!("{key}::text, count(*)"));
+            }
+        }
+        let condition = if conditions.is_empty() {
+            "TRUE".to_owned()
+        } else {
+            conditions.join(" AND ")
+        };
+        let sql = format!(
+            "SELECT jsonb_build_object({}) FROM {table} {alias} WHERE {condition}",
+            pairs.join(", "),
+            table = quote_ident(&entity.table),
+        );
+        Ok(self.finish(sql))
+    }
+
+    /// Many rows in ONE `INSERT ... VALUES (...), (...)`: one statement, one transaction, and
+    /// the capture trigger still writes one event per row. A column some rows leave out takes
+    /// its DEFAULT in those rows.
+    pub fn create_many(
+        mut self,
+        entity: &str,
+        inputs: &Value,
+        selection: &[Selection],
+    ) -> Result<Statement, QueryError> {
+        let entity = self.entity(entity)?;
+        let Value::List(items) = inputs else {
+            return Err(bad("inputs", "must be a list"));
+        };
+        if items.is_empty() {
+            return Err(bad("inputs", "must hold at least one row"));
+        }
+        let mut rows = Vec::new();
+        for item in items {
+            let input = self.constrained_input(entity, item, Operation::Insert)?;
+            rows.push(self.assignments(entity, &input)?);
+        }
+        let mut columns: Vec<String> = Vec::new();
+        for (column, _) in rows.iter().flatten() {
+            if !columns.contains(column) {
+                columns.push(column.clone());
+            }
+        }
+        let alias = self.alias();
+        let insert = if columns.is_empty() {
+            let values = vec!["(DEFAULT)"; rows.len()].join(", ");
+            format!(
+                "INSERT INTO {table} ({key}) VALUES {values}",
+                table = quote_ident(&entity.table),
+                key = quote_ident(&entity.key.name),
+            )
+        } else {
+            let values = rows
+                .iter()
+                .map(|row| {
+                    let cells = columns
+                        .iter()
+                        .map(|c| {
+                            row.iter()
+                                .find(|(column, _)| column == c)
+                                .map_or("DEFAULT".to_owned(), |(_, value)| value.clone())
+                        })
+                        .collect::<Vec<_>>();
+                    format!("({})", cells.join(", "))
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!(
+                "INSERT INTO {} ({}) VALUES {values}",
+                quote_ident(&entity.table),
+                columns.join(", ")
+            )
+        };
+        let object = self.object(entity, &alias, selection)?;
+        let sql = format!(
+            "WITH {alias} AS ({insert} RETURNING *) \
+             SELECT coalesce(jsonb_agg({object}), '[]'::jsonb) FROM {alias}"
+        );
+        Ok(self.finish(sql))
+    }
+
+    /// Insert, or update the row with the input's key: `INSERT ... ON CONFLICT (key) DO
+    /// UPDATE`, one statement whose event is an insert or an update. The update half reaches
+    /// only the rows the caller may update.
+    pub fn upsert(
+        mut self,
+        entity: &str,
+        input: &Value,
+        selection: &[Selection],
+    ) -> Result<Statement, QueryError> {
+        let entity = self.entity(entity)?;
+        let input = self.constrained_input(entity, input, Operation::Insert)?;
+        let input = self.constrained_input(entity, &input, Operation::Update)?;
+        let assignments = self.assignments(entity, &input)?;
+        let key = quote_ident(&entity.key.name);
+        if !assignments.iter().any(|(column, _)| *column == key) {
+            return Err(bad(
+                "input",
+                format!("must set the key `{}`", entity.key.name),
+            ));
+        }
+        let table = quote_ident(&entity.table);
+        let reach = self
+            .reach_condition(entity, &table, Operation::Update)?
+            .map(|c| format!(" WHERE {c}"))
+            .unwrap_or_default();
+        let updates = assignments
+            .iter()
+            .filter(|(column, _)| *column != key)
+            .map(|(column, _)| format!("{column} = EXCLUDED.{column}"))
+            .collect::<Vec<_>>();
+        // With nothing but the key given, the key itself is "updated" so the row still returns.
+        let set = if updates.is_empty() {
+            format!("{key} = EXCLUDED.{key}")
+        } else {
+            updates.join(", ")
+        };
+        let (columns, values): (Vec<_>, Vec<_>) = assignments.into_iter().unzip();
+        let alias = self.alias();
+        let object = self.object(entity, &alias, selection)?;
+        let sql = format!(
+            "WITH {alias} AS (INSERT INTO {table} ({}) VALUES ({}) \
+             ON CONFLICT ({key}) DO UPDATE SET {set}{reach} RETURNING *) \
+             SELECT {object} FROM {alias}",
+            columns.join(", "),
+            values.join(", "),
+        );
+        Ok(self.finish(sql))
+    }
+
     /// `INSERT ... RETURNING *`, then the row as JSON, in one statement.
     pub fn create(
         mut self,
@@ -171,7 +462,8 @@ impl<'a> Compiler<'a> {
         selection: &[Selection],
     ) -> Result<Statement, QueryError> {
         let entity = self.entity(entity)?;
-        let assignments = self.assignments(entity, input)?;
+        let input = self.constrained_input(entity, input, Operation::Insert)?;
+        let assignments = self.assignments(entity, &input)?;
         let alias = self.alias();
         let insert = if assignments.is_empty() {
             format!("INSERT INTO {} DEFAULT VALUES", quote_ident(&entity.table))
@@ -198,10 +490,15 @@ impl<'a> Compiler<'a> {
         selection: &[Selection],
     ) -> Result<Statement, QueryError> {
         let entity = self.entity(entity)?;
-        let assignments = self.assignments(entity, input)?;
+        let input = self.constrained_input(entity, input, Operation::Update)?;
+        let assignments = self.assignments(entity, &input)?;
         if assignments.is_empty() {
             return Err(bad("input", "sets no field"));
         }
+        let reach = self
+            .reach_condition(entity, "", Operation::Update)?
+            .map(|c| format!(" AND {c}"))
+            .unwrap_or_default();
         let set = assignments
             .into_iter()
             .map(|(column, value)| format!("{column} = {value}"))
@@ -211,11 +508,11 @@ impl<'a> Compiler<'a> {
         let alias = self.alias();
         let object = self.object(entity, &alias, selection)?;
         let sql = format!(
-            "WITH {alias} AS (UPDATE {table} SET {set} WHERE {key} = CAST({key_param} AS {ty}) \
+            "WITH {alias} AS (UPDATE {table} SET {set} WHERE {key} = CAST({key_param} AS {ty}){reach} \
              RETURNING *) SELECT {object} FROM {alias}",
             table = quote_ident(&entity.table),
             key = quote_ident(&entity.key.name),
-            ty = entity.key.sql_type,
+            ty = entity.key.base_type(),
         );
         Ok(self.finish(sql))
     }
@@ -229,14 +526,18 @@ impl<'a> Compiler<'a> {
     ) -> Result<Statement, QueryError> {
         let entity = self.entity(entity)?;
         let key_param = self.value_param(&entity.key, key, "key")?;
+        let reach = self
+            .reach_condition(entity, "", Operation::Delete)?
+            .map(|c| format!(" AND {c}"))
+            .unwrap_or_default();
         let alias = self.alias();
         let object = self.object(entity, &alias, selection)?;
         let sql = format!(
-            "WITH {alias} AS (DELETE FROM {table} WHERE {key} = CAST({key_param} AS {ty}) \
+            "WITH {alias} AS (DELETE FROM {table} WHERE {key} = CAST({key_param} AS {ty}){reach} \
              RETURNING *) SELECT {object} FROM {alias}",
             table = quote_ident(&entity.table),
             key = quote_ident(&entity.key.name),
-            ty = entity.key.sql_type,
+            ty = entity.key.base_type(),
         );
         Ok(self.finish(sql))
     }
@@ -255,7 +556,7 @@ impl<'a> Compiler<'a> {
             let param = self.value_param(column, value, "input")?;
             assignments.push((
                 quote_ident(&column.name),
-                format!("CAST({param} AS {})", column.sql_type),
+                format!("CAST({param} AS {})", column.base_type()),
             ));
         }
         Ok(assignments)
@@ -275,7 +576,8 @@ impl<'a> Compiler<'a> {
             }
             let key = self.bind(Param::Text(Some(selected.key.clone())));
             let value = if let Some(column) = entity.column(&selected.field) {
-                format!("{alias}.{}", quote_ident(&column.name))
+                let cast = if column.answers_text() { "::text" } else { "" };
+                format!("{alias}.{}{cast}", quote_ident(&column.name))
             } else if let Some(relation) = entity.relations.get(&selected.field) {
                 let target = self.entity(&relation.entity)?;
                 let from = column(entity, &relation.from)?;
@@ -284,9 +586,13 @@ impl<'a> Compiler<'a> {
                 match relation.kind {
                     RelationKind::One => {
                         let inner = self.alias();
+                        let reach = self
+                            .reach_condition(target, &inner, Operation::Read)?
+                            .map(|c| format!(" AND {c}"))
+                            .unwrap_or_default();
                         let object = self.object(target, &inner, &selected.children)?;
                         format!(
-                            "(SELECT {object} FROM {table} {inner} WHERE {inner}.{to} = {alias}.{from} LIMIT 1)",
+                            "(SELECT {object} FROM {table} {inner} WHERE {inner}.{to} = {alias}.{from}{reach} LIMIT 1)",
                             table = quote_ident(&target.table),
                             to = quote_ident(&to.name),
                             from = quote_ident(&from.name),
@@ -330,8 +636,11 @@ impl<'a> Compiler<'a> {
         link: Option<(&str, &Column, &Column)>,
     ) -> Result<String, QueryError> {
         let alias = self.alias();
-        let object = self.object(entity, &alias, selection)?;
         let mut conditions = Vec::new();
+        if let Some(reach) = self.reach_condition(entity, &alias, Operation::Read)? {
+            conditions.push(reach);
+        }
+        let object = self.object(entity, &alias, selection)?;
         if let Some((parent, from, to)) = link {
             conditions.push(format!(
                 "{alias}.{} = {parent}.{}",
@@ -342,12 +651,20 @@ impl<'a> Compiler<'a> {
         if let Some(filter) = args.filter.filter(|f| !matches!(f, Value::Null)) {
             conditions.push(self.condition(entity, &alias, filter)?);
         }
+        let order = self.order(entity, args.order_by)?;
+        if let Some(after) = args.after.filter(|a| !matches!(a, Value::Null)) {
+            conditions.push(self.after_condition(entity, &alias, &order, after)?);
+        }
         let condition = if conditions.is_empty() {
             "TRUE".to_owned()
         } else {
             conditions.join(" AND ")
         };
-        let order = self.order(entity, &alias, args.order_by)?;
+        let order = order
+            .iter()
+            .map(|(column, direction)| format!("{alias}.{column} {direction}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let limit = match args.limit {
             None | Some(Value::Null) => i64::from(self.limits.default_limit),
             Some(value) => {
@@ -390,9 +707,8 @@ impl<'a> Compiler<'a> {
     fn order(
         &mut self,
         entity: &CheckedEntity,
-        alias: &str,
         order_by: Option<&Value>,
-    ) -> Result<String, QueryError> {
+    ) -> Result<Vec<(String, &'static str)>, QueryError> {
         let mut terms = Vec::new();
         let items: Vec<&Value> = match order_by {
             None | Some(Value::Null) => Vec::new(),
@@ -411,11 +727,42 @@ impl<'a> Compiler<'a> {
                     Value::Null => continue,
                     _ => return Err(bad("order_by", "direction must be ASC or DESC")),
                 };
-                terms.push(format!("{alias}.{} {direction}", quote_ident(&column.name)));
+                terms.push((quote_ident(&column.name), direction));
             }
         }
-        terms.push(format!("{alias}.{} ASC", quote_ident(&entity.key.name)));
-        Ok(terms.join(", "))
+        terms.push((quote_ident(&entity.key.name), "ASC"));
+        Ok(terms)
+    }
+
+    /// Keyset paging: the rows that sort after the row whose key is `after`, in `order`. The
+    /// anchor row's values are read in the same statement, so the cursor is just a key.
+    fn after_condition(
+        &mut self,
+        entity: &CheckedEntity,
+        alias: &str,
+        order: &[(String, &'static str)],
+        after: &Value,
+    ) -> Result<String, QueryError> {
+        let key = self.value_param(&entity.key, after, "after")?;
+        let anchor = |column: &str| {
+            format!(
+                "(SELECT {column} FROM {table} WHERE {key_column} = CAST({key} AS {ty}))",
+                table = quote_ident(&entity.table),
+                key_column = quote_ident(&entity.key.name),
+                ty = entity.key.base_type(),
+            )
+        };
+        let mut alternatives = Vec::new();
+        for (i, (column, direction)) in order.iter().enumerate() {
+            let mut terms: Vec<String> = order[..i]
+                .iter()
+                .map(|(c, _)| format!("{alias}.{c} IS NOT DISTINCT FROM {}", anchor(c)))
+                .collect();
+            let comparison = if *direction == "ASC" { ">" } else { "<" };
+            terms.push(format!("{alias}.{column} {comparison} {}", anchor(column)));
+            alternatives.push(format!("({})", terms.join(" AND ")));
+        }
+        Ok(format!("({})", alternatives.join(" OR ")))
     }
 
     /// A `where` object: its entries are ANDed; `and` / `or` take lists of where objects.
@@ -439,7 +786,9 @@ impl<'a> Compiler<'a> {
                     };
                     let items = match value {
                         Value::List(items) => items.iter().collect::<Vec<_>>(),
-                        Value::Null => continue,
+                        Value::Null => {
+                            return Err(bad("where", format!("`{name}` cannot be null")));
+                        }
                         single => vec![single],
                     };
                     if items.is_empty() {
@@ -477,16 +826,22 @@ impl<'a> Compiler<'a> {
             ));
         };
         let target = format!("{alias}.{}", quote_ident(&column.name));
-        let ty = &column.sql_type;
+        let ty = column.base_type();
         let mut parts = Vec::new();
         for (operator, value) in operators {
             let operator = operator.as_str();
             let comparison = match (operator, value) {
-                (_, Value::Null) if operator != "is_null" => match operator {
-                    "eq" => format!("{target} IS NULL"),
-                    "neq" => format!("{target} IS NOT NULL"),
-                    _ => continue,
-                },
+                // Dropping the comparison would answer every row; `= NULL` would answer none.
+                (_, Value::Null) => {
+                    return Err(bad(
+                        "where",
+                        format!(
+                            "`{}: {{{operator}: null}}` compares with nothing; \
+                             match nulls with `is_null: true`",
+                            column.name
+                        ),
+                    ));
+                }
                 ("eq" | "neq" | "gt" | "gte" | "lt" | "lte", value) => {
                     let sql_operator = match operator {
                         "eq" => "=",
@@ -516,7 +871,6 @@ impl<'a> Compiler<'a> {
                 }
                 ("is_null", Value::Boolean(true)) => format!("{target} IS NULL"),
                 ("is_null", Value::Boolean(false)) => format!("{target} IS NOT NULL"),
-                ("is_null", Value::Null) => continue,
                 ("in" | "like" | "is_null", _) => {
                     return Err(bad("where", format!("wrong value for `{operator}`")));
                 }
@@ -607,6 +961,7 @@ mod tests {
                 column("name", "text", FieldType::String),
             ],
             relations: BTreeMap::new(),
+            permissions: BTreeMap::new(),
         };
         Catalog {
             entities: BTreeMap::from([("Customer".to_owned(), entity)]),
@@ -660,7 +1015,7 @@ mod tests {
                     filter: Some(&filter),
                     order_by: None,
                     limit: Some(&Value::Number(Number::from(5))),
-                    offset: None,
+                    ..Default::default()
                 },
                 &[selection("id"), selection("name")],
             )
@@ -698,11 +1053,61 @@ mod tests {
                     filter: None,
                     order_by: None,
                     limit: Some(&too_many),
-                    offset: None,
+                    ..Default::default()
                 },
                 &[selection("id")],
             )
             .expect_err("limit");
         assert!(err.to_string().contains("maximum"), "{err}");
+    }
+
+    #[test]
+    fn rows_of_a_bulk_insert_share_one_statement_and_missing_columns_take_their_default() {
+        let catalog = catalog();
+        let limits = Limits::default();
+        let inputs = Value::List(vec![
+            object(vec![
+                ("id", Value::from(1)),
+                ("name", Value::String("a".into())),
+            ]),
+            object(vec![("name", Value::String("b".into()))]),
+        ]);
+        let statement = Compiler::new(&catalog, &limits)
+            .create_many("Customer", &inputs, &[selection("id")])
+            .expect("compiles");
+        assert_eq!(
+            statement.sql.matches("INSERT").count(),
+            1,
+            "{}",
+            statement.sql
+        );
+        assert!(
+            statement.sql.contains("(DEFAULT, CAST($3 AS text))"),
+            "{}",
+            statement.sql
+        );
+    }
+
+    #[test]
+    fn a_null_comparison_is_refused_rather_than_dropped() {
+        let catalog = catalog();
+        let limits = Limits::default();
+        for operator in ["eq", "neq", "gt", "like", "in", "is_null"] {
+            let filter = object(vec![("name", object(vec![(operator, Value::Null)]))]);
+            let err = Compiler::new(&catalog, &limits)
+                .list(
+                    "Customer",
+                    &ListArgs {
+                        filter: Some(&filter),
+                        ..Default::default()
+                    },
+                    &[selection("id")],
+                )
+                .expect_err("null is refused");
+            assert!(
+                err.to_string().contains("is_null: true"),
+                "{operator}: {err}"
+            );
+        }
     }
 }

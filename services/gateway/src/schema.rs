@@ -70,15 +70,64 @@ pub struct Relation {
     pub to: String,
 }
 
+/// What a role may do with an entity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    Read,
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Read => "read",
+            Operation::Insert => "insert",
+            Operation::Update => "update",
+            Operation::Delete => "delete",
+        }
+    }
+}
+
+/// Rows a role reaches only where `column` equals the caller's claim (`customer_id = sub`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RowFilter {
+    pub column: String,
+    /// A top-level claim name, or a JSON pointer (`/org/id`) into the token's claims. An API
+    /// key's only claim is `sub`, its actor name.
+    pub claim: String,
+}
+
+/// One role's grant on one entity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Permission {
+    pub operations: Vec<Operation>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_filter: Option<RowFilter>,
+}
+
+/// The role every caller without a credential has.
+pub const ANONYMOUS_ROLE: &str = "anonymous";
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Entity {
     pub table: String,
     pub key: String,
-    /// Column name → GraphQL type. The key column must be among them.
+    /// Column name → GraphQL type. The key column must be among them. Columns not listed are
+    /// not served at all.
     pub fields: BTreeMap<String, FieldType>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub relations: BTreeMap<String, Relation>,
+    /// Role → grant. When an entity declares any, only the roles listed reach it (anonymous
+    /// callers only through the `anonymous` role); when it declares none, anyone may read it
+    /// and any authenticated caller may write it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub permissions: BTreeMap<String, Permission>,
 }
 
 /// The whole file: entity name → declaration.
@@ -142,6 +191,48 @@ pub struct CheckedEntity {
     pub key: Column,
     pub columns: Vec<Column>,
     pub relations: BTreeMap<String, Relation>,
+    pub permissions: BTreeMap<String, Permission>,
+}
+
+impl Column {
+    /// The column's type without its modifier (`character varying(5)` → `character varying`):
+    /// values are cast to it, so storing them applies the column's own limit and an overflow
+    /// is an error, where a cast to `varchar(5)` would silently cut the string.
+    pub fn base_type(&self) -> String {
+        let mut base = String::with_capacity(self.sql_type.len());
+        let mut depth = 0usize;
+        for c in self.sql_type.chars() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth = depth.saturating_sub(1),
+                c if depth == 0 => base.push(c),
+                _ => {}
+            }
+        }
+        let base = base.split_whitespace().collect::<Vec<_>>().join(" ");
+        // `character` without a length means `character(1)`; `bpchar` has no length.
+        match base.strip_prefix("character") {
+            Some(rest) if rest.is_empty() || rest.starts_with('[') => format!("bpchar{rest}"),
+            _ => base.replace(" []", "[]"),
+        }
+    }
+
+    /// The GraphQL scalar the column is served as. 64-bit integers and `numeric` travel as
+    /// strings (`BigInt`, `Decimal`): JSON numbers lose precision beyond 2^53 in JavaScript
+    /// clients, and a float cannot hold money exactly.
+    pub fn graphql_type(&self) -> &'static str {
+        let base = self.base_type();
+        match self.field_type {
+            FieldType::Int if base == "bigint" => "BigInt",
+            FieldType::Float if base == "numeric" => "Decimal",
+            other => other.graphql_name(),
+        }
+    }
+
+    /// Whether the value is answered in its text form (ID, BigInt and Decimal are strings).
+    pub fn answers_text(&self) -> bool {
+        matches!(self.graphql_type(), "ID" | "BigInt" | "Decimal")
+    }
 }
 
 impl CheckedEntity {
@@ -188,6 +279,20 @@ async fn table_columns(
     .fetch_all(pool)
     .await?;
     Ok(Some(rows.into_iter().collect()))
+}
+
+/// Whether `column` is the table's primary key, or NOT NULL with a unique index of its own.
+async fn key_is_unique(pool: &PgPool, table: &str, column: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_index i \
+           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+           WHERE i.indrelid = to_regclass($1) AND i.indnkeyatts = 1 AND i.indisunique \
+             AND i.indpred IS NULL AND a.attname = $2 AND (i.indisprimary OR a.attnotnull))",
+    )
+    .bind(quote_ident(table))
+    .bind(column)
+    .fetch_one(pool)
+    .await
 }
 
 /// Checks `file` against the live database; every mismatch is reported at once.
@@ -237,6 +342,15 @@ pub async fn check(pool: &PgPool, file: &SchemaFile) -> Result<Catalog, SchemaEr
                 entity.table, entity.key
             ));
         }
+        if let Some(key) = &key
+            && !key_is_unique(pool, &entity.table, &key.name).await?
+        {
+            problems.push(format!(
+                "entity {name}: key `{}` is neither the primary key of `{}` nor a unique NOT NULL \
+                 column, so it cannot name one row",
+                key.name, entity.table
+            ));
+        }
         if let Some(key) = key {
             entities.insert(
                 name.clone(),
@@ -246,11 +360,22 @@ pub async fn check(pool: &PgPool, file: &SchemaFile) -> Result<Catalog, SchemaEr
                     key,
                     columns: checked,
                     relations: entity.relations.clone(),
+                    permissions: entity.permissions.clone(),
                 },
             );
         }
     }
     for (name, entity) in &file.entities {
+        for (role, permission) in &entity.permissions {
+            if let Some(filter) = &permission.row_filter
+                && !entity.fields.contains_key(&filter.column)
+            {
+                problems.push(format!(
+                    "entity {name}: the row filter of role `{role}` uses `{}`, which is not a field",
+                    filter.column
+                ));
+            }
+        }
         for (relation_name, relation) in &entity.relations {
             if entity.fields.contains_key(relation_name) || !is_graphql_name(relation_name) {
                 problems.push(format!(
@@ -318,6 +443,7 @@ pub async fn introspect(pool: &PgPool) -> Result<SchemaFile, SchemaError> {
                     .map(|(column, sql_type)| (column.clone(), FieldType::for_sql(sql_type)))
                     .collect(),
                 relations: BTreeMap::new(),
+                permissions: BTreeMap::new(),
             },
         );
     }
@@ -423,6 +549,15 @@ mod tests {
             file.entities["Order"].relations["customer"].entity,
             "Customer"
         );
+        let customer = &file.entities["Order"].permissions["customer"];
+        assert_eq!(
+            customer.operations,
+            [Operation::Read, Operation::Insert, Operation::Update]
+        );
+        assert_eq!(
+            customer.row_filter.as_ref().map(|f| f.column.as_str()),
+            Some("customer_id")
+        );
     }
 
     #[test]
@@ -430,6 +565,33 @@ mod tests {
         let err = SchemaFile::parse("[entities.A]\ntable='a'\nkey='id'\nfields={}\ncolour='x'\n")
             .expect_err("unknown key");
         assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn values_are_cast_to_the_base_type_and_wide_numbers_travel_as_text() {
+        let column = |sql_type: &str, field_type| Column {
+            name: "c".into(),
+            sql_type: sql_type.into(),
+            field_type,
+        };
+        for (sql_type, base) in [
+            ("character varying(5)", "character varying"),
+            ("character(3)", "bpchar"),
+            ("character(3)[]", "bpchar[]"),
+            ("numeric(10,2)", "numeric"),
+            ("timestamp(3) with time zone", "timestamp with time zone"),
+            ("integer", "integer"),
+        ] {
+            assert_eq!(column(sql_type, FieldType::String).base_type(), base);
+        }
+        assert_eq!(column("bigint", FieldType::Int).graphql_type(), "BigInt");
+        assert_eq!(
+            column("numeric(10,2)", FieldType::Float).graphql_type(),
+            "Decimal"
+        );
+        assert_eq!(column("integer", FieldType::Int).graphql_type(), "Int");
+        assert!(column("uuid", FieldType::ID).answers_text());
+        assert!(!column("real", FieldType::Float).answers_text());
     }
 
     #[test]

@@ -22,8 +22,31 @@ pub struct GatewaySettings {
     /// Connections in GraphQL's pool (the relay has its own, `relay.max_connections`).
     pub max_connections: u32,
     pub limits: Limits,
+    pub graphql: GraphqlSettings,
     pub auth: AuthSettings,
     pub relay: RelaySettings,
+}
+
+/// What the GraphQL endpoint offers besides queries and mutations.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GraphqlSettings {
+    /// Answer `__schema` / `__type` (what GraphiQL, Apollo and codegen read).
+    pub introspection: bool,
+    /// Serve the GraphiQL page on `/graphiql`.
+    pub graphiql: bool,
+    /// Automatic persisted queries: documents kept by hash (0 turns them off).
+    pub persisted_queries: usize,
+}
+
+impl Default for GraphqlSettings {
+    fn default() -> Self {
+        Self {
+            introspection: true,
+            graphiql: true,
+            persisted_queries: 1024,
+        }
+    }
 }
 
 impl Default for GatewaySettings {
@@ -34,6 +57,7 @@ impl Default for GatewaySettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_connections: 10,
             limits: Limits::default(),
+            graphql: GraphqlSettings::default(),
             auth: AuthSettings::default(),
             relay: RelaySettings::default(),
         }
@@ -44,8 +68,17 @@ impl Default for GatewaySettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
+    /// Deepest nesting of data fields (introspection is not counted).
     pub max_depth: usize,
+    /// Most data fields in one operation, after fragments are expanded and repeats merged.
     pub max_complexity: usize,
+    /// Most aliased fields in one operation.
+    pub max_aliases: usize,
+    /// Most directives on one field or fragment.
+    pub max_directives: usize,
+    /// Rows one operation may fetch: each list counts its `limit` (or `default_limit`) times
+    /// the rows of the lists above it.
+    pub max_rows: u64,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
     /// Every SQL statement a request runs is cancelled after this long.
@@ -61,6 +94,9 @@ impl Default for Limits {
         Self {
             max_depth: 10,
             max_complexity: 500,
+            max_aliases: 50,
+            max_directives: 8,
+            max_rows: 100_000,
             max_body_bytes: 256 * 1024,
             statement_timeout: Duration::from_secs(5),
             default_limit: 100,
@@ -74,11 +110,16 @@ impl Validate for Limits {
         for (key, value) in [
             ("max_depth", self.max_depth),
             ("max_complexity", self.max_complexity),
+            ("max_aliases", self.max_aliases),
+            ("max_directives", self.max_directives),
             ("max_body_bytes", self.max_body_bytes),
         ] {
             if value == 0 {
                 problems.push(key, "must be positive");
             }
+        }
+        if self.max_rows == 0 {
+            problems.push("max_rows", "must be positive");
         }
         if self.statement_timeout.as_millis() == 0 {
             problems.push("statement_timeout", "must be at least 1ms");

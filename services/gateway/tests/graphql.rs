@@ -34,8 +34,8 @@ async fn queries_filter_order_page_and_nest_relations() {
     assert_eq!(
         data,
         json!({"customer": {"name": "Ada", "email": "ada@example.com", "orders": [
-            {"id": 11, "total": 99.0, "meta": null},
-            {"id": 10, "total": 12.5, "meta": {"gift": true}},
+            {"id": 11, "total": "99.00", "meta": null},
+            {"id": 10, "total": "12.50", "meta": {"gift": true}},
         ]}})
     );
 
@@ -560,4 +560,569 @@ async fn a_schema_file_naming_a_missing_column_refuses_to_start_naming_it() {
             .relations
             .contains_key("orders")
     );
+}
+
+#[tokio::test]
+async fn fragments_aliases_repeats_and_skip_include_answer_per_the_spec() {
+    let world = World::start().await;
+    seed(&world).await;
+    let gateway = world.gateway().await;
+    let corpus = [
+        (
+            "{ orderList(limit: 1) { customer { id } ...F } } fragment F on Order { customer { name } }",
+            json!({}),
+            json!({"orderList": [{"customer": {"id": 1, "name": "Ada"}}]}),
+        ),
+        (
+            "{ c: customer(id: 1) { ... on Customer { name } n: name ... @include(if: true) { email } } }",
+            json!({}),
+            json!({"c": {"name": "Ada", "n": "Ada", "email": "ada@example.com"}}),
+        ),
+        (
+            "{ customer(id: 1) { first: orders(limit: 1, order_by: [{id: ASC}]) { id }
+                                  last: orders(limit: 1, order_by: [{id: DESC}]) { id } } }",
+            json!({}),
+            json!({"customer": {"first": [{"id": 10}], "last": [{"id": 11}]}}),
+        ),
+        (
+            "query($s: Boolean!) { customer(id: 1) { name orders @skip(if: $s) { id } } }",
+            json!({"s": true}),
+            json!({"customer": {"name": "Ada"}}),
+        ),
+        (
+            "query($s: Boolean!) { customer(id: 2) { name orders @include(if: $s) { id } } }",
+            json!({"s": true}),
+            json!({"customer": {"name": "Bob", "orders": [{"id": 12}]}}),
+        ),
+        (
+            "{ orderList(where: {id: {eq: 12}}) { ...O } }
+             fragment O on Order { id customer { ...C } }
+             fragment C on Customer { name orders { id } }",
+            json!({}),
+            json!({"orderList": [{"id": 12, "customer": {"name": "Bob", "orders": [{"id": 12}]}}]}),
+        ),
+        (
+            "{ customer(id: 2) { __typename name } }",
+            json!({}),
+            json!({"customer": {"__typename": "Customer", "name": "Bob"}}),
+        ),
+        (
+            "{ customer(id: 3) { name } customer(id: 3) { email } }",
+            json!({}),
+            json!({"customer": {"name": "Cy", "email": "cy@example.com"}}),
+        ),
+        (
+            "{ customer(id: 1) @include(if: false) { id } orderList(limit: 1) { id } }",
+            json!({}),
+            json!({"orderList": [{"id": 10}]}),
+        ),
+        (
+            "{ orderList(limit: 1) { customer { id ...N } customer { ...N email } } }
+             fragment N on Customer { name }",
+            json!({}),
+            json!({"orderList": [{"customer": {"id": 1, "name": "Ada", "email": "ada@example.com"}}]}),
+        ),
+        // A skipped subtree is never compiled: its invalid `limit` would otherwise be refused.
+        (
+            "{ customer(id: 1) { name orders(limit: -1) @skip(if: true) { id } } }",
+            json!({}),
+            json!({"customer": {"name": "Ada"}}),
+        ),
+        // ...nor counted: a thousand by a thousand rows costs nothing when skipped.
+        (
+            "{ customerList(limit: 1000) @skip(if: true) { orders(limit: 1000) { id } } customer(id: 3) { id } }",
+            json!({}),
+            json!({"customer": {"id": 3}}),
+        ),
+    ];
+    for (query, variables, expected) in corpus {
+        let (status, body) = gateway.post(query, variables, &[]).await;
+        assert_eq!(status, 200, "{query}: {body}");
+        assert!(body.get("errors").is_none(), "{query}: {body}");
+        assert_eq!(body["data"], expected, "{query}");
+    }
+    gateway.stop().await;
+}
+
+/// The shop schema plus a table with the awkward types: a 64-bit key, bounded strings, money.
+async fn awkward_gateway(world: &World) -> common::Gateway {
+    sqlx::raw_sql(
+        "CREATE TABLE accounts (
+             id bigint PRIMARY KEY,
+             code varchar(5) NOT NULL,
+             grade char(3),
+             balance numeric(20,4),
+             password_hash text NOT NULL DEFAULT 'secret'
+         );",
+    )
+    .execute(&world.db)
+    .await
+    .expect("the accounts table");
+    let path = world.dir.path().join("awkward.toml");
+    let schema = format!(
+        "{}\n[entities.Account]\ntable = \"accounts\"\nkey = \"id\"\n\
+         fields = {{ id = \"Int\", code = \"String\", grade = \"String\", balance = \"Float\" }}\n",
+        common::SCHEMA
+    );
+    std::fs::write(&path, schema).expect("write");
+    let mut settings = world.settings();
+    settings.schema_file = path;
+    world.gateway_with(settings).await
+}
+
+fn message(body: &serde_json::Value) -> String {
+    body["errors"][0]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn values_round_trip_exactly_overflow_is_an_error_and_database_text_stays_inside() {
+    let world = World::start().await;
+    let gateway = awkward_gateway(&world).await;
+    let key = "9007199254740993"; // 2^53 + 1: a JSON number would come back as ...992
+    let money = "12345678901234.5678";
+    let (_, body) = gateway
+        .post(
+            "mutation($id: BigInt!, $m: Decimal) { createAccount(input: {id: $id, code: \"abc\", balance: $m}) { id balance } }",
+            json!({"id": key, "m": money}),
+            &[("x-api-key", API_KEY)],
+        )
+        .await;
+    assert_eq!(
+        body["data"],
+        json!({"createAccount": {"id": key, "balance": money}}),
+        "{body}"
+    );
+    let data = gateway
+        .query(&format!(
+            "{{ account(id: \"{key}\") {{ id balance }} accountList(where: {{balance: {{gt: \"12345678901234.5677\"}}}}) {{ id }} }}"
+        ))
+        .await;
+    assert_eq!(
+        data,
+        json!({"account": {"id": key, "balance": money}, "accountList": [{"id": key}]})
+    );
+
+    for (input, refusal) in [
+        ("{id: 1, code: \"toolong\"}", "too long"),
+        ("{id: 2, code: \"ok\", grade: \"ABCD\"}", "too long"),
+        (
+            "{id: 3, code: \"ok\", balance: \"123456789012345678\"}",
+            "out of range",
+        ),
+    ] {
+        let (status, body) = gateway
+            .post(
+                &format!("mutation {{ createAccount(input: {input}) {{ id }} }}"),
+                json!({}),
+                &[("x-api-key", API_KEY)],
+            )
+            .await;
+        assert_eq!(status, 200);
+        let text = message(&body);
+        assert!(text.contains(refusal), "{input}: {body}");
+        assert!(
+            !text.contains("character varying") && !text.contains("accounts"),
+            "no database text reaches the client: {text}"
+        );
+        let id = body["errors"][0]["extensions"]["request_id"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(!id.is_empty() && text.contains(id), "{body}");
+    }
+    let (_, body) = gateway
+        .post(
+            &format!(
+                "mutation {{ createAccount(input: {{id: \"{key}\", code: \"dup\"}}) {{ id }} }}"
+            ),
+            json!({}),
+            &[("x-api-key", API_KEY)],
+        )
+        .await;
+    let text = message(&body);
+    assert!(
+        text.contains("already exists") && !text.contains("accounts_pkey"),
+        "{body}"
+    );
+    let (codes, count): (Vec<String>, i64) =
+        sqlx::query_as("SELECT array_agg(code ORDER BY id), count(*) FROM accounts")
+            .fetch_one(&world.db)
+            .await
+            .expect("read back");
+    assert_eq!(
+        (codes, count),
+        (vec!["abc".to_owned()], 1),
+        "nothing was cut and stored"
+    );
+
+    let (_, body) = gateway
+        .post("{ account(id: \"1\") { password_hash } }", json!({}), &[])
+        .await;
+    assert!(
+        message(&body).contains("password_hash"),
+        "unexposed: {body}"
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn null_in_a_filter_operator_is_an_error_not_every_row() {
+    let world = World::start().await;
+    seed(&world).await;
+    let gateway = world.gateway().await;
+    for (query, variables) in [
+        (
+            "{ customerList(where: {name: {eq: null}}) { id } }",
+            json!({}),
+        ),
+        (
+            "{ customerList(where: {id: {gt: null}}) { id } }",
+            json!({}),
+        ),
+        (
+            "query($v: String) { customerList(where: {name: {neq: $v}}) { id } }",
+            json!({}),
+        ),
+        (
+            "{ customerList(where: {email: {is_null: null}}) { id } }",
+            json!({}),
+        ),
+        ("{ customerList(where: {or: null}) { id } }", json!({})),
+    ] {
+        let (_, body) = gateway.post(query, variables, &[]).await;
+        assert!(message(&body).contains("null"), "{query}: {body}");
+        assert!(
+            body["data"]["customerList"].is_null(),
+            "no rows for {query}: {body}"
+        );
+    }
+    assert_eq!(
+        gateway
+            .query("{ customerList(where: {email: {is_null: true}}) { id } }")
+            .await,
+        json!({"customerList": [{"id": 2}]})
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn list_limits_multiply_into_a_row_budget_and_aliases_are_limited() {
+    let world = World::start().await;
+    seed(&world).await;
+    let mut settings = world.settings();
+    settings.limits.max_aliases = 3;
+    let gateway = world.gateway_with(settings).await;
+    let (_, body) = gateway
+        .post(
+            "{ customerList(limit: 1000) { orders(limit: 1000) { customer { orders(limit: 1000) { id } } } } }",
+            json!({}),
+            &[],
+        )
+        .await;
+    assert!(message(&body).contains("max_rows"), "{body}");
+    let (_, body) = gateway
+        .post(
+            "query($n: Int) { customerList(limit: $n) { orders(limit: $n) { id } } }",
+            json!({"n": 1000}),
+            &[],
+        )
+        .await;
+    assert!(
+        message(&body).contains("max_rows"),
+        "through variables: {body}"
+    );
+    assert_eq!(
+        gateway
+            .query("{ customerList(limit: 1) { orders(limit: 1) { id } } }")
+            .await,
+        json!({"customerList": [{"orders": [{"id": 10}]}]})
+    );
+    let (_, body) = gateway
+        .post(
+            "{ a: customer(id: 1) { b: id c: name d: email } }",
+            json!({}),
+            &[],
+        )
+        .await;
+    assert!(message(&body).contains("max_aliases"), "{body}");
+    let (_, body) = gateway
+        .post(
+            "{ customer(id: 1) { id @skip(if: false) @skip(if: false) @skip(if: false) @skip(if: false) @skip(if: false) @skip(if: false) @skip(if: false) @skip(if: false) @skip(if: false) } }",
+            json!({}),
+            &[],
+        )
+        .await;
+    assert!(
+        message(&body).to_lowercase().contains("directive"),
+        "{body}"
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_that_names_no_single_row_or_colliding_names_refuse_the_start() {
+    let world = World::start().await;
+    let start = |schema: String| {
+        let path = world.dir.path().join("check.toml");
+        std::fs::write(&path, schema).expect("write");
+        let mut settings = world.settings();
+        settings.schema_file = path;
+        let nats = world.nats.clone();
+        async move {
+            match herald_gateway::start(&settings, &nats, Default::default()).await {
+                Ok(_) => panic!("the gateway started"),
+                Err(e) => e.to_string(),
+            }
+        }
+    };
+    let err = start(common::SCHEMA.replace(
+        "[entities.Counter]\ntable = \"counters\"\nkey = \"id\"",
+        "[entities.Counter]\ntable = \"counters\"\nkey = \"n\"",
+    ))
+    .await;
+    assert!(
+        err.contains("Counter") && err.contains("`n`") && err.contains("unique"),
+        "{err}"
+    );
+
+    let err = start(format!(
+        "{}\n[entities.OrderList]\ntable = \"counters\"\nkey = \"id\"\nfields = {{ id = \"Int\" }}\n",
+        common::SCHEMA
+    ))
+    .await;
+    assert!(
+        err.contains("Order") && err.contains("OrderList") && err.contains("orderList"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn permissions_grant_operations_per_role_and_filter_rows_on_a_claim() {
+    let world = World::start().await;
+    seed(&world).await;
+    let path = world.dir.path().join("permissions.toml");
+    let schema = format!(
+        "{}\n[entities.Order.permissions.customer]\noperations = [\"read\", \"insert\", \"update\"]\n\
+         row_filter = {{ column = \"customer_id\", claim = \"/app/customer\" }}\n\
+         [entities.Order.permissions.admin]\noperations = [\"read\", \"insert\", \"update\", \"delete\"]\n",
+        common::SCHEMA
+    );
+    std::fs::write(&path, schema).expect("write");
+    let mut settings = world.settings();
+    settings.schema_file = path;
+    settings.auth.jwt_roles_claim = Some("/app/roles".into());
+    settings
+        .auth
+        .api_key_roles
+        .insert(API_KEY_ACTOR.into(), vec!["admin".into()]);
+    let gateway = world.gateway_with(settings).await;
+    let ada = {
+        let claims = json!({"sub": "ada", "exp": chrono::Utc::now().timestamp() + 600,
+                            "app": {"roles": ["customer"], "customer": 1}});
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(common::JWT_SECRET.as_bytes()),
+        )
+        .expect("sign");
+        format!("Bearer {token}")
+    };
+    let as_ada = [("authorization", ada.as_str())];
+    let ask = |query: &'static str, headers: &'static [(&'static str, &'static str)]| {
+        let gateway = &gateway;
+        async move { gateway.post(query, json!({}), headers).await.1 }
+    };
+
+    let body = ask("{ orderList { id } }", &[]).await;
+    assert!(
+        message(&body).contains("not permitted to read Order"),
+        "{body}"
+    );
+    let body = gateway
+        .post(
+            "{ orderList { id } }",
+            json!({}),
+            &[("authorization", &format!("Bearer {}", token("no-roles")))],
+        )
+        .await
+        .1;
+    assert!(
+        message(&body).contains("not permitted"),
+        "a caller without the role: {body}"
+    );
+
+    let (_, body) = gateway
+        .post(
+            "{ orderList { id } order(id: 12) { id } customer(id: 2) { name orders { id } } }",
+            json!({}),
+            &as_ada,
+        )
+        .await;
+    assert_eq!(
+        body["data"],
+        json!({"orderList": [{"id": 10}, {"id": 11}], "order": null,
+               "customer": {"name": "Bob", "orders": []}}),
+        "only Ada's own orders, also through a relation: {body}"
+    );
+
+    let (_, body) = gateway
+        .post(
+            r#"mutation { createOrder(input: {id: 30, status: "new"}) { id customer_id } }"#,
+            json!({}),
+            &as_ada,
+        )
+        .await;
+    assert_eq!(
+        body["data"],
+        json!({"createOrder": {"id": 30, "customer_id": 1}}),
+        "the filtered column is set from the claim: {body}"
+    );
+    for mutation in [
+        r#"mutation { createOrder(input: {id: 31, customer_id: 2}) { id } }"#,
+        r#"mutation { updateOrder(id: 10, input: {customer_id: 2}) { id } }"#,
+        "mutation { deleteOrder(id: 10) { id } }",
+    ] {
+        let (_, body) = gateway.post(mutation, json!({}), &as_ada).await;
+        assert!(
+            message(&body).contains("not permitted"),
+            "{mutation}: {body}"
+        );
+    }
+    let (_, body) = gateway
+        .post(
+            r#"mutation { updateOrder(id: 12, input: {status: "mine now"}) { id } }"#,
+            json!({}),
+            &as_ada,
+        )
+        .await;
+    assert_eq!(
+        body["data"],
+        json!({"updateOrder": null}),
+        "Bob's row is out of reach: {body}"
+    );
+
+    let (_, body) = gateway
+        .post(
+            "mutation { deleteOrder(id: 12) { id } }",
+            json!({}),
+            &[("x-api-key", API_KEY)],
+        )
+        .await;
+    assert_eq!(
+        body["data"],
+        json!({"deleteOrder": {"id": 12}}),
+        "the admin role: {body}"
+    );
+    let rows: Vec<(i32, Option<i32>, String)> =
+        sqlx::query_as("SELECT id, customer_id, status FROM orders ORDER BY id")
+            .fetch_all(&world.db)
+            .await
+            .expect("read back");
+    assert_eq!(
+        rows,
+        vec![
+            (10, Some(1), "paid".to_owned()),
+            (11, Some(1), "new".to_owned()),
+            (13, Some(3), "paid".to_owned()),
+            (30, Some(1), "new".to_owned()),
+        ]
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn keyset_pages_aggregates_multi_row_inserts_and_upserts() {
+    let world = World::start().await;
+    let gateway = world.gateway().await;
+    seed(&world).await;
+    let before = world.wait_for_events(7).await.len();
+
+    let page = |after: &str| {
+        format!("{{ orderList(order_by: [{{status: ASC}}], limit: 2{after}) {{ id }} }}")
+    };
+    // status order: new(11) paid(10) paid(13) shipped(12); ties broken by the key.
+    assert_eq!(
+        gateway.query(&page("")).await,
+        json!({"orderList": [{"id": 11}, {"id": 10}]})
+    );
+    assert_eq!(
+        gateway.query(&page(", after: 10")).await,
+        json!({"orderList": [{"id": 13}, {"id": 12}]})
+    );
+    assert_eq!(
+        gateway
+            .query("{ customer(id: 1) { orders(order_by: [{total: DESC}], after: 11) { id } } }")
+            .await,
+        json!({"customer": {"orders": [{"id": 10}]}})
+    );
+    assert_eq!(
+        gateway
+            .query(r#"{ all: orderAggregate { count } paid: orderAggregate(where: {status: {eq: "paid"}}) { n: count } }"#)
+            .await,
+        json!({"all": {"count": 4}, "paid": {"n": 2}})
+    );
+
+    let (_, body) = gateway
+        .post(
+            r#"mutation { createOrderList(inputs: [{id: 40, customer_id: 1, status: "new"},
+                                                  {id: 41, customer_id: 2}]) { id status } }"#,
+            json!({}),
+            &[("x-api-key", API_KEY)],
+        )
+        .await;
+    assert_eq!(
+        body["data"],
+        json!({"createOrderList": [{"id": 40, "status": "new"}, {"id": 41, "status": "new"}]}),
+        "{body}"
+    );
+    let (_, body) = gateway
+        .post(
+            r#"mutation { createOrderList(inputs: [{id: 42}, {id: 40}]) { id } }"#,
+            json!({}),
+            &[("x-api-key", API_KEY)],
+        )
+        .await;
+    assert!(message(&body).contains("already exists"), "{body}");
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE id = 42")
+        .fetch_one(&world.db)
+        .await
+        .expect("count");
+    assert_eq!(
+        count, 0,
+        "one statement: the failing row takes the other with it"
+    );
+
+    for (status, expected) in [("first", "first"), ("second", "second")] {
+        let (_, body) = gateway
+            .post(
+                &format!(r#"mutation {{ upsertOrder(input: {{id: 50, customer_id: 3, status: "{status}"}}) {{ id status }} }}"#),
+                json!({}),
+                &[("x-api-key", API_KEY)],
+            )
+            .await;
+        assert_eq!(
+            body["data"],
+            json!({"upsertOrder": {"id": 50, "status": expected}}),
+            "{body}"
+        );
+    }
+    let stored = world.wait_for_events(before + 4).await;
+    let events: Vec<_> = stored[before..].iter().map(|s| s.event()).collect();
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.op, e.key.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (Op::Insert, "40"),
+            (Op::Insert, "41"),
+            (Op::Insert, "50"),
+            (Op::Update, "50"),
+        ],
+        "one event per row"
+    );
+    assert_eq!(events[0].tx, events[1].tx, "the rows share one transaction");
+    gateway.stop().await;
 }
