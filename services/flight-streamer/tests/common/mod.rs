@@ -314,3 +314,11 @@ pub fn sequences(messages: &[Message]) -> Vec<u64> {
 pub fn rows(messages: &[Message]) -> usize {
     messages.iter().map(|m| m.batch.num_rows()).sum()
 }
+
+/// The gRPC code of a Flight error (None for a client-side error).
+pub fn code(error: &arrow_flight::error::FlightError) -> Option<tonic::Code> {
+    match error {
+        arrow_flight::error::FlightError::Tonic(status) => Some(status.code()),
+        _ => None,
+    }
+}
