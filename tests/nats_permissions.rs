@@ -256,10 +256,7 @@ async fn the_flight_streamer_reads_through_ordered_consumers_and_can_touch_no_ot
         })
         .await
         .expect("flight-streamer creates an ephemeral consumer to count");
-    assert_eq!(
-        counting.info().await.expect("consumer info").num_pending,
-        1
-    );
+    assert_eq!(counting.info().await.expect("consumer info").num_pending, 1);
 
     // Never a durable, never a delete of anyone's consumer, never an ack.
     for subject in [
