@@ -372,3 +372,78 @@ async fn a_row_above_the_message_limit_fails_its_stream_and_the_server_goes_on()
         .expect("the server still answers");
     assert_eq!(info.total_records, 1);
 }
+
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("resident pages");
+    pages * 4096
+}
+
+#[tokio::test]
+async fn a_slow_reader_slows_the_producer_instead_of_growing_the_server_memory() {
+    let stack = Stack::start_with(|s| {
+        s.batch_rows = 500;
+        s.queued_batches = 2;
+    })
+    .await;
+    // 40k events of about 2 KiB: 80 MiB stored, far more than the bound below.
+    let template = stack.new_order("1.00", "new", Utc::now()).await;
+    let padding = "x".repeat(2048);
+    let total = 40_000;
+    let mut acks = Vec::new();
+    for _ in 0..total {
+        let mut order = event("Order", Op::Insert, None, template.data.clone(), Utc::now());
+        order.data.as_mut().expect("row")["status"] = json!(padding);
+        let body = serde_json::to_vec(&order).expect("serialise");
+        acks.push(
+            stack
+                .publisher
+                .publish("herald.events.Order.insert", body.into())
+                .await
+                .expect("publish"),
+        );
+        if acks.len() == 1000 {
+            for ack in acks.drain(..) {
+                ack.await.expect("stored");
+            }
+        }
+    }
+    for ack in acks.drain(..) {
+        ack.await.expect("stored");
+    }
+    let mut client = stack.client().await;
+    let mut reader = Reader::open(&mut client, "observer_events:Order").await;
+    let mut read = reader
+        .next_rows(Duration::from_secs(10))
+        .await
+        .batch
+        .num_rows();
+    let baseline = resident_bytes();
+    let mut peak = baseline;
+    // The slow client: a pause before each batch it takes, long enough in all for an unbounded
+    // producer to have read the whole stream into memory.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        peak = peak.max(resident_bytes());
+        read += reader
+            .next_rows(Duration::from_secs(10))
+            .await
+            .batch
+            .num_rows();
+    }
+    let growth = peak.saturating_sub(baseline);
+    eprintln!("RSS growth while reading slowly: {} KiB", growth / 1024);
+    assert!(
+        growth < 40 * 1024 * 1024,
+        "RSS grew by {} MiB while the client read slowly",
+        growth / (1024 * 1024)
+    );
+    while let Some(message) = reader.next().await.expect("a batch") {
+        read += message.batch.num_rows();
+    }
+    assert_eq!(read, total, "nothing is lost to the slowness");
+}
