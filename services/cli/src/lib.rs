@@ -10,6 +10,7 @@
 pub mod checkpoint;
 pub mod connection;
 pub mod dlq;
+pub mod export;
 pub mod jobs;
 pub mod observers;
 pub mod pattern;
@@ -63,6 +64,8 @@ pub enum Command {
     /// Observers: dry-run a file on one event, backfill one observer over history.
     #[command(subcommand)]
     Observers(observers::ObserversCommand),
+    /// Export a table through the flight-streamer into a .parquet, .arrow or .csv file.
+    Export(export::ExportArgs),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +86,8 @@ pub enum CliError {
     Checkpoint(#[from] checkpoint::CheckpointCommandError),
     #[error(transparent)]
     Observers(#[from] observers::ObserversCommandError),
+    #[error(transparent)]
+    Export(#[from] export::ExportError),
 }
 
 /// Runs one command, writing its output to `out`. `shutdown` ends commands that run until
@@ -109,6 +114,7 @@ pub async fn run(
             checkpoint::run(&Session::open(connection).await?, command, out).await?;
         }
         Command::Observers(command) => observers::run(connection, command, out).await?,
+        Command::Export(args) => export::run(args, shutdown, out).await?,
     }
     Ok(())
 }
