@@ -45,7 +45,11 @@ fn peak_rss_mib() -> f64 {
 fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<f64>().ok())
+        })
         .map_or(0.0, |pages| pages * 4096.0 / (1024.0 * 1024.0))
 }
 
@@ -236,7 +240,10 @@ async fn main() {
 
     let per_s = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
     let mb_s = |b: usize, d: Duration| b as f64 / 1e6 / d.as_secs_f64();
-    println!("flight-streamer bench: {events} events ({:.1} MB of JSON), {rows} rows", json_bytes as f64 / 1e6);
+    println!(
+        "flight-streamer bench: {events} events ({:.1} MB of JSON), {rows} rows",
+        json_bytes as f64 / 1e6
+    );
     println!(
         "events over Flight:    {:>10.0} events/s  {:>7.1} MB/s of Arrow  {:>7.1} MB/s of JSON read  first batch {:>6.1} ms  stream RSS +{:.1} MiB",
         per_s(flight.rows, flight.elapsed),

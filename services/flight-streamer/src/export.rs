@@ -122,11 +122,26 @@ async fn run(
         }
         _ => database(e),
     })?;
+    let read = read_cursor(&mut tx, plan, rows_per_batch, bytes_per_batch, frames).await;
+    // Read-only: nothing to commit. Rolling back at once, also when the client has gone, closes
+    // the cursor now rather than when the pool next hands out the connection.
+    tx.rollback().await.map_err(database)?;
+    read
+}
+
+async fn read_cursor(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    plan: &ExportPlan,
+    rows_per_batch: usize,
+    bytes_per_batch: usize,
+    frames: &mpsc::Sender<Result<Frame, Status>>,
+) -> Result<(), Status> {
+    let database = |e: sqlx::Error| Status::unavailable(format!("export failed: {e}"));
     let fetch = format!("FETCH FORWARD {rows_per_batch} FROM herald_export");
     let mut batch = ExportBatch::new(plan);
     loop {
         let mut fetched = 0;
-        let mut rows = sqlx::query(sqlx::AssertSqlSafe(fetch.as_str())).fetch(&mut *tx);
+        let mut rows = sqlx::query(sqlx::AssertSqlSafe(fetch.as_str())).fetch(&mut **tx);
         loop {
             let row = tokio::select! {
                 _ = frames.closed() => return Ok(()),
@@ -141,16 +156,13 @@ async fn run(
                 return Ok(());
             }
         }
-        drop(rows);
         if fetched < rows_per_batch {
             break;
         }
     }
-    if batch.rows > 0 && batch.send(frames).await.is_err() {
-        return Ok(());
+    if batch.rows > 0 {
+        let _ = batch.send(frames).await;
     }
-    // Read-only: nothing to commit; the rollback also closes the cursor.
-    tx.rollback().await.map_err(database)?;
     Ok(())
 }
 

@@ -304,3 +304,43 @@ async fn every_rpc_without_the_token_is_unauthenticated_and_handshake_hands_it_o
         .expect("flights");
     assert_eq!(flights.len(), 6);
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_closes_its_export_cursor_at_once() {
+    let stack = Stack::start_with(|s| s.batch_rows = 1000).await;
+    sqlx::raw_sql(
+        "INSERT INTO customers (email, name) VALUES ('big@example.com', 'Big'); \
+         INSERT INTO orders (customer_id, total) \
+         SELECT (SELECT max(id) FROM customers), i FROM generate_series(1, 100000) AS i;",
+    )
+    .execute(&stack.pool)
+    .await
+    .expect("a big table");
+    // The streamer's backends still inside an export's transaction (cursor open).
+    let exporting = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE query LIKE 'FETCH FORWARD%' AND state <> 'idle'",
+        )
+        .fetch_one(&stack.pool)
+        .await
+        .expect("pg_stat_activity")
+    };
+    let mut client = stack.client().await;
+    let mut reader = Reader::open(&mut client, "export:orders").await;
+    let first = reader.next().await.expect("a batch").expect("rows");
+    assert_eq!(first.batch.num_rows(), 1000);
+    herald_test_support::eventually_async(
+        "the export to hold its cursor",
+        std::time::Duration::from_secs(10),
+        || async { (exporting().await == 1).then_some(()) },
+    )
+    .await;
+    drop(reader);
+    herald_test_support::eventually_async(
+        "the cursor to close once the client is gone",
+        std::time::Duration::from_secs(5),
+        || async { (exporting().await == 0).then_some(()) },
+    )
+    .await;
+}
