@@ -247,8 +247,7 @@ async fn every_rpc_without_the_token_is_unauthenticated_and_handshake_hands_it_o
                 "Order".into(),
             ]))
             .await
-            .err()
-            .expect("GetFlightInfo refused"),
+            .expect_err("GetFlightInfo refused"),
     );
     unauthenticated(
         anonymous
@@ -257,15 +256,13 @@ async fn every_rpc_without_the_token_is_unauthenticated_and_handshake_hands_it_o
                 "orders".into(),
             ]))
             .await
-            .err()
-            .expect("GetSchema refused"),
+            .expect_err("GetSchema refused"),
     );
     unauthenticated(
         anonymous
             .do_get(Ticket::new("export:orders"))
             .await
-            .err()
-            .expect("DoGet refused"),
+            .expect_err("DoGet refused"),
     );
     let mut wrong = stack.anonymous().await;
     wrong
@@ -282,8 +279,7 @@ async fn every_rpc_without_the_token_is_unauthenticated_and_handshake_hands_it_o
         anonymous
             .handshake("not the token")
             .await
-            .err()
-            .expect("a wrong handshake is refused"),
+            .expect_err("a wrong handshake is refused"),
     );
 
     let payload = anonymous
