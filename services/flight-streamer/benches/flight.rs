@@ -170,6 +170,63 @@ async fn read(client: &mut FlightClient, ticket: &str) -> Read {
     }
 }
 
+/// The same comparison from Python, as an analyst meets it: `read_pandas` over Flight against
+/// nats-py + `json.loads` + `pd.DataFrame` (benches/pandas_baseline.py).
+async fn pandas(flight: &str, nats_url: &str, events: usize) {
+    let python = workspace_root().join(".venv/bin/python");
+    let script = workspace_root().join("services/flight-streamer/benches/pandas_baseline.py");
+    let output = tokio::process::Command::new(&python)
+        .arg(script)
+        .args([
+            &format!("grpc://{flight}"),
+            TOKEN,
+            nats_url,
+            &events.to_string(),
+        ])
+        .output()
+        .await;
+    let summary = match output {
+        Ok(output) if output.status.success() => {
+            serde_json::from_slice::<Value>(&output.stdout).unwrap_or(Value::Null)
+        }
+        Ok(output) => {
+            println!(
+                "pandas comparison skipped: {}",
+                String::from_utf8_lossy(&output.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            );
+            return;
+        }
+        Err(e) => {
+            println!(
+                "pandas comparison skipped: {} ({e}); run scripts/install-deps",
+                python.display()
+            );
+            return;
+        }
+    };
+    let (Some(flight_s), Some(json_s)) = (summary["flight_s"].as_f64(), summary["json_s"].as_f64())
+    else {
+        println!("pandas comparison skipped: unexpected output {summary}");
+        return;
+    };
+    let rate = |s: f64| events as f64 / s;
+    println!(
+        "pandas via Flight:     {:>10.0} events/s  ({flight_s:.2} s to a typed DataFrame)",
+        rate(flight_s)
+    );
+    println!(
+        "pandas via JSON:       {:>10.0} events/s  ({json_s:.2} s: nats-py pull, json.loads, DataFrame, to_datetime)",
+        rate(json_s)
+    );
+    println!(
+        "ratio Flight / JSON:   {:>10.2}x (pandas)",
+        json_s / flight_s
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let events = size("HERALD_BENCH_EVENTS", 200_000);
@@ -271,6 +328,7 @@ async fn main() {
         "peak RSS of the process (streamer, client, baseline): {:.1} MiB",
         peak_rss_mib()
     );
+    pandas(&running.address.to_string(), &nats.url(), events).await;
     shutdown.cancel();
     running.wait().await;
 }

@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::event_batch::{self, EventBatch};
-use crate::frames::Frame;
+use crate::frames::{FIRST_BATCH_ROWS, Frame};
 use crate::schema::EntityTypes;
 use crate::ticket::EventsTicket;
 
@@ -205,6 +205,7 @@ pub async fn produce(
     let mut batch = EventBatch::new(types.clone());
     let mut cursor = ticket.after_seq;
     let mut replaying = pending > 0;
+    let mut row_limit = batching.rows.min(FIRST_BATCH_ROWS);
     loop {
         if !replaying && batch.rows() > 0 && !flush(&mut batch, cursor, &frames).await {
             return;
@@ -288,10 +289,11 @@ pub async fn produce(
         if replaying && (seq >= end || left == 0) {
             replaying = false;
         }
-        if (batch.rows() >= batching.rows || batch.bytes() >= batching.bytes)
-            && !flush(&mut batch, cursor, &frames).await
-        {
-            return;
+        if batch.rows() >= row_limit || batch.bytes() >= batching.bytes {
+            if !flush(&mut batch, cursor, &frames).await {
+                return;
+            }
+            row_limit = batching.rows;
         }
     }
 }

@@ -18,7 +18,7 @@ use tonic::Status;
 
 use crate::columns::Column;
 use crate::filter::{FilterError, Param};
-use crate::frames::Frame;
+use crate::frames::{FIRST_BATCH_ROWS, Frame};
 use crate::schema::{EntityTypes, TypedColumn};
 use crate::ticket::ExportTicket;
 
@@ -139,6 +139,7 @@ async fn read_cursor(
     let database = |e: sqlx::Error| Status::unavailable(format!("export failed: {e}"));
     let fetch = format!("FETCH FORWARD {rows_per_batch} FROM herald_export");
     let mut batch = ExportBatch::new(plan);
+    let mut row_limit = rows_per_batch.min(FIRST_BATCH_ROWS);
     loop {
         let mut fetched = 0;
         let mut rows = sqlx::query(sqlx::AssertSqlSafe(fetch.as_str())).fetch(&mut **tx);
@@ -150,10 +151,11 @@ async fn read_cursor(
             let Some(row) = row else { break };
             fetched += 1;
             batch.push(&row).map_err(database)?;
-            if (batch.rows >= rows_per_batch || batch.bytes >= bytes_per_batch)
-                && batch.send(frames).await.is_err()
-            {
-                return Ok(());
+            if batch.rows >= row_limit || batch.bytes >= bytes_per_batch {
+                if batch.send(frames).await.is_err() {
+                    return Ok(());
+                }
+                row_limit = rows_per_batch;
             }
         }
         if fetched < rows_per_batch {

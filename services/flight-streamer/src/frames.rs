@@ -19,6 +19,11 @@ use futures::Stream;
 use tokio::sync::mpsc;
 use tonic::Status;
 
+/// The first batch of a stream holds at most this many rows, whatever `batch_rows` says: the
+/// client sees data (and can start working) after a few milliseconds rather than after a full
+/// batch has been read and converted.
+pub const FIRST_BATCH_ROWS: usize = 1024;
+
 /// Rows sent over Flight, by kind of ticket.
 pub const ROWS_SENT: &str = "herald_flight_rows_sent_total";
 /// Bytes of Flight messages sent.
