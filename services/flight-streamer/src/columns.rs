@@ -3,6 +3,7 @@
 //! by rows. A value that does not fit its column's type (a text where the catalogue says
 //! integer) becomes null and is counted, never a panic and never a guess at another type.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -10,7 +11,7 @@ use arrow::array::{
     TimestampMicrosecondBuilder,
 };
 use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Utc};
-use serde_json::Value;
+use serde_json::value::RawValue;
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
@@ -57,42 +58,38 @@ impl Column {
         }
     }
 
-    /// Appends a value of an event row (PostgreSQL's `to_jsonb` of the row). Returns the bytes
-    /// added; a value of the wrong shape is appended as null and counted.
-    pub fn append_json(&mut self, value: Option<&Value>, kind: Kind) -> usize {
-        let Some(value) = value.filter(|v| !v.is_null()) else {
-            self.append_null();
-            return 1;
+    /// Appends a value of an event row (PostgreSQL's `to_jsonb` of the row), read from its raw
+    /// JSON text without building a JSON tree. Returns the bytes added; a value of the wrong
+    /// shape is appended as null and counted.
+    pub fn append_json(&mut self, raw: Option<&RawValue>, kind: Kind) -> usize {
+        let text = match raw.map(RawValue::get) {
+            None | Some("null") => {
+                self.append_null();
+                return 1;
+            }
+            Some(text) => text,
         };
         let fitted = match self {
-            Column::Int(b) => json_int(value).map(|v| b.append_value(v)),
-            Column::Float(b) => json_float(value).map(|v| b.append_value(v)),
-            Column::Bool(b) => value.as_bool().map(|v| b.append_value(v)),
-            Column::TimestampTz(b) => value
-                .as_str()
-                .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+            Column::Int(b) => number(text).map(|v| b.append_value(v)),
+            Column::Float(b) => number(text).map(|v| b.append_value(v)),
+            Column::Bool(b) => text.parse::<bool>().ok().map(|v| b.append_value(v)),
+            Column::TimestampTz(b) => string(text)
+                .and_then(|s| DateTime::parse_from_rfc3339(&s).ok())
                 .map(|t| b.append_value(t.timestamp_micros())),
-            Column::Timestamp(b) => value
-                .as_str()
-                .and_then(parse_naive_timestamp)
+            Column::Timestamp(b) => string(text)
+                .and_then(|s| parse_naive_timestamp(&s))
                 .map(|t| b.append_value(t.and_utc().timestamp_micros())),
-            Column::Date(b) => value
-                .as_str()
-                .and_then(|s| NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
+            Column::Date(b) => string(text)
+                .and_then(|s| NaiveDate::parse_from_str(&s, "%Y-%m-%d").ok())
                 .map(|d| b.append_value(days(d))),
             Column::Text(b) => {
-                let len = match (kind, value) {
-                    (Kind::Text, Value::String(s)) => {
-                        b.append_value(s);
-                        s.len()
-                    }
-                    (_, other) => {
-                        let text = other.to_string();
-                        b.append_value(&text);
-                        text.len()
-                    }
-                };
-                return len + 4;
+                // A text column holds the string; JSON columns (and a non-string in a text
+                // column) hold the JSON text itself.
+                match (kind, string(text)) {
+                    (Kind::Text, Some(s)) => b.append_value(&s),
+                    _ => b.append_value(text),
+                }
+                return text.len() + 4;
             }
         };
         if fitted.is_none() {
@@ -153,21 +150,21 @@ impl Column {
     }
 }
 
-fn json_int(value: &Value) -> Option<i64> {
-    match value {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => s.parse().ok(),
-        _ => None,
+/// A JSON string's content (without building a tree); None for any other JSON value.
+fn string(text: &str) -> Option<Cow<'_, str>> {
+    if !text.starts_with('"') {
+        return None;
     }
+    serde_json::from_str::<&str>(text)
+        .map(Cow::Borrowed)
+        .or_else(|_| serde_json::from_str::<String>(text).map(Cow::Owned))
+        .ok()
 }
 
-fn json_float(value: &Value) -> Option<f64> {
-    match value {
-        Value::Number(n) => n.as_f64(),
-        // `numeric` NaN and the infinities reach JSON as strings.
-        Value::String(s) => s.parse().ok(),
-        _ => None,
-    }
+/// A JSON number, or a string holding one (`numeric` NaN and the infinities reach JSON as
+/// strings, and so may a bigint from another producer).
+fn number<T: std::str::FromStr>(text: &str) -> Option<T> {
+    text.parse().ok().or_else(|| string(text)?.parse().ok())
 }
 
 fn parse_naive_timestamp(text: &str) -> Option<NaiveDateTime> {
@@ -180,27 +177,29 @@ fn days(date: NaiveDate) -> i32 {
 
 #[cfg(test)]
 mod tests {
-    use arrow::array::{Array, Date32Array, Int64Array, TimestampMicrosecondArray};
-    use serde_json::json;
-
     use super::*;
+    use arrow::array::{Array, Date32Array, Int64Array, TimestampMicrosecondArray};
+
+    fn raw(text: &str) -> Box<RawValue> {
+        RawValue::from_string(text.to_owned()).expect("JSON")
+    }
 
     #[test]
     fn json_values_become_typed_values_and_misfits_become_null() {
         let mut ints = Column::new(Kind::Int);
-        for value in [json!(7), json!("8"), json!("eight"), Value::Null] {
-            ints.append_json(Some(&value), Kind::Int);
+        for value in ["7", "\"8\"", "\"eight\"", "null", "1.5"] {
+            ints.append_json(Some(&raw(value)), Kind::Int);
         }
         let ints = ints.finish();
         let ints = ints.as_any().downcast_ref::<Int64Array>().expect("int64");
         assert_eq!(
             ints.iter().collect::<Vec<_>>(),
-            [Some(7), Some(8), None, None]
+            [Some(7), Some(8), None, None, None]
         );
 
         let mut times = Column::new(Kind::TimestampTz);
         times.append_json(
-            Some(&json!("2026-01-24T10:00:00.5+01:00")),
+            Some(&raw("\"2026-01-24T10:00:00.5+01:00\"")),
             Kind::TimestampTz,
         );
         let times = times.finish();
@@ -214,7 +213,7 @@ mod tests {
         assert_eq!(times.value(0), expected);
 
         let mut dates = Column::new(Kind::Date);
-        dates.append_json(Some(&json!("1970-01-02")), Kind::Date);
+        dates.append_json(Some(&raw("\"1970-01-02\"")), Kind::Date);
         let dates = dates.finish();
         let dates = dates.as_any().downcast_ref::<Date32Array>().expect("date");
         assert_eq!(dates.value(0), 1);

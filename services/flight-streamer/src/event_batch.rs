@@ -9,7 +9,12 @@ use arrow::array::{
 };
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
-use herald_shared::{EntityEvent, Op, SCHEMA_VERSION};
+use std::borrow::Cow;
+
+use chrono::{DateTime, Utc};
+use herald_shared::{Op, SCHEMA_VERSION};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::columns::Column;
 use crate::schema::EntityTypes;
@@ -25,13 +30,95 @@ pub enum EventError {
     WrongEntity { expected: String, found: String },
 }
 
+/// An entity event as stored (the contract's EntityEvent), read without copying: strings
+/// borrow from the message body and row values stay raw JSON text until their column parses
+/// them, which is what lets conversion keep up with JetStream.
+#[derive(Debug, Deserialize)]
+pub struct RawEvent<'a> {
+    #[serde(borrow)]
+    pub id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub entity: Cow<'a, str>,
+    pub op: Op,
+    #[serde(borrow)]
+    pub key: Cow<'a, str>,
+    #[serde(borrow)]
+    pub data: Option<Row<'a>>,
+    #[serde(borrow)]
+    pub before: Option<Row<'a>>,
+    pub changed: Option<Vec<String>>,
+    pub at: DateTime<Utc>,
+    #[serde(borrow)]
+    pub actor: Option<Cow<'a, str>>,
+    pub tx: i64,
+    pub schema_version: u32,
+}
+
+/// A row: column name → raw JSON value, in the order PostgreSQL wrote them.
+#[derive(Debug, Default)]
+pub struct Row<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'a> Row<'a> {
+    pub fn get(&self, column: &str) -> Option<&'a RawValue> {
+        self.0
+            .iter()
+            .find(|(name, _)| name == column)
+            .map(|(_, v)| *v)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Row<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visitor<'a> {
+            type Value = Row<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a row object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Row<'a>, M::Error> {
+                let mut row = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some((name, value)) = map.next_entry::<Borrowed<'de>, &'de RawValue>()? {
+                    row.push((name.0, value));
+                }
+                Ok(Row(row))
+            }
+        }
+        deserializer.deserialize_map(Visitor(std::marker::PhantomData))
+    }
+}
+
+/// A string that borrows when it can (no escapes) and owns when it must.
+struct Borrowed<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Borrowed<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Cow<'de, str>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a column name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Cow::Borrowed(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(v.to_owned()))
+            }
+        }
+        deserializer.deserialize_str(Visitor).map(Borrowed)
+    }
+}
+
 /// Parses one stored message body.
-pub fn parse(body: &[u8]) -> Result<EntityEvent, EventError> {
-    #[derive(serde::Deserialize)]
+pub fn parse(body: &[u8]) -> Result<RawEvent<'_>, EventError> {
+    #[derive(Deserialize)]
     struct Version {
         schema_version: u32,
     }
-    match serde_json::from_slice::<EntityEvent>(body) {
+    match serde_json::from_slice::<RawEvent<'_>>(body) {
         Ok(event) if event.schema_version == SCHEMA_VERSION => Ok(event),
         Ok(event) => Err(EventError::Version(event.schema_version)),
         // A newer version may have another shape: name the version rather than the shape.
@@ -97,14 +184,14 @@ impl EventBatch {
     }
 
     /// Appends one event stored at stream sequence `seq`.
-    pub fn push(&mut self, event: &EntityEvent, seq: u64) -> Result<(), EventError> {
+    pub fn push(&mut self, event: &RawEvent<'_>, seq: u64) -> Result<(), EventError> {
         if event.entity != self.types.entity {
             return Err(EventError::WrongEntity {
                 expected: self.types.entity.clone(),
-                found: event.entity.clone(),
+                found: event.entity.to_string(),
             });
         }
-        self.id.append_value(event.id.to_string());
+        self.id.append_value(&event.id);
         self.entity.append_value(&event.entity);
         self.op.append_value(event.op.as_str());
         self.key.append_value(&event.key);
