@@ -190,18 +190,6 @@ async fn consumers_can_pull_ack_and_read_by_sequence_on_the_streams_they_read() 
         .await
         .expect("dispatcher deletes its own consumer");
 
-    let streamer = Session::open(&nats, "flight-streamer").await;
-    let events = streamer
-        .js
-        .get_stream("HERALD_EVENTS")
-        .await
-        .expect("flight-streamer reads HERALD_EVENTS");
-    let first = events
-        .direct_get(1)
-        .await
-        .expect("flight-streamer reads an event by sequence");
-    assert_eq!(first.subject.as_str(), "herald.events.Order.insert");
-
     let auditor = Session::open(&nats, "auditor").await;
     let dlq = auditor
         .js
@@ -243,6 +231,87 @@ async fn consumers_can_pull_ack_and_read_by_sequence_on_the_streams_they_read() 
         .expect("one event")
         .expect("event delivered");
     message.double_ack().await.expect("auditor acks");
+}
+
+#[tokio::test]
+async fn the_flight_streamer_reads_through_ordered_consumers_and_can_touch_no_other() {
+    let nats = server_with_repo_users();
+    let gateway = Session::open(&nats, "gateway").await;
+    provision(&gateway, &[streams::EVENTS]).await;
+    gateway.publish_acked("herald.events.Order.insert").await;
+    let dispatcher = Session::open(&nats, "dispatcher").await;
+    dispatcher
+        .js
+        .get_stream("HERALD_EVENTS")
+        .await
+        .expect("stream")
+        .get_or_create_consumer(
+            "dispatcher",
+            pull::Config {
+                durable_name: Some("dispatcher".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("the dispatcher's durable consumer");
+
+    let mut streamer = Session::open(&nats, "flight-streamer").await;
+    let events = streamer
+        .js
+        .get_stream("HERALD_EVENTS")
+        .await
+        .expect("flight-streamer reads HERALD_EVENTS");
+    // What an event ticket does (services/flight-streamer/src/events.rs).
+    let ordered = events
+        .create_consumer(pull::OrderedConfig {
+            name: Some("flight_test".into()),
+            filter_subject: "herald.events.Order.>".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("flight-streamer creates an ordered consumer");
+    let mut messages = ordered.messages().await.expect("flight-streamer pulls");
+    let first = tokio::time::timeout(WAIT, messages.next())
+        .await
+        .expect("an event in time")
+        .expect("one event")
+        .expect("event delivered");
+    assert_eq!(first.subject.as_str(), "herald.events.Order.insert");
+    let mut counting = events
+        .create_consumer(pull::Config {
+            name: Some("flight_count".into()),
+            filter_subjects: vec!["herald.events.Order.insert".into()],
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .expect("flight-streamer creates an ephemeral consumer to count");
+    assert_eq!(counting.info().await.expect("consumer info").num_pending, 1);
+
+    // Never a durable, never a delete of anyone's consumer, never an ack.
+    for subject in [
+        "$JS.API.CONSUMER.DURABLE.CREATE.HERALD_EVENTS.mine",
+        "$JS.API.CONSUMER.DELETE.HERALD_EVENTS.dispatcher",
+        "$JS.ACK.HERALD_EVENTS.dispatcher.1.1.1.0.0",
+        "$JS.API.DIRECT.GET.HERALD_EVENTS",
+    ] {
+        streamer
+            .client
+            .publish(subject, "{}".into())
+            .await
+            .expect("the client sends the publish");
+        streamer.client.flush().await.expect("flush");
+        streamer.refused(subject).await;
+    }
+    let admin = Session::open(&nats, "cli").await;
+    admin
+        .js
+        .get_stream("HERALD_EVENTS")
+        .await
+        .expect("stream")
+        .consumer_info("dispatcher")
+        .await
+        .expect("the dispatcher's consumer is untouched");
 }
 
 #[tokio::test]

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod checkpoint;
 pub mod connection;
 pub mod dlq;
+pub mod export;
 pub mod jobs;
 pub mod observers;
 pub mod pattern;
@@ -68,6 +69,8 @@ pub enum Command {
     Observers(observers::ObserversCommand),
     /// The audit record (asks a running herald-auditor): search it, show an event's trail.
     Audit(Box<audit::AuditArgs>),
+    /// Export a table through the flight-streamer into a .parquet, .arrow or .csv file.
+    Export(export::ExportArgs),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +93,8 @@ pub enum CliError {
     Observers(#[from] observers::ObserversCommandError),
     #[error(transparent)]
     Audit(#[from] audit::AuditError),
+    #[error(transparent)]
+    Export(#[from] export::ExportError),
 }
 
 /// Runs one command, writing its output to `out`. `shutdown` ends commands that run until
@@ -117,6 +122,7 @@ pub async fn run(
         }
         Command::Observers(command) => observers::run(connection, command, out).await?,
         Command::Audit(args) => audit::run(&args, out).await?,
+        Command::Export(args) => export::run(args, shutdown, out).await?,
     }
     Ok(())
 }

@@ -1,0 +1,334 @@
+//! Events and exports through the flight-streamer, against the baseline a user would otherwise
+//! write, measured in the same run: the same events pulled from JetStream as JSON and decoded
+//! into the same typed columns (no Flight, no Arrow).
+//!
+//! `cargo bench -p herald-flight-streamer`; `HERALD_BENCH_EVENTS` and `HERALD_BENCH_ROWS` change
+//! the sizes (default 200 000 each; the issue's figure is for 1 000 000). Prints, asserts nothing.
+
+use std::time::{Duration, Instant};
+
+use arrow_flight::decode::DecodedPayload;
+use arrow_flight::{FlightClient, Ticket};
+use async_nats::jetstream::{self, consumer::pull};
+use chrono::Utc;
+use futures::StreamExt;
+use herald_flight_streamer::FlightSettings;
+use herald_shared::config::{NatsConfig, StreamsConfig};
+use herald_shared::subjects::EVENTS_STREAM;
+use herald_shared::{EntityEvent, Op, SCHEMA_VERSION, streams};
+use herald_test_support::{NatsServer, Postgres, workspace_root};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "bench-flight-token-0123456789";
+
+fn size(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<f64>().ok())
+        })
+        .map_or(0.0, |pages| pages * 4096.0 / (1024.0 * 1024.0))
+}
+
+async fn publish_events(js: &jetstream::Context, count: usize) -> usize {
+    let mut acks = Vec::with_capacity(1024);
+    let mut bytes = 0;
+    for n in 0..count {
+        let row = json!({
+            "id": n, "customer_id": n % 100, "status": "new", "total": 12.5 + n as f64,
+            "created_at": "2026-01-24T10:00:00.123456+00:00"
+        });
+        let event = EntityEvent {
+            id: uuid::Uuid::now_v7(),
+            entity: "Order".into(),
+            op: Op::Insert,
+            key: n.to_string(),
+            data: Some(row),
+            before: None,
+            changed: None,
+            at: Utc::now(),
+            actor: Some("bench".into()),
+            tx: n as i64,
+            schema_version: SCHEMA_VERSION,
+        };
+        let body = serde_json::to_vec(&event).expect("json");
+        bytes += body.len();
+        acks.push(
+            js.publish("herald.events.Order.insert", body.into())
+                .await
+                .expect("publish"),
+        );
+        if acks.len() == 1024 {
+            for ack in acks.drain(..) {
+                ack.await.expect("stored");
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.expect("stored");
+    }
+    bytes
+}
+
+/// What a user would otherwise write: pull the JSON and decode each event into typed columns.
+async fn json_baseline(js: &jetstream::Context, count: usize) -> (Duration, usize) {
+    let started = Instant::now();
+    let stream = js.get_stream(EVENTS_STREAM).await.expect("stream");
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: "herald.events.Order.>".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut ids = Vec::with_capacity(count);
+    let mut ats = Vec::with_capacity(count);
+    let mut row_ids: Vec<Option<i64>> = Vec::with_capacity(count);
+    let mut customers: Vec<Option<i64>> = Vec::with_capacity(count);
+    let mut totals: Vec<Option<f64>> = Vec::with_capacity(count);
+    let mut statuses: Vec<Option<String>> = Vec::with_capacity(count);
+    let mut created: Vec<Option<i64>> = Vec::with_capacity(count);
+    while ids.len() < count {
+        let message = messages.next().await.expect("more").expect("message");
+        let event: EntityEvent = serde_json::from_slice(&message.payload).expect("event");
+        let row = event.data.unwrap_or(Value::Null);
+        ids.push(event.id.to_string());
+        ats.push(event.at.timestamp_micros());
+        row_ids.push(row["id"].as_i64());
+        customers.push(row["customer_id"].as_i64());
+        totals.push(row["total"].as_f64());
+        statuses.push(row["status"].as_str().map(str::to_owned));
+        created.push(
+            row["created_at"]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.timestamp_micros()),
+        );
+    }
+    (started.elapsed(), ids.len())
+}
+
+struct Read {
+    rows: usize,
+    bytes: usize,
+    first_batch: Duration,
+    elapsed: Duration,
+    rss_growth: f64,
+}
+
+async fn read(client: &mut FlightClient, ticket: &str) -> Read {
+    let started = Instant::now();
+    let before = rss_mib();
+    let mut peak = before;
+    let mut decoder = client
+        .do_get(Ticket::new(ticket.to_owned()))
+        .await
+        .expect("DoGet")
+        .into_inner();
+    let (mut rows, mut bytes, mut first_batch) = (0, 0, None);
+    while let Some(data) = decoder.next().await {
+        let data = data.expect("a message");
+        bytes += data.inner.data_body.len() + data.inner.data_header.len();
+        if let DecodedPayload::RecordBatch(batch) = data.payload {
+            first_batch.get_or_insert_with(|| started.elapsed());
+            rows += batch.num_rows();
+            if rows % 65_536 < batch.num_rows() {
+                peak = peak.max(rss_mib());
+            }
+        }
+    }
+    Read {
+        rows,
+        bytes,
+        first_batch: first_batch.unwrap_or_default(),
+        elapsed: started.elapsed(),
+        rss_growth: peak - before,
+    }
+}
+
+/// The same comparison from Python, as an analyst meets it: `read_pandas` over Flight against
+/// nats-py + `json.loads` + `pd.DataFrame` (benches/pandas_baseline.py).
+async fn pandas(flight: &str, nats_url: &str, events: usize) {
+    let python = workspace_root().join(".venv/bin/python");
+    let script = workspace_root().join("services/flight-streamer/benches/pandas_baseline.py");
+    let output = tokio::process::Command::new(&python)
+        .arg(script)
+        .args([
+            &format!("grpc://{flight}"),
+            TOKEN,
+            nats_url,
+            &events.to_string(),
+        ])
+        .output()
+        .await;
+    let summary = match output {
+        Ok(output) if output.status.success() => {
+            serde_json::from_slice::<Value>(&output.stdout).unwrap_or(Value::Null)
+        }
+        Ok(output) => {
+            println!(
+                "pandas comparison skipped: {}",
+                String::from_utf8_lossy(&output.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            );
+            return;
+        }
+        Err(e) => {
+            println!(
+                "pandas comparison skipped: {} ({e}); run scripts/install-deps",
+                python.display()
+            );
+            return;
+        }
+    };
+    let (Some(flight_s), Some(json_s)) = (summary["flight_s"].as_f64(), summary["json_s"].as_f64())
+    else {
+        println!("pandas comparison skipped: unexpected output {summary}");
+        return;
+    };
+    let rate = |s: f64| events as f64 / s;
+    println!(
+        "pandas via Flight:     {:>10.0} events/s  ({flight_s:.2} s to a typed DataFrame)",
+        rate(flight_s)
+    );
+    println!(
+        "pandas via JSON:       {:>10.0} events/s  ({json_s:.2} s: nats-py pull, json.loads, DataFrame, to_datetime)",
+        rate(json_s)
+    );
+    println!(
+        "ratio Flight / JSON:   {:>10.2}x (pandas)",
+        json_s / flight_s
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let events = size("HERALD_BENCH_EVENTS", 200_000);
+    let rows = size("HERALD_BENCH_ROWS", 200_000);
+    let nats = NatsServer::start();
+    let postgres = Postgres::start();
+    let pool = PgPool::connect(&postgres.url()).await.expect("PostgreSQL");
+    let shop = std::fs::read_to_string(workspace_root().join("examples/shop/schema.sql"))
+        .expect("shop schema");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(shop))
+        .execute(&pool)
+        .await
+        .expect("shop");
+    sqlx::query("INSERT INTO customers (email, name) VALUES ('bench@example.com', 'Bench')")
+        .execute(&pool)
+        .await
+        .expect("customer");
+    sqlx::query(
+        "INSERT INTO orders (customer_id, status, total) \
+         SELECT 1, 'paid', i * 0.5 FROM generate_series(1, $1) AS i",
+    )
+    .bind(i64::try_from(rows).expect("rows"))
+    .execute(&pool)
+    .await
+    .expect("orders");
+    let config = NatsConfig {
+        url: nats.url(),
+        ..Default::default()
+    };
+    let connection = herald_shared::nats::connect(&config, "flight-bench")
+        .await
+        .expect("NATS");
+    streams::ensure(
+        &connection.jetstream,
+        &StreamsConfig::default(),
+        &[streams::EVENTS],
+    )
+    .await
+    .expect("streams");
+    let json_bytes = publish_events(&connection.jetstream, events).await;
+
+    let settings = FlightSettings {
+        listen: "127.0.0.1:0".parse().expect("address"),
+        database_url: postgres.url(),
+        schema_file: workspace_root().join("examples/shop/gateway-schema.toml"),
+        token: TOKEN.into(),
+        ..Default::default()
+    };
+    let shutdown = CancellationToken::new();
+    let running = herald_flight_streamer::start(settings, &connection, pool, shutdown.clone())
+        .await
+        .expect("flight-streamer");
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", running.address))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = FlightClient::new(channel);
+    client
+        .add_header("authorization", &format!("Bearer {TOKEN}"))
+        .expect("header");
+
+    let (baseline, decoded) = json_baseline(&connection.jetstream, events).await;
+    let flight = read(&mut client, "observer_events:Order").await;
+    assert_eq!(flight.rows, events, "every event arrived");
+    assert_eq!(decoded, events);
+    let export = read(&mut client, "export:orders").await;
+
+    let per_s = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
+    let mb_s = |b: usize, d: Duration| b as f64 / 1e6 / d.as_secs_f64();
+    println!(
+        "flight-streamer bench: {events} events ({:.1} MB of JSON), {rows} rows",
+        json_bytes as f64 / 1e6
+    );
+    println!(
+        "events over Flight:    {:>10.0} events/s  {:>7.1} MB/s of Arrow  {:>7.1} MB/s of JSON read  first batch {:>6.1} ms  stream RSS +{:.1} MiB",
+        per_s(flight.rows, flight.elapsed),
+        mb_s(flight.bytes, flight.elapsed),
+        mb_s(json_bytes, flight.elapsed),
+        flight.first_batch.as_secs_f64() * 1e3,
+        flight.rss_growth,
+    );
+    println!(
+        "baseline JSON decode:  {:>10.0} events/s  (ordered consumer + serde_json into the same columns, no transport)",
+        per_s(decoded, baseline)
+    );
+    println!(
+        "ratio Flight / JSON:   {:>10.2}x",
+        baseline.as_secs_f64() / flight.elapsed.as_secs_f64()
+    );
+    println!(
+        "export over Flight:    {:>10.0} rows/s    {:>7.1} MB/s of Arrow  first batch {:>6.1} ms  stream RSS +{:.1} MiB",
+        per_s(export.rows, export.elapsed),
+        mb_s(export.bytes, export.elapsed),
+        export.first_batch.as_secs_f64() * 1e3,
+        export.rss_growth,
+    );
+    println!(
+        "peak RSS of the process (streamer, client, baseline): {:.1} MiB",
+        peak_rss_mib()
+    );
+    pandas(&running.address.to_string(), &nats.url(), events).await;
+    shutdown.cancel();
+    running.wait().await;
+}
