@@ -4,6 +4,7 @@
 //! string or a header name; it asks this crate.
 
 pub mod admin;
+pub mod check_config;
 pub mod config;
 pub mod dlq;
 pub mod headers;

@@ -29,7 +29,7 @@ use chrono::{DateTime, Utc};
 use herald_shared::dlq::{self, DeadLetter};
 use herald_shared::subjects::{self, DlqSource};
 use herald_shared::{EntityEvent, Op, SCHEMA_VERSION, headers, telemetry};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Postgres, Transaction};
@@ -48,7 +48,7 @@ const HEADER_ALLOWANCE: usize = 1024;
 /// Who dead-letters, in `Herald-Dead-Lettered-By`.
 const SERVICE: &str = "gateway";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RelaySettings {
     /// Relay outbox rows from this replica. Off only for replicas that should serve GraphQL alone.

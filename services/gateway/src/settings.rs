@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use herald_shared::config::{Problems, Validate};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::auth::AuthSettings;
 use crate::relay::RelaySettings;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewaySettings {
     pub database_url: String,
@@ -41,7 +41,7 @@ impl Default for GatewaySettings {
 }
 
 /// What one request may cost.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     pub max_depth: usize,
