@@ -335,7 +335,7 @@ fn every_herald_service_accepts_exactly_what_compose_gives_it() {
             failures.push(format!("{name}: --check-config refused:\n{}", check.output));
             continue;
         }
-        let unread: Vec<&String> = invocation
+        let unread: BTreeSet<&String> = invocation
             .environment
             .keys()
             .filter(|k| !check.read.contains(*k))
@@ -395,7 +395,7 @@ fn one_image_built_once_runs_every_herald_service_and_every_image_is_pinned() {
             "{name}: image {image} is not pinned to a version"
         );
     }
-    for from in Dockerfile::load().from.iter().chain(&[image.clone()]) {
+    for from in Dockerfile::load().from.iter().chain(std::slice::from_ref(&image)) {
         assert!(pinned(from), "{from} is not pinned to a version");
     }
     for (name, service) in compose.herald_services() {
