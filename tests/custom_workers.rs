@@ -506,17 +506,20 @@ impl Drop for Process {
     }
 }
 
+/// When each action's POSTs arrived, by idempotency key.
+type Calls = Arc<Mutex<BTreeMap<String, Vec<Instant>>>>;
+
 /// The invoicing service the custom kind calls: 503 to the first POST for an order of
 /// `FLAKY_TOTAL`, 422 to every one for `REFUSED_TOTAL`, 200 otherwise. Records when each
 /// action's POSTs arrived, by idempotency key.
 struct Invoicing {
     port: u16,
-    calls: Arc<Mutex<BTreeMap<String, Vec<Instant>>>>,
+    calls: Calls,
 }
 
 impl Invoicing {
     async fn start() -> Self {
-        let calls: Arc<Mutex<BTreeMap<String, Vec<Instant>>>> = Arc::default();
+        let calls: Calls = Arc::default();
         let app = axum::Router::new()
             .route("/invoices", axum::routing::post(invoice))
             .with_state(calls.clone());
@@ -543,7 +546,7 @@ impl Invoicing {
 }
 
 async fn invoice(
-    State(calls): State<Arc<Mutex<BTreeMap<String, Vec<Instant>>>>>,
+    State(calls): State<Calls>,
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> StatusCode {
