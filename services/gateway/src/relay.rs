@@ -347,10 +347,14 @@ impl Relay {
         }
         let mut headers = HeaderMap::new();
         headers.insert(headers::MSG_ID, row.id.to_string().as_str());
-        match &row.traceparent {
-            Some(parent) => headers.insert(headers::TRACEPARENT, parent.as_str()),
-            None => telemetry::inject_context(&mut headers),
+        // Publishing the event is a hop of its own, in the writer's trace when the row has one.
+        let span = tracing::info_span!("relay.publish", event_id = %row.id);
+        if let Some(parent) = &row.traceparent {
+            let mut writer = HeaderMap::new();
+            writer.insert(headers::TRACEPARENT, parent.as_str());
+            telemetry::adopt_context(&span, Some(&writer));
         }
+        span.in_scope(|| telemetry::inject_context(&mut headers));
         if headers.get(headers::TRACEPARENT).is_none() {
             // No writer's trace and no sampled span here (e.g. a log filter above `info` disables
             // the relay's span): the event starts its own trace, its id being the event id, so
