@@ -395,7 +395,11 @@ fn one_image_built_once_runs_every_herald_service_and_every_image_is_pinned() {
             "{name}: image {image} is not pinned to a version"
         );
     }
-    for from in Dockerfile::load().from.iter().chain(std::slice::from_ref(&image)) {
+    for from in Dockerfile::load()
+        .from
+        .iter()
+        .chain(std::slice::from_ref(&image))
+    {
         assert!(pinned(from), "{from} is not pinned to a version");
     }
     for (name, service) in compose.herald_services() {
