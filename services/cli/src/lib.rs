@@ -8,6 +8,7 @@
 //! all of them through `connection::Session`, opened only by the commands that talk to NATS.
 
 pub mod checkpoint;
+pub mod completions;
 pub mod connection;
 pub mod dlq;
 pub mod jobs;
@@ -63,6 +64,8 @@ pub enum Command {
     /// Observers: dry-run a file on one event, backfill one observer over history.
     #[command(subcommand)]
     Observers(observers::ObserversCommand),
+    /// Print the completion script for a shell (bash, zsh, fish, elvish, powershell).
+    Completions(completions::CompletionsArgs),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +86,8 @@ pub enum CliError {
     Checkpoint(#[from] checkpoint::CheckpointCommandError),
     #[error(transparent)]
     Observers(#[from] observers::ObserversCommandError),
+    #[error("cannot write the completion script: {0}")]
+    Completions(#[from] std::io::Error),
 }
 
 /// Runs one command, writing its output to `out`. `shutdown` ends commands that run until
@@ -109,6 +114,7 @@ pub async fn run(
             checkpoint::run(&Session::open(connection).await?, command, out).await?;
         }
         Command::Observers(command) => observers::run(connection, command, out).await?,
+        Command::Completions(args) => completions::run(&args, out)?,
     }
     Ok(())
 }
