@@ -15,6 +15,7 @@ pub mod jobs;
 pub mod observers;
 pub mod pattern;
 pub mod render;
+pub mod replay_filter;
 pub mod schema;
 pub mod streams;
 pub mod tail;
