@@ -13,9 +13,36 @@ use crate::config::{ConfigError, ENV_PREFIX};
 /// What a masked secret prints as.
 pub const MASK: &str = "********";
 
-/// Environment variables a service reads besides its `HERALD_<SECTION>__<KEY>` settings.
-pub const OTHER_ENVIRONMENT: [&str; 3] =
-    ["HERALD_CONFIG", "RUST_LOG", "OTEL_EXPORTER_OTLP_ENDPOINT"];
+/// Environment variables a service reads besides its `HERALD_<SECTION>__<KEY>` settings: its
+/// config file, the log filter, and what the OpenTelemetry SDK and OTLP exporter honour for
+/// traces (not `OTEL_SERVICE_NAME`: each service names itself).
+pub const OTHER_ENVIRONMENT: [&str; 25] = [
+    "HERALD_CONFIG",
+    "RUST_LOG",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_COMPRESSION",
+    "OTEL_EXPORTER_OTLP_TIMEOUT",
+    "OTEL_EXPORTER_OTLP_INSECURE",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+    "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+    "OTEL_EXPORTER_OTLP_TRACES_INSECURE",
+    "OTEL_BSP_SCHEDULE_DELAY",
+    "OTEL_BSP_MAX_QUEUE_SIZE",
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+    "OTEL_BSP_EXPORT_TIMEOUT",
+    "OTEL_BSP_MAX_CONCURRENT_EXPORTS",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT",
+    "OTEL_SPAN_EVENT_COUNT_LIMIT",
+    "OTEL_SPAN_LINK_COUNT_LIMIT",
+];
 
 /// Prefixes of variables meant for a Herald service; one of these that nothing reads is named,
 /// since it is most likely a misspelt setting (`HERALD_NATS_URL` for `HERALD_NATS__URL`).
@@ -286,6 +313,7 @@ mod tests {
             ("HERALD_CONFIG", "/etc/x.toml"),
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://jaeger:4317"),
             ("OTEL_TRACES_SAMPLER", "always_on"),
+            ("OTEL_SERVICE_NAME", "renamed"),
             ("PATH", "/bin"),
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned()));
@@ -295,12 +323,10 @@ mod tests {
             [
                 "HERALD_CONFIG",
                 "HERALD_NATS__URL",
-                "OTEL_EXPORTER_OTLP_ENDPOINT"
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "OTEL_TRACES_SAMPLER"
             ]
         );
-        assert_eq!(
-            environment.unread,
-            ["HERALD_NATS_URL", "OTEL_TRACES_SAMPLER"]
-        );
+        assert_eq!(environment.unread, ["HERALD_NATS_URL", "OTEL_SERVICE_NAME"]);
     }
 }

@@ -106,14 +106,17 @@ async fn execute(http: &Http, headers: &HeaderMap, request: async_graphql::Reque
     // The request is a span in the caller's trace (when it sent one); the outbox row records
     // this span's context, so the event's trace goes on from the request that wrote it.
     let span = tracing::info_span!("graphql");
-    if let Some(parent) = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok()) {
+    let caller_trace = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok());
+    if let Some(parent) = caller_trace {
         let mut incoming = async_nats::HeaderMap::new();
         incoming.insert(TRACEPARENT, parent);
         telemetry::adopt_context(&span, Some(&incoming));
     }
     let mut carried = async_nats::HeaderMap::new();
     span.in_scope(|| telemetry::inject_context(&mut carried));
-    let traceparent = telemetry::traceparent(Some(&carried));
+    // With no span recorded (no subscriber, or a filter above `info`), the caller's own.
+    let traceparent =
+        telemetry::traceparent(Some(&carried)).or_else(|| caller_trace.map(str::to_owned));
     let response = http
         .schema
         .execute(request.data(RequestContext {

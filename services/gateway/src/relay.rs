@@ -355,6 +355,12 @@ impl Relay {
             telemetry::adopt_context(&span, Some(&writer));
         }
         span.in_scope(|| telemetry::inject_context(&mut headers));
+        if headers.get(headers::TRACEPARENT).is_none()
+            && let Some(parent) = &row.traceparent
+        {
+            // No span recorded here: the writer's trace goes on unchanged.
+            headers.insert(headers::TRACEPARENT, parent.as_str());
+        }
         if headers.get(headers::TRACEPARENT).is_none() {
             // No writer's trace and no sampled span here (e.g. a log filter above `info` disables
             // the relay's span): the event starts its own trace, its id being the event id, so
