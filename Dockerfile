@@ -1,16 +1,20 @@
-# One image per Herald binary, from one build: `docker build --build-arg BIN=herald-gateway .`
+# One image for every Herald binary, from one build. compose.yaml builds it once (as
+# herald:0.1.0) and picks the binary per service with `entrypoint`:
+#   docker build -t herald:0.1.0 . && docker run herald:0.1.0 herald-gateway --help
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --workspace --bins
+RUN cargo build --release --workspace --bins \
+    && mkdir /out \
+    && find target/release -maxdepth 1 -type f -executable -name 'herald*' -exec cp {} /out/ ';'
 
-FROM debian:bookworm-slim
-ARG BIN
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+FROM debian:12.11-slim
+# curl runs the compose healthchecks (GET /ready on each service's admin port).
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/*
-COPY --from=build /src/target/release/${BIN} /usr/local/bin/service
+COPY --from=build /out/ /usr/local/bin/
+# The example configs name their files relative to the repository root, so /etc/herald mirrors
+# it: every path copied here keeps its place.
 COPY examples /etc/herald/examples
-# The example configs name their files relative to the repository root.
 WORKDIR /etc/herald
 USER 65534
-ENTRYPOINT ["/usr/local/bin/service"]

@@ -618,3 +618,99 @@ async fn every_dead_lettering_user_can_store_a_dead_letter_body_and_none_can_del
         _ = worker.refused("$JS.API.STREAM.PURGE.OBJ_herald_dlq_bodies") => {}
     }
 }
+
+/// The `custom-worker` user: a worker written outside Herald (examples/python) consumes a custom
+/// kind's actions and the events, and publishes its outcomes and action dead letters.
+#[tokio::test]
+async fn a_custom_worker_consumes_actions_and_events_and_publishes_outcomes_and_dead_letters() {
+    let nats = server_with_repo_users();
+    let admin = Session::open(&nats, "cli").await;
+    streams::ensure_all(&admin.js, &StreamsConfig::default())
+        .await
+        .expect("cli provisions every stream");
+    admin.publish_acked("herald.actions.invoice.billing").await;
+    admin.publish_acked("herald.events.Order.insert").await;
+
+    let worker = Session::open(&nats, "custom-worker").await;
+    for (stream, filter) in [
+        ("HERALD_ACTIONS", "herald.actions.invoice.>"),
+        ("HERALD_EVENTS", "herald.events.Order.>"),
+    ] {
+        let consumer: jetstream::consumer::Consumer<pull::Config> = worker
+            .js
+            .create_consumer_on_stream(
+                pull::Config {
+                    durable_name: Some("invoicing".into()),
+                    filter_subject: filter.into(),
+                    ..Default::default()
+                },
+                stream,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("custom-worker creates a durable on {stream}: {e}"));
+        let mut messages = consumer
+            .fetch()
+            .max_messages(1)
+            .messages()
+            .await
+            .expect("custom-worker pulls");
+        let message = tokio::time::timeout(WAIT, messages.next())
+            .await
+            .expect("a message within the wait")
+            .expect("one message")
+            .expect("a delivered message");
+        message.double_ack().await.expect("custom-worker acks");
+        let again: jetstream::consumer::Consumer<pull::Config> = worker
+            .js
+            .get_consumer_from_stream("invoicing", stream)
+            .await
+            .unwrap_or_else(|e| panic!("custom-worker reads its consumer on {stream}: {e}"));
+        let info = again.cached_info();
+        assert_eq!(
+            info.ack_floor.stream_sequence, 1,
+            "{stream}: the ack was taken"
+        );
+    }
+
+    worker
+        .publish_acked("herald.outcomes.invoice.billing")
+        .await;
+    worker.publish_acked("herald.dlq.actions").await;
+    assert_eq!(messages_in(&admin.js, "HERALD_OUTCOMES").await, 1);
+    assert_eq!(messages_in(&admin.js, "HERALD_DLQ").await, 1);
+}
+
+#[tokio::test]
+async fn a_custom_worker_is_refused_everything_else() {
+    let nats = server_with_repo_users();
+    let admin = Session::open(&nats, "cli").await;
+    streams::ensure_all(&admin.js, &StreamsConfig::default())
+        .await
+        .expect("cli provisions every stream");
+    let mut worker = Session::open(&nats, "custom-worker").await;
+    for subject in [
+        "herald.events.Order.insert",
+        "herald.actions.invoice.billing",
+        "herald.dlq.events",
+        "herald.dlq.jobs",
+        "herald.jobs.submit.default",
+        "herald.jobs.status.default",
+        // Another worker's consumer is not its to delete, nor a stream to set up or remove.
+        "$JS.API.CONSUMER.DELETE.HERALD_ACTIONS.action-worker",
+        "$JS.API.CONSUMER.CREATE.HERALD_DLQ.peek",
+        "$JS.API.CONSUMER.CREATE.HERALD_JOBS.peek",
+        "$JS.API.STREAM.CREATE.HERALD_CUSTOM",
+        "$JS.API.STREAM.PURGE.HERALD_ACTIONS",
+    ] {
+        worker
+            .client
+            .publish(subject, "{}".into())
+            .await
+            .expect("the client sends the publish");
+        worker.client.flush().await.expect("flush");
+        worker.refused(subject).await;
+    }
+    for spec in streams::ALL {
+        assert_eq!(messages_in(&admin.js, spec.name).await, 0, "{}", spec.name);
+    }
+}

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Format, Toml};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use crate::subjects::{ACTIONS_STREAM, DLQ_STREAM, EVENTS_STREAM, JOBS_STREAM, OUTCOMES_STREAM};
 
@@ -134,23 +134,77 @@ fn file_provider(path: &Path) -> Result<figment::providers::Data<Toml>, ConfigEr
 }
 
 fn extract<T: DeserializeOwned + Validate>(figment: Figment) -> Result<T, ConfigError> {
-    let config: T = figment.extract().map_err(|errors| {
-        ConfigError::Parse(
-            errors
-                .into_iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("; "),
-        )
-    })?;
+    let config: T = match figment.extract() {
+        Ok(config) => config,
+        Err(first) => return Err(every_bad_key::<T>(&figment, first)),
+    };
     let mut problems = Problems::default();
     config.validate(&mut problems);
     problems.into_result()?;
     Ok(config)
 }
 
+/// How many bad keys one refusal names at most: a bound on the loop below, far above any real
+/// configuration's mistakes.
+const MOST_PROBLEMS: usize = 64;
+
+/// Names every key serde refuses, not only the first: serde stops at the first problem, so each
+/// refused key is taken out of the merged settings (its default then stands in) and the rest is
+/// tried again. When what is left deserializes, its semantic problems are named too.
+fn every_bad_key<T: DeserializeOwned + Validate>(
+    figment: &Figment,
+    first: figment::Error,
+) -> ConfigError {
+    let Ok(mut merged) = figment.extract::<figment::value::Value>() else {
+        return ConfigError::Parse(first.to_string());
+    };
+    let mut problems = Problems::default();
+    for _ in 0..MOST_PROBLEMS {
+        let error = match T::deserialize(&merged) {
+            Ok(rest) => {
+                rest.validate(&mut problems);
+                break;
+            }
+            Err(error) => error,
+        };
+        let mut key = error.path.clone();
+        if let figment::error::Kind::MissingField(field) = &error.kind {
+            key.push(field.to_string());
+        }
+        problems.push(&key.join("."), error.kind.to_string());
+        if error.missing() || !remove(&mut merged, &error.path) {
+            break;
+        }
+    }
+    match problems.into_result() {
+        Err(invalid) => invalid,
+        Ok(()) => ConfigError::Parse(first.to_string()),
+    }
+}
+
+/// Removes the value at `path`; false when there is none (nothing left to try).
+fn remove(value: &mut figment::value::Value, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut current = value;
+    for key in parents {
+        match current {
+            figment::value::Value::Dict(_, dict) => match dict.get_mut(key) {
+                Some(next) => current = next,
+                None => return false,
+            },
+            _ => return false,
+        }
+    }
+    match current {
+        figment::value::Value::Dict(_, dict) => dict.remove(last).is_some(),
+        _ => false,
+    }
+}
+
 /// How to reach NATS. One user per service (see `nats/auth.conf`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
     pub url: String,
@@ -194,7 +248,7 @@ impl Validate for NatsConfig {
 }
 
 /// The admin HTTP server: `/health`, `/ready`, `/metrics`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
@@ -212,7 +266,7 @@ impl Validate for AdminConfig {
     fn validate(&self, _: &mut Problems) {}
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -220,7 +274,7 @@ pub enum LogFormat {
     Pretty,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
     pub log_format: LogFormat,
@@ -246,7 +300,7 @@ impl Validate for TelemetryConfig {
 }
 
 /// Retention of one stream.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamLimits {
     #[serde(with = "humantime_serde")]
@@ -257,7 +311,7 @@ pub struct StreamLimits {
 
 /// How the five streams are provisioned. Every service provisions (idempotently) the streams it
 /// touches, so the stack starts in any order.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StreamsConfig {
     pub replicas: usize,
@@ -396,6 +450,27 @@ mod tests {
         let err =
             load_with_env::<Sample, _, _, _>(Some(file.path()), NO_ENV).expect_err("unknown key");
         assert!(err.to_string().contains("urll"), "{err}");
+    }
+
+    #[test]
+    fn every_key_serde_refuses_is_named_with_the_semantic_problems() {
+        let file = write(
+            "[nats]\nurll = \"nats://x:1\"\nrequest_timeout = \"soon\"\n[streams]\nreplicas = 9\n",
+        );
+        let err = load_with_env::<Sample, _, _, _>(
+            Some(file.path()),
+            [("HERALD_STREAMS__COLOUR", "blue")],
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        for key in [
+            "nats.urll",
+            "nats.request_timeout",
+            "streams.colour",
+            "streams.replicas",
+        ] {
+            assert!(text.contains(key), "{key} missing from: {text}");
+        }
     }
 
     #[test]

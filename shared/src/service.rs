@@ -1,12 +1,12 @@
-//! What every service binary shares around its own logic: the command line (`--config`), the
-//! config sections every service has, and the start-up sequence config → telemetry → connect →
+//! What every service binary shares around its own logic: the command line (`--config`,
+//! `--check-config`), the config sections every service has, and the start-up sequence config → telemetry → connect →
 //! streams → admin server.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -21,12 +21,16 @@ pub struct ServiceArgs {
     /// TOML configuration file; `HERALD_<SECTION>__<KEY>` variables override it.
     #[arg(long, env = "HERALD_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Load and validate the configuration, print the effective settings (secrets masked) and
+    /// exit 0, or name every bad key and exit 1. Connects to nothing.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 /// A service's whole configuration: the sections every service has, plus its own settings
 /// under `[service]`. One shape for every binary, so one loader, one set of environment names
 /// (`HERALD_NATS__URL`, `HERALD_SERVICE__DATABASE_URL`) and one validation path.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServiceConfig<S> {
     pub nats: NatsConfig,
@@ -46,15 +50,20 @@ impl<S: Validate> Validate for ServiceConfig<S> {
     }
 }
 
-impl<S: DeserializeOwned + Validate + Default> ServiceConfig<S> {
-    /// Loads the file named on the command line (if any) with environment overrides.
+impl<S: DeserializeOwned + Serialize + Validate + Default> ServiceConfig<S> {
+    /// Loads the file named on the command line (if any) with environment overrides. With
+    /// `--check-config` it reports the result and exits instead of returning.
     pub fn load(args: &ServiceArgs) -> Result<Self, crate::config::ConfigError> {
-        crate::config::load(args.config.as_deref())
+        let loaded = crate::config::load(args.config.as_deref());
+        if args.check_config {
+            crate::check_config::report_and_exit(args.config.as_deref(), &loaded);
+        }
+        loaded
     }
 }
 
 /// Settings for a service that has none of its own yet.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NoSettings {}
 

@@ -86,3 +86,21 @@ fn on_path(name: &str) -> Option<PathBuf> {
             .find(|candidate| candidate.is_file())
     })
 }
+
+/// A Herald binary of this workspace, from the target directory the running test was built into
+/// (`cargo build --workspace --bins` puts it there; `cargo nextest run --workspace` too).
+pub fn herald(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test runs from target/<profile>/deps")
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the services first with `cargo build --workspace --bins`",
+        path.display()
+    );
+    path
+}

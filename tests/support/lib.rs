@@ -25,6 +25,9 @@ pub use wait::{eventually, eventually_async};
 /// The nats-server binary the harness uses (2.10 or newer, never Debian's 2.9).
 pub use binaries::nats_server as nats_server_binary;
 
+/// A Herald binary (`herald-gateway`, `herald`) built beside the running test.
+pub use binaries::herald as herald_binary;
+
 use std::path::PathBuf;
 
 /// The workspace root (where `Cargo.toml`, `nats/` and `contracts/` are).

@@ -26,9 +26,9 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DedupSettings {
     /// How long a claim survives its worker without being extended: the delay before a crashed

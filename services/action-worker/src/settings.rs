@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use herald_shared::config::{Problems, Validate};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::breaker::BreakerSettings;
 use crate::dedup::DedupSettings;
@@ -16,7 +16,7 @@ use crate::webhook;
 /// The kinds this build implements.
 pub const BUILTIN_KINDS: [&str; 4] = herald_shared::messages::BUILTIN_ACTION_KINDS;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub redis_url: String,

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use herald_shared::RetryPolicy;
 use herald_shared::config::{Problems, Validate};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditorSettings {
     /// The Elasticsearch or OpenSearch node, e.g. `http://127.0.0.1:9200`.

@@ -31,6 +31,7 @@ use serde::Serialize;
 
 use crate::connection::Session;
 use crate::render;
+use crate::replay_filter::ReplayFilter;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum DlqCommand {
@@ -70,6 +71,8 @@ pub enum DlqCommand {
         /// With --all: only dead letters from this source.
         #[arg(long, requires = "all")]
         source: Option<DlqSource>,
+        #[command(flatten)]
+        filter: ReplayFilter,
     },
     /// Delete dead letters for good, without replaying them.
     Purge {
@@ -174,8 +177,11 @@ pub async fn run(
             Ok(())
         }
         DlqCommand::Replay {
-            seq: None, source, ..
-        } => replay_all(session.jetstream(), &stream, source, out).await,
+            seq: None,
+            source,
+            filter,
+            ..
+        } => replay_all(session.jetstream(), &stream, source, &filter, out).await,
         DlqCommand::Purge { source, .. } => purge(session.jetstream(), &stream, source, out).await,
     }
 }
@@ -460,6 +466,7 @@ async fn replay_all(
     js: &jetstream::Context,
     stream: &Stream,
     source: Option<DlqSource>,
+    selection: &ReplayFilter,
     out: &mut impl Write,
 ) -> Result<(), DlqError> {
     // A replay that fails again is dead-lettered again, behind this point: stopping at the last
@@ -475,7 +482,14 @@ async fn replay_all(
         if entry.seq() > last {
             break;
         }
+        if !selected(selection, &entry) {
+            continue;
+        }
         total += 1;
+        if selection.dry_run {
+            writeln!(out, "would replay {}", would_replay(&entry))?;
+            continue;
+        }
         match replay(js, stream, &entry).await {
             Ok(replayed) => writeln!(out, "{replayed}")?,
             Err(e) => {
@@ -534,4 +548,29 @@ async fn purge(
         bodies.len()
     )?;
     Ok(())
+}
+
+/// Whether `replay --all`'s filters take this entry (a message without dead-letter headers
+/// is never replayed anyway, and is reported by the replay itself).
+fn selected(filter: &ReplayFilter, entry: &Entry) -> bool {
+    match &entry.info {
+        Some(info) => filter.admits(&info.original_subject, &info.error, info.dead_lettered_at),
+        None => filter.admits("", "", None),
+    }
+}
+
+/// A dry run's line: what the replay would publish where, and why it was dead-lettered.
+fn would_replay(entry: &Entry) -> String {
+    match &entry.info {
+        Some(info) => format!(
+            "DLQ {} to {} ({})",
+            entry.seq(),
+            info.original_subject,
+            info.error
+        ),
+        None => format!(
+            "DLQ {} (no dead-letter headers: would be refused)",
+            entry.seq()
+        ),
+    }
 }

@@ -11,6 +11,7 @@
 pub mod accept;
 pub mod audit;
 pub mod checkpoint;
+pub mod completions;
 pub mod connection;
 pub mod dlq;
 pub mod export;
@@ -18,6 +19,7 @@ pub mod jobs;
 pub mod observers;
 pub mod pattern;
 pub mod render;
+pub mod replay_filter;
 pub mod schema;
 pub mod streams;
 pub mod tail;
@@ -71,6 +73,8 @@ pub enum Command {
     Audit(Box<audit::AuditArgs>),
     /// Export a table through the flight-streamer into a .parquet, .arrow or .csv file.
     Export(export::ExportArgs),
+    /// Print the completion script for a shell (bash, zsh, fish, elvish, powershell).
+    Completions(completions::CompletionsArgs),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +99,8 @@ pub enum CliError {
     Audit(#[from] audit::AuditError),
     #[error(transparent)]
     Export(#[from] export::ExportError),
+    #[error("cannot write the completion script: {0}")]
+    Completions(#[from] std::io::Error),
 }
 
 /// Runs one command, writing its output to `out`. `shutdown` ends commands that run until
@@ -123,6 +129,7 @@ pub async fn run(
         Command::Observers(command) => observers::run(connection, command, out).await?,
         Command::Audit(args) => audit::run(&args, out).await?,
         Command::Export(args) => export::run(args, shutdown, out).await?,
+        Command::Completions(args) => completions::run(&args, out)?,
     }
     Ok(())
 }

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use herald_shared::config::{Problems, Validate};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DispatcherSettings {
     /// Names the durable consumer, the checkpoint and the leader lease: replicas sharing a name

@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use herald_shared::config::{Problems, Validate};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The gRPC message limit tonic applies by default on both ends (4 MiB).
 pub const GRPC_DEFAULT_LIMIT: usize = 4 * 1024 * 1024;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FlightSettings {
     /// Where Arrow Flight (gRPC) is served.
@@ -45,7 +45,7 @@ pub struct FlightSettings {
     pub tls: Option<TlsSettings>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSettings {
     pub cert_file: PathBuf,

@@ -16,11 +16,11 @@ use axum::http::HeaderMap;
 use herald_shared::config::{Problems, Validate};
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub const API_KEY_HEADER: &str = "x-api-key";
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
     /// Shared secret for HS256 tokens.

@@ -14,6 +14,9 @@ use axum::extract::{DefaultBodyLimit, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use herald_shared::headers::TRACEPARENT;
+use herald_shared::telemetry;
+use tracing::Instrument;
 
 use crate::auth::{Authenticator, Caller};
 use crate::graphql::RequestContext;
@@ -104,10 +107,20 @@ async fn execute(http: &Http, headers: &HeaderMap, request: async_graphql::Reque
             "this gateway requires a JWT or an API key for every request",
         );
     }
-    let traceparent = headers
-        .get(herald_shared::headers::TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    // The request is a span in the caller's trace (when it sent one); the outbox row records
+    // this span's context, so the event's trace goes on from the request that wrote it.
+    let span = tracing::info_span!("graphql");
+    let caller_trace = headers.get(TRACEPARENT).and_then(|v| v.to_str().ok());
+    if let Some(parent) = caller_trace {
+        let mut incoming = async_nats::HeaderMap::new();
+        incoming.insert(TRACEPARENT, parent);
+        telemetry::adopt_context(&span, Some(&incoming));
+    }
+    let mut carried = async_nats::HeaderMap::new();
+    span.in_scope(|| telemetry::inject_context(&mut carried));
+    // With no span recorded (no subscriber, or a filter above `info`), the caller's own.
+    let traceparent =
+        telemetry::traceparent(Some(&carried)).or_else(|| caller_trace.map(str::to_owned));
     let response = http
         .schema
         .execute(request.data(RequestContext {
@@ -115,6 +128,7 @@ async fn execute(http: &Http, headers: &HeaderMap, request: async_graphql::Reque
             traceparent,
             request_id: uuid::Uuid::now_v7().to_string(),
         }))
+        .instrument(span)
         .await;
     axum::Json(response).into_response()
 }

@@ -40,7 +40,7 @@ use chrono::{DateTime, Utc};
 use herald_shared::dlq::{self, DeadLetter};
 use herald_shared::subjects::{self, DlqSource};
 use herald_shared::{EntityEvent, Op, SCHEMA_VERSION, headers, telemetry, traceparent};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Postgres, Transaction};
@@ -59,7 +59,7 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 /// Who dead-letters, in `Herald-Dead-Lettered-By`.
 const SERVICE: &str = "gateway";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RelaySettings {
     /// Relay outbox rows from this replica. Off only for replicas that should serve GraphQL alone.
@@ -555,13 +555,23 @@ fn event_headers(row: &OutboxRow) -> HeaderMap {
                 None
             }
         });
-    match writer {
-        Some(parent) => headers.insert(headers::TRACEPARENT, parent.as_str()),
-        None => telemetry::inject_context(&mut headers),
+    // Publishing the event is a hop of its own, in the writer's trace when the row has one.
+    let span = tracing::info_span!("relay.publish", event_id = %row.id);
+    if let Some(parent) = &writer {
+        let mut carrier = HeaderMap::new();
+        carrier.insert(headers::TRACEPARENT, parent.as_str());
+        telemetry::adopt_context(&span, Some(&carrier));
+    }
+    span.in_scope(|| telemetry::inject_context(&mut headers));
+    if headers.get(headers::TRACEPARENT).is_none()
+        && let Some(parent) = &writer
+    {
+        // No span recorded here: the writer's trace goes on unchanged.
+        headers.insert(headers::TRACEPARENT, parent.as_str());
     }
     if headers.get(headers::TRACEPARENT).is_none() {
-        // No sampled span here (e.g. a log filter above `info` disables the relay's span): the
-        // event starts its own trace, its id being the event id.
+        // No writer's trace and no sampled span here (e.g. a log filter above `info` disables
+        // the relay's span): the event starts its own trace, its id being the event id.
         let parent = format!("00-{}-{:016x}-01", row.id.simple(), span_id_for(row.id));
         headers.insert(headers::TRACEPARENT, parent.as_str());
     }

@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use herald_shared::config::{Problems, Validate};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::auth::AuthSettings;
 use crate::relay::RelaySettings;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewaySettings {
     pub database_url: String,
@@ -28,7 +28,7 @@ pub struct GatewaySettings {
 }
 
 /// What the GraphQL endpoint offers besides queries and mutations.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GraphqlSettings {
     /// Answer `__schema` / `__type` (what GraphiQL, Apollo and codegen read).
@@ -65,7 +65,7 @@ impl Default for GatewaySettings {
 }
 
 /// What one request may cost.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Deepest nesting of data fields (introspection is not counted).

@@ -81,9 +81,11 @@ impl Pool {
                     let pool = self.clone();
                     let name = queue.to_owned();
                     let lane_notify = notify.clone();
+                    // A root span: a lane lives as long as the pool, and as a child it would
+                    // hold open (and never export) the span of whatever first woke it.
                     self.inner.tasks.spawn(
                         async move { pool.lane(name, lane_notify).await }
-                            .instrument(tracing::info_span!("lane", queue)),
+                            .instrument(tracing::info_span!(parent: None, "lane", queue)),
                     );
                     notify
                 }

@@ -1,0 +1,631 @@
+//! `compose.yaml`, checked where no Docker engine runs. Every Herald service in it runs its real
+//! binary with `--check-config` under exactly the environment and command compose gives it:
+//! container paths mapped back to the repository (the image's `/etc/herald` mirrors the
+//! repository root, bind mounts map to their sources), compose host names resolved to
+//! loopback, and nothing else in the environment. A key the service refuses, or a variable
+//! compose sets that the service does not read, fails the test. The stack's shape is checked
+//! too (one image built once, pinned images, healthchecks on `/ready` with a program the image
+//! has, `depends_on` on health, durable Redis, traces to Jaeger), and `scripts/dev` must describe
+//! the same stack: the same configs and the same users, only addresses differing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use herald_test_support::{herald_binary, service_password, workspace_root};
+use serde_yaml_ng::Value;
+
+const LOOPBACK: &str = "127.0.0.1";
+
+/// compose.yaml with its merge keys (`<<: *herald`) applied.
+struct Compose {
+    services: BTreeMap<String, Value>,
+}
+
+impl Compose {
+    fn load() -> Self {
+        let text =
+            std::fs::read_to_string(workspace_root().join("compose.yaml")).expect("compose.yaml");
+        let mut document: Value = serde_yaml_ng::from_str(&text).expect("compose.yaml is YAML");
+        merge_everywhere(&mut document);
+        let services = document["services"]
+            .as_mapping()
+            .expect("compose.yaml has services")
+            .iter()
+            .map(|(name, service)| {
+                let name = name.as_str().expect("a service name").to_owned();
+                (name, service.clone())
+            })
+            .collect();
+        Self { services }
+    }
+
+    /// The image the one `build:` produces.
+    fn herald_image(&self) -> String {
+        let built: Vec<&String> = self
+            .services
+            .iter()
+            .filter(|(_, s)| !s["build"].is_null())
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(
+            built.len(),
+            1,
+            "exactly one service builds the image: {built:?}"
+        );
+        text(&self.services[built[0]]["image"])
+            .expect("the built service names its image, for the others to reuse")
+    }
+
+    /// The services that run a Herald binary from the Herald image.
+    fn herald_services(&self) -> BTreeMap<&str, &Value> {
+        let image = self.herald_image();
+        self.services
+            .iter()
+            .filter(|(_, s)| text(&s["image"]).as_deref() == Some(image.as_str()))
+            .map(|(name, s)| (name.as_str(), s))
+            .collect()
+    }
+
+    /// What compose gives a service: its program and arguments, and its environment, with the
+    /// container paths mapped to the repository and the compose host names to loopback.
+    fn invocation(&self, name: &str, paths: &PathMap) -> Invocation {
+        let service = &self.services[name];
+        let entrypoint = strings(&service["entrypoint"]);
+        let program = entrypoint
+            .first()
+            .unwrap_or_else(|| panic!("{name}: an entrypoint names the Herald binary"))
+            .clone();
+        let args = entrypoint[1..]
+            .iter()
+            .chain(&strings(&service["command"]))
+            .map(|arg| paths.map(arg))
+            .collect();
+        let environment = service["environment"]
+            .as_mapping()
+            .map(|env| {
+                env.iter()
+                    .map(|(k, v)| {
+                        let key = k.as_str().expect("a variable name").to_owned();
+                        let value = text(v).unwrap_or_default();
+                        (key, self.to_loopback(&paths.map(&value)))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Invocation {
+            program,
+            args,
+            environment,
+        }
+    }
+
+    /// `value` with every URL whose host is a compose service pointed at loopback instead.
+    fn to_loopback(&self, value: &str) -> String {
+        value
+            .split(',')
+            .map(|part| {
+                let Some((scheme, rest)) = part.split_once("://") else {
+                    return part.to_owned();
+                };
+                let (userinfo, hostport) = match rest.rsplit_once('@') {
+                    Some((userinfo, hostport)) => (format!("{userinfo}@"), hostport),
+                    None => (String::new(), rest),
+                };
+                let host_end = hostport.find([':', '/']).unwrap_or(hostport.len());
+                let host = &hostport[..host_end];
+                if self.services.contains_key(host) {
+                    format!("{scheme}://{userinfo}{LOOPBACK}{}", &hostport[host_end..])
+                } else {
+                    part.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// Applies merge keys at every depth (`environment: { <<: *herald-env, ... }` too), outer ones
+/// first so what they bring in is merged in turn.
+fn merge_everywhere(value: &mut Value) {
+    value.apply_merge().expect("compose.yaml's merge keys");
+    match value {
+        Value::Mapping(map) => map.values_mut().for_each(merge_everywhere),
+        Value::Sequence(items) => items.iter_mut().for_each(merge_everywhere),
+        _ => {}
+    }
+}
+
+/// A scalar as text (compose accepts numbers and booleans where it means strings).
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// A list of strings, or a single string split on white space (both compose forms).
+fn strings(value: &Value) -> Vec<String> {
+    match value {
+        Value::Sequence(items) => items.iter().filter_map(text).collect(),
+        Value::String(s) => s.split_whitespace().map(str::to_owned).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Container path prefix → repository path.
+struct PathMap(Vec<(String, PathBuf)>);
+
+impl PathMap {
+    /// From the Dockerfile's runtime stage (its `WORKDIR` must mirror the repository root: every
+    /// `COPY <path> <workdir>/<path>`) and the service's bind mounts.
+    fn for_service(service: &Value) -> Self {
+        let root = workspace_root();
+        let workdir = Dockerfile::load().mirror_of_the_repository();
+        let mut prefixes = vec![(workdir, root.clone())];
+        for volume in strings(&service["volumes"]) {
+            let mut parts = volume.split(':');
+            let (Some(source), Some(target)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if let Some(relative) = source.strip_prefix("./") {
+                prefixes.push((target.to_owned(), root.join(relative)));
+            }
+        }
+        // The longest prefix wins.
+        prefixes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+        Self(prefixes)
+    }
+
+    fn map(&self, value: &str) -> String {
+        for (prefix, host) in &self.0 {
+            if let Some(rest) = value.strip_prefix(prefix.as_str())
+                && (rest.is_empty() || rest.starts_with('/'))
+            {
+                return host
+                    .join(rest.trim_start_matches('/'))
+                    .display()
+                    .to_string();
+            }
+        }
+        value.to_owned()
+    }
+}
+
+/// The runtime (last) stage of the Dockerfile.
+struct Dockerfile {
+    from: Vec<String>,
+    workdir: String,
+    copies: Vec<(String, String)>,
+    installed: BTreeSet<String>,
+}
+
+impl Dockerfile {
+    fn load() -> Self {
+        let text =
+            std::fs::read_to_string(workspace_root().join("Dockerfile")).expect("Dockerfile");
+        // Continuation lines joined, so each instruction is one line.
+        let joined = text.replace("\\\n", " ");
+        let mut file = Self {
+            from: Vec::new(),
+            workdir: "/".into(),
+            copies: Vec::new(),
+            installed: BTreeSet::new(),
+        };
+        for line in joined.lines().map(str::trim) {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.first().copied() {
+                Some("FROM") => {
+                    file.from.push(words[1].to_owned());
+                    file.copies.clear();
+                    file.installed.clear();
+                    file.workdir = "/".into();
+                }
+                Some("WORKDIR") => file.workdir = words[1].to_owned(),
+                Some("COPY") if !words[1].starts_with("--from") => {
+                    file.copies.push((words[1].to_owned(), words[2].to_owned()))
+                }
+                Some("RUN") if line.contains("apt-get install") => file.installed.extend(
+                    line.split("apt-get install")
+                        .nth(1)
+                        .into_iter()
+                        .flat_map(|rest| rest.split("&&").next())
+                        .flat_map(str::split_whitespace)
+                        .filter(|w| !w.starts_with('-'))
+                        .map(str::to_owned),
+                ),
+                _ => {}
+            }
+        }
+        file
+    }
+
+    /// The runtime stage's `WORKDIR`, checked to hold repository files at their repository
+    /// paths, so a config's relative paths mean the same in the image and in the repository.
+    fn mirror_of_the_repository(&self) -> String {
+        assert!(
+            !self.copies.is_empty(),
+            "the image copies the example configs"
+        );
+        for (source, target) in &self.copies {
+            assert_eq!(
+                target.trim_end_matches('/'),
+                format!("{}/{}", self.workdir, source.trim_end_matches('/')),
+                "COPY {source} {target}: paths under WORKDIR {} must mirror the repository",
+                self.workdir
+            );
+        }
+        self.workdir.clone()
+    }
+}
+
+struct Invocation {
+    program: String,
+    args: Vec<String>,
+    environment: BTreeMap<String, String>,
+}
+
+/// What `--check-config` said.
+struct Check {
+    success: bool,
+    output: String,
+    read: BTreeSet<String>,
+    unread: BTreeSet<String>,
+    settings: toml::Table,
+}
+
+impl Invocation {
+    /// Runs the binary with `--check-config`, from the repository root (the image's WORKDIR),
+    /// with this environment and nothing else.
+    fn check(&self) -> Check {
+        let output = Command::new(herald_binary(&self.program))
+            .args(&self.args)
+            .arg("--check-config")
+            .env_clear()
+            .envs(&self.environment)
+            .current_dir(workspace_root())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.program));
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let listed = |label: &str| -> BTreeSet<String> {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(label))
+                .map(|names| {
+                    names
+                        .split(", ")
+                        .filter(|n| !n.is_empty() && *n != "none")
+                        .map(|n| n.trim().to_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let settings = if output.status.success() {
+            toml::from_str(&stdout).expect("--check-config prints TOML")
+        } else {
+            toml::Table::new()
+        };
+        Check {
+            success: output.status.success(),
+            output: format!("{stdout}{}", String::from_utf8_lossy(&output.stderr)),
+            read: listed("# environment read: "),
+            unread: listed("# environment not read: "),
+            settings,
+        }
+    }
+}
+
+#[test]
+fn every_herald_service_accepts_exactly_what_compose_gives_it() {
+    let compose = Compose::load();
+    let services = compose.herald_services();
+    for expected in ["gateway", "dispatcher", "action-worker", "job-worker"] {
+        assert!(
+            services.contains_key(expected),
+            "compose runs no {expected}"
+        );
+    }
+    let mut failures = Vec::new();
+    for (name, service) in &services {
+        let invocation = compose.invocation(name, &PathMap::for_service(service));
+        let check = invocation.check();
+        if !check.success {
+            failures.push(format!("{name}: --check-config refused:\n{}", check.output));
+            continue;
+        }
+        let unread: BTreeSet<&String> = invocation
+            .environment
+            .keys()
+            .filter(|k| !check.read.contains(*k))
+            .chain(&check.unread)
+            .collect();
+        if !unread.is_empty() {
+            failures.push(format!(
+                "{name}: compose sets {unread:?}, which it does not read"
+            ));
+        }
+        println!(
+            "{name}: {} {:?} is valid",
+            invocation.program, invocation.args
+        );
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn a_key_a_service_does_not_read_fails_the_check() {
+    let compose = Compose::load();
+    let service = compose.herald_services()["dispatcher"];
+    let mut invocation = compose.invocation("dispatcher", &PathMap::for_service(service));
+    invocation.environment.insert(
+        "HERALD_SERVICE__REDIS_URL".into(),
+        "redis://127.0.0.1:6379".into(),
+    );
+    invocation
+        .environment
+        .insert("HERALD_NATS_URL".into(), "nats://127.0.0.1:4222".into());
+    let check = invocation.check();
+    assert!(
+        !check.success,
+        "a dispatcher has no Redis:\n{}",
+        check.output
+    );
+    assert!(
+        check.output.contains("service.redis_url"),
+        "{}",
+        check.output
+    );
+
+    invocation.environment.remove("HERALD_SERVICE__REDIS_URL");
+    let check = invocation.check();
+    assert!(check.success, "{}", check.output);
+    assert!(check.unread.contains("HERALD_NATS_URL"), "{}", check.output);
+}
+
+#[test]
+fn one_image_built_once_runs_every_herald_service_and_every_image_is_pinned() {
+    let compose = Compose::load();
+    let image = compose.herald_image();
+    for (name, service) in &compose.services {
+        let image = text(&service["image"]).unwrap_or_else(|| panic!("{name} names no image"));
+        assert!(
+            pinned(&image),
+            "{name}: image {image} is not pinned to a version"
+        );
+    }
+    for from in Dockerfile::load()
+        .from
+        .iter()
+        .chain(std::slice::from_ref(&image))
+    {
+        assert!(pinned(from), "{from} is not pinned to a version");
+    }
+    for (name, service) in compose.herald_services() {
+        let program = strings(&service["entrypoint"]);
+        assert!(
+            program.first().is_some_and(|p| p.starts_with("herald-")),
+            "{name}: the entrypoint picks a Herald binary: {program:?}"
+        );
+    }
+
+    let checked = Command::new("docker-compose")
+        .args(["-f", "compose.yaml", "config", "-q"])
+        .current_dir(workspace_root())
+        .output()
+        .expect("docker-compose validates compose.yaml (scripts/install-deps installs it)");
+    assert!(
+        checked.status.success(),
+        "docker-compose config: {}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}
+
+/// `name:tag` with a version in the tag (`postgres:15.14`, `prom/prometheus:v3.5.0`), never a
+/// floating `latest`.
+fn pinned(image: &str) -> bool {
+    image
+        .rsplit_once(':')
+        .is_some_and(|(_, tag)| tag != "latest" && tag.chars().any(|c| c.is_ascii_digit()))
+}
+
+#[test]
+fn every_service_waits_for_healthy_dependencies_and_herald_is_checked_on_ready() {
+    let compose = Compose::load();
+    let installed = Dockerfile::load().installed;
+    for (name, service) in compose.herald_services() {
+        let test = strings(&service["healthcheck"]["test"]);
+        assert_eq!(
+            test.first().map(String::as_str),
+            Some("CMD"),
+            "{name}: {test:?}"
+        );
+        let program = &test[1];
+        assert!(
+            installed.contains(program),
+            "{name}: the healthcheck runs {program}, which the image does not install"
+        );
+        let admin = text(&service["environment"]["HERALD_ADMIN__LISTEN"])
+            .unwrap_or_else(|| panic!("{name}: compose sets the admin listener"));
+        let port = admin.rsplit(':').next().expect("a port");
+        assert!(
+            test.iter()
+                .any(|arg| arg == &format!("http://127.0.0.1:{port}/ready")),
+            "{name}: the healthcheck asks /ready on the admin port {port}: {test:?}"
+        );
+        assert_eq!(
+            text(&service["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"]).as_deref(),
+            Some("http://jaeger:4317"),
+            "{name} exports its spans to Jaeger"
+        );
+    }
+    assert!(
+        text(&compose.services["jaeger"]["image"]).is_some_and(|i| i.contains("all-in-one")),
+        "Jaeger all-in-one collects the traces"
+    );
+    for (name, service) in &compose.services {
+        let Some(depends) = service["depends_on"].as_mapping() else {
+            continue;
+        };
+        for (dependency, how) in depends {
+            let dependency = dependency.as_str().expect("a service name");
+            let target = compose
+                .services
+                .get(dependency)
+                .unwrap_or_else(|| panic!("{name} depends on unknown {dependency}"));
+            if !target["healthcheck"].is_null() {
+                assert_eq!(
+                    text(&how["condition"]).as_deref(),
+                    Some("service_healthy"),
+                    "{name} waits for {dependency} to be healthy"
+                );
+            }
+        }
+    }
+    let redis = strings(&compose.services["redis"]["command"]).join(" ");
+    assert!(
+        redis.contains("--appendonly yes") && redis.contains("--appendfsync always"),
+        "Redis writes every change to disk before answering: {redis}"
+    );
+}
+
+#[test]
+fn compose_and_scripts_dev_run_the_same_configs_as_the_same_users() {
+    let compose = Compose::load();
+    let services = compose.herald_services();
+    let dev_configs: Vec<String> = std::fs::read_dir(workspace_root().join("examples/dev"))
+        .expect("examples/dev")
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_suffix(".toml")
+                .map(str::to_owned)
+        })
+        .collect();
+    assert!(!dev_configs.is_empty());
+    let compose_names: BTreeSet<&str> = services.keys().copied().collect();
+    let dev_names: BTreeSet<&str> = dev_configs.iter().map(String::as_str).collect();
+    assert_eq!(
+        compose_names, dev_names,
+        "compose and scripts/dev run the same services"
+    );
+
+    for name in &dev_configs {
+        let config = workspace_root().join(format!("examples/dev/{name}.toml"));
+        let in_compose = compose.invocation(name, &PathMap::for_service(services[name.as_str()]));
+        assert_eq!(
+            in_compose.args,
+            ["--config".to_owned(), config.display().to_string()],
+            "{name}: compose runs the dev config"
+        );
+        let in_dev = Invocation {
+            program: in_compose.program.clone(),
+            args: in_compose.args.clone(),
+            environment: dev_environment(name),
+        };
+        let (compose_check, dev_check) = (in_compose.check(), in_dev.check());
+        assert!(compose_check.success, "{name}: {}", compose_check.output);
+        assert!(dev_check.success, "{name}: {}", dev_check.output);
+
+        let differences = differences(&compose_check.settings, &dev_check.settings, "");
+        let unexpected: Vec<&String> = differences.iter().filter(|key| !is_address(key)).collect();
+        assert!(
+            unexpected.is_empty(),
+            "{name}: compose and scripts/dev differ beyond addresses in {unexpected:?}"
+        );
+        for key in differences.iter().filter(|k| k.ends_with("url")) {
+            let user = |settings: &toml::Table| url_user(&lookup(settings, key));
+            assert_eq!(
+                user(&compose_check.settings),
+                user(&dev_check.settings),
+                "{name}: {key} connects as the same user"
+            );
+        }
+        let user = lookup(&compose_check.settings, "nats.user");
+        let password = |invocation: &Invocation| {
+            invocation
+                .environment
+                .get("HERALD_NATS__PASSWORD")
+                .cloned()
+                .unwrap_or_else(|| file_value(&config, "nats", "password"))
+        };
+        assert_eq!(
+            password(&in_compose),
+            service_password(&user),
+            "{name}: compose gives the password nats/auth.conf has for {user}"
+        );
+        assert_eq!(
+            password(&in_dev),
+            service_password(&user),
+            "{name} in scripts/dev"
+        );
+    }
+}
+
+/// The overrides `scripts/dev up` gives a service (`scripts/dev env <service>`).
+fn dev_environment(service: &str) -> BTreeMap<String, String> {
+    let output = Command::new("bash")
+        .args(["scripts/dev", "env", service])
+        .current_dir(workspace_root())
+        .output()
+        .expect("run scripts/dev env");
+    assert!(output.status.success(), "scripts/dev env {service}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// Dotted keys whose values differ between two settings tables.
+fn differences(a: &toml::Table, b: &toml::Table, prefix: &str) -> Vec<String> {
+    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let mut found = Vec::new();
+    for key in keys {
+        let dotted = format!("{prefix}{key}");
+        match (a.get(key), b.get(key)) {
+            (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                found.extend(differences(x, y, &format!("{dotted}.")))
+            }
+            (x, y) if x != y => found.push(dotted),
+            _ => {}
+        }
+    }
+    found
+}
+
+/// Where a server is, or where to listen: what may differ between containers and one machine.
+fn is_address(key: &str) -> bool {
+    key.ends_with("url") || key.ends_with("listen") || key == "telemetry.log_format"
+}
+
+fn lookup(settings: &toml::Table, dotted: &str) -> String {
+    let mut value = None;
+    let mut table = Some(settings);
+    for part in dotted.split('.') {
+        value = table.and_then(|t| t.get(part));
+        table = value.and_then(toml::Value::as_table);
+    }
+    value
+        .and_then(toml::Value::as_str)
+        .unwrap_or_else(|| panic!("no {dotted} in the settings"))
+        .to_owned()
+}
+
+/// The user part of `scheme://user[:password]@host`, if any.
+fn url_user(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let (userinfo, _) = rest.split_once('@')?;
+    Some(userinfo.split(':').next().unwrap_or_default().to_owned())
+}
+
+fn file_value(path: &Path, section: &str, key: &str) -> String {
+    let table: toml::Table =
+        toml::from_str(&std::fs::read_to_string(path).expect("a config")).expect("a TOML config");
+    table[section][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("{}: no {section}.{key}", path.display()))
+        .to_owned()
+}
