@@ -311,14 +311,20 @@ impl Stack {
         let query = format!(
             r#"mutation {{ createCustomer(input: {{email: "{email}", name: "C"}}) {{ id }} }}"#
         );
-        self.graphql(&query).await["createCustomer"]["id"].to_string()
+        self.graphql(&query).await["createCustomer"]["id"]
+            .as_str()
+            .expect("the gateway answers ids as strings")
+            .to_owned()
     }
 
     async fn create_order(&self, customer: &str, total: f64) -> String {
         let query = format!(
             "mutation {{ createOrder(input: {{customer_id: {customer}, total: {total:.1}}}) {{ id }} }}"
         );
-        self.graphql(&query).await["createOrder"]["id"].to_string()
+        self.graphql(&query).await["createOrder"]["id"]
+            .as_str()
+            .expect("the gateway answers ids as strings")
+            .to_owned()
     }
 
     /// The insert events of the given order keys, by key.

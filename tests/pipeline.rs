@@ -84,13 +84,17 @@ async fn a_mutation_becomes_a_signed_webhook_a_job_and_a_dead_letter() {
             "mutation {{ createOrder(input: {{customer_id: {customer}, total: 120.0}}) {{ id }} }}"
         ))
         .await["createOrder"]["id"]
-        .to_string();
+        .as_str()
+        .expect("the gateway answers ids as strings")
+        .to_owned();
     let big = stack
         .graphql(&format!(
             "mutation {{ createOrder(input: {{customer_id: {customer}, total: 750.0}}) {{ id }} }}"
         ))
         .await["createOrder"]["id"]
-        .to_string();
+        .as_str()
+        .expect("the gateway answers ids as strings")
+        .to_owned();
     stack
         .graphql(&format!(
             r#"mutation {{ updateOrder(id: {small}, input: {{status: "shipped"}}) {{ status }} }}"#
@@ -280,7 +284,9 @@ async fn the_dev_configs_run_the_pipeline_with_each_service_as_its_own_nats_user
             "mutation {{ createOrder(input: {{customer_id: {customer}, total: 900.0}}) {{ id }} }}"
         ))
         .await["createOrder"]["id"]
-        .to_string();
+        .as_str()
+        .expect("the gateway answers ids as strings")
+        .to_owned();
 
     let events = stack
         .watch(EVENTS_STREAM, "herald.events.Order.insert")
@@ -553,7 +559,9 @@ async fn orders_survive(fault: Fault) {
                 "mutation {{ createOrder(input: {{customer_id: {customer}, total: 25}}) {{ id }} }}"
             ))
             .await["createOrder"]["id"]
-            .to_string();
+            .as_str()
+            .expect("the gateway answers ids as strings")
+            .to_owned();
         for status in ["paid", "shipped"] {
             stack
                 .mutate(&format!(
@@ -757,7 +765,9 @@ async fn a_poison_corpus_at_every_stream_is_dead_lettered_and_stalls_nothing() {
             "mutation {{ createOrder(input: {{customer_id: {customer}, total: 30}}) {{ id }} }}"
         ))
         .await["createOrder"]["id"]
-        .to_string();
+        .as_str()
+        .expect("the gateway answers ids as strings")
+        .to_owned();
     let events = stack
         .watch(EVENTS_STREAM, "herald.events.Order.insert")
         .await;

@@ -131,6 +131,10 @@ pub async fn start(
     })?;
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &settings.tls {
+        // The workspace links both of rustls' providers (ring for tonic, aws-lc-rs for reqwest),
+        // so rustls cannot pick one by itself; tonic was built for ring. Already installed (by an
+        // earlier start in the same process) is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let read = |what, path: &std::path::Path| {
             std::fs::read(path).map_err(|source| FlightError::Tls {
                 what,
