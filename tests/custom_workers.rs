@@ -227,16 +227,7 @@ impl Stack {
             .prefix("herald-custom-workers-")
             .tempdir()
             .expect("a temp dir");
-        let schema = std::fs::read_to_string(workspace_root().join("examples/shop/schema.sql"))
-            .expect("schema.sql");
-        let pool = sqlx::PgPool::connect(&postgres.url())
-            .await
-            .expect("PostgreSQL");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(schema))
-            .execute(&pool)
-            .await
-            .expect("apply the shop schema");
-        pool.close().await;
+        postgres.with_shop_schema().await.close().await;
 
         // The operator's connection: provisions every stream (the action worker, which would
         // provision the outcomes stream, is not part of this stack) and reads them back.

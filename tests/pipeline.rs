@@ -929,15 +929,7 @@ impl Servers {
             .prefix("herald-pipeline-")
             .tempdir()
             .expect("temp dir for the service configs and logs");
-        let schema = std::fs::read_to_string(shop().join("schema.sql")).expect("schema.sql");
-        let pool = sqlx::PgPool::connect(&postgres.url())
-            .await
-            .expect("connect to the test PostgreSQL");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(schema))
-            .execute(&pool)
-            .await
-            .expect("apply examples/shop/schema.sql");
-        pool.close().await;
+        postgres.with_shop_schema().await.close().await;
         Self {
             nats,
             postgres,

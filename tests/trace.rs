@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Process;
-use herald_test_support::{NatsServer, Postgres, RedisServer, free_port, workspace_root};
+use herald_test_support::{NatsServer, Postgres, RedisServer, free_port};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -124,15 +124,7 @@ async fn one_mutation_is_one_trace_from_the_gateway_to_the_job_worker() {
         .prefix("herald-trace-")
         .tempdir()
         .expect("a temp dir");
-    let schema = std::fs::read_to_string(workspace_root().join("examples/shop/schema.sql"))
-        .expect("schema.sql");
-    let pool = sqlx::PgPool::connect(&postgres.url())
-        .await
-        .expect("PostgreSQL");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(schema))
-        .execute(&pool)
-        .await
-        .expect("apply the shop schema");
+    let pool = postgres.with_shop_schema().await;
     let customer: i64 = sqlx::query_scalar(
         "insert into customers (email, name) values ('tess@shop.test', 'Tess') returning id",
     )

@@ -123,6 +123,22 @@ impl Postgres {
         self.port
     }
 
+    /// Connects to the `postgres` database and creates the example shop in it
+    /// (`examples/shop/schema.sql`), the schema most tests and benches run against.
+    pub async fn with_shop_schema(&self) -> sqlx::PgPool {
+        let path = crate::workspace_root().join("examples/shop/schema.sql");
+        let schema = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        let pool = sqlx::PgPool::connect(&self.url())
+            .await
+            .expect("connect to the test PostgreSQL");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(schema))
+            .execute(&pool)
+            .await
+            .expect("apply examples/shop/schema.sql");
+        pool
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }

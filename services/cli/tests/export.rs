@@ -13,7 +13,6 @@ use herald_flight_streamer::FlightSettings;
 use herald_shared::config::{NatsConfig, StreamsConfig};
 use herald_shared::streams;
 use herald_test_support::{NatsServer, Postgres, workspace_root};
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "cli-test-flight-token-0123";
@@ -34,13 +33,7 @@ impl Drop for Streamer {
 async fn streamer_with_orders(n: usize) -> Streamer {
     let nats = NatsServer::start();
     let postgres = Postgres::start();
-    let pool = PgPool::connect(&postgres.url()).await.expect("PostgreSQL");
-    let shop = std::fs::read_to_string(workspace_root().join("examples/shop/schema.sql"))
-        .expect("shop schema");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(shop))
-        .execute(&pool)
-        .await
-        .expect("create the shop");
+    let pool = postgres.with_shop_schema().await;
     sqlx::query(
         "INSERT INTO customers (email, name) VALUES ('a@example.com', 'A'); \
          ",

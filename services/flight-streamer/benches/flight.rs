@@ -18,7 +18,6 @@ use herald_shared::subjects::EVENTS_STREAM;
 use herald_shared::{EntityEvent, Op, SCHEMA_VERSION, streams};
 use herald_test_support::{NatsServer, Postgres, workspace_root};
 use serde_json::{Value, json};
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "bench-flight-token-0123456789";
@@ -233,13 +232,7 @@ async fn main() {
     let rows = size("HERALD_BENCH_ROWS", 200_000);
     let nats = NatsServer::start();
     let postgres = Postgres::start();
-    let pool = PgPool::connect(&postgres.url()).await.expect("PostgreSQL");
-    let shop = std::fs::read_to_string(workspace_root().join("examples/shop/schema.sql"))
-        .expect("shop schema");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(shop))
-        .execute(&pool)
-        .await
-        .expect("shop");
+    let pool = postgres.with_shop_schema().await;
     sqlx::query("INSERT INTO customers (email, name) VALUES ('bench@example.com', 'Bench')")
         .execute(&pool)
         .await

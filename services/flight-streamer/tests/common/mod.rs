@@ -53,15 +53,7 @@ impl Stack {
     pub async fn start_with_sql(sql: &str, adjust: impl FnOnce(&mut FlightSettings)) -> Self {
         let nats = NatsServer::start_with_service_users();
         let postgres = Postgres::start();
-        let pool = PgPool::connect(&postgres.url())
-            .await
-            .expect("connect PostgreSQL");
-        let shop = std::fs::read_to_string(workspace_root().join("examples/shop/schema.sql"))
-            .expect("read the shop schema");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(shop))
-            .execute(&pool)
-            .await
-            .expect("create the shop");
+        let pool = postgres.with_shop_schema().await;
         if !sql.is_empty() {
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
                 .execute(&pool)
