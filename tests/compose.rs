@@ -554,6 +554,82 @@ fn one_image_built_once_runs_every_herald_service_and_every_image_is_pinned() {
     );
 }
 
+/// What can be checked of the image without building it: the build stage builds every binary
+/// of the workspace from the lock file and copies those named `herald*` onto `PATH`, so each
+/// compose entrypoint must be such a binary; the build context leaves out the local build and
+/// venv; the toolchain is at least the workspace's `rust-version`.
+#[test]
+fn every_entrypoint_is_a_binary_the_image_builds() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let metadata = Command::new(cargo)
+        .args(["metadata", "--no-deps", "--offline", "--format-version", "1"])
+        .current_dir(workspace_root())
+        .output()
+        .expect("cargo metadata");
+    assert!(metadata.status.success(), "{}", String::from_utf8_lossy(&metadata.stderr));
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&metadata.stdout).expect("cargo metadata is JSON");
+    let binaries: BTreeSet<String> = metadata["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter(|t| t["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "bin")))
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect();
+
+    let dockerfile =
+        std::fs::read_to_string(workspace_root().join("Dockerfile")).expect("Dockerfile");
+    let joined = dockerfile.replace("\\\n", " ");
+    let build = joined
+        .lines()
+        .find(|l| l.trim_start().starts_with("RUN cargo build"))
+        .expect("the build stage runs cargo build");
+    for flag in ["--release", "--locked", "--workspace", "--bins"] {
+        assert!(build.contains(flag), "the image's build lacks {flag}: {build}");
+    }
+    assert!(
+        build.contains("-name 'herald*'") && joined.contains("COPY --from=build /out/ /usr/local/bin/"),
+        "the image copies the herald* binaries onto PATH: {build}"
+    );
+
+    let compose = Compose::load();
+    for (name, service) in compose.herald_services() {
+        let program = strings(&service["entrypoint"]).first().cloned().unwrap_or_default();
+        assert!(
+            program.starts_with("herald") && binaries.contains(&program),
+            "{name}: the entrypoint {program} is not a workspace binary the image copies \
+             (binaries: {binaries:?})"
+        );
+    }
+
+    let ignored = std::fs::read_to_string(workspace_root().join(".dockerignore"))
+        .expect(".dockerignore keeps the local build out of the context");
+    for path in ["target", ".venv"] {
+        assert!(ignored.lines().any(|l| l.trim() == path), ".dockerignore lacks {path}");
+    }
+
+    let toolchain = Dockerfile::load()
+        .from
+        .into_iter()
+        .find(|from| from.starts_with("rust:"))
+        .expect("the build stage is a rust image");
+    let version = |text: &str| -> (u32, u32) {
+        let mut parts = text.split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+        (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    };
+    let wanted = std::fs::read_to_string(workspace_root().join("Cargo.toml"))
+        .expect("Cargo.toml")
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .map(|v| v.trim_matches('"').to_owned())
+        .expect("the workspace's rust-version");
+    assert!(
+        version(&toolchain["rust:".len()..]) >= version(&wanted),
+        "{toolchain} is older than rust-version {wanted}"
+    );
+}
+
 /// `name:tag` with a version in the tag (`postgres:15.14`, `prom/prometheus:v3.5.0`), never a
 /// floating `latest`.
 fn pinned(image: &str) -> bool {
