@@ -512,7 +512,11 @@ fn a_flight_certificate_that_is_not_one_fails_the_check() {
     let check = invocation.check();
     assert!(!check.success, "{}", check.output);
     for needle in ["service.tls.cert_file", &cert.path().display().to_string()] {
-        assert!(check.output.contains(needle), "no `{needle}`:\n{}", check.output);
+        assert!(
+            check.output.contains(needle),
+            "no `{needle}`:\n{}",
+            check.output
+        );
     }
 }
 
@@ -562,11 +566,21 @@ fn one_image_built_once_runs_every_herald_service_and_every_image_is_pinned() {
 fn every_entrypoint_is_a_binary_the_image_builds() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let metadata = Command::new(cargo)
-        .args(["metadata", "--no-deps", "--offline", "--format-version", "1"])
+        .args([
+            "metadata",
+            "--no-deps",
+            "--offline",
+            "--format-version",
+            "1",
+        ])
         .current_dir(workspace_root())
         .output()
         .expect("cargo metadata");
-    assert!(metadata.status.success(), "{}", String::from_utf8_lossy(&metadata.stderr));
+    assert!(
+        metadata.status.success(),
+        "{}",
+        String::from_utf8_lossy(&metadata.stderr)
+    );
     let metadata: serde_json::Value =
         serde_json::from_slice(&metadata.stdout).expect("cargo metadata is JSON");
     let binaries: BTreeSet<String> = metadata["packages"]
@@ -574,7 +588,11 @@ fn every_entrypoint_is_a_binary_the_image_builds() {
         .expect("packages")
         .iter()
         .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
-        .filter(|t| t["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "bin")))
+        .filter(|t| {
+            t["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "bin"))
+        })
         .filter_map(|t| t["name"].as_str().map(str::to_owned))
         .collect();
 
@@ -586,16 +604,23 @@ fn every_entrypoint_is_a_binary_the_image_builds() {
         .find(|l| l.trim_start().starts_with("RUN cargo build"))
         .expect("the build stage runs cargo build");
     for flag in ["--release", "--locked", "--workspace", "--bins"] {
-        assert!(build.contains(flag), "the image's build lacks {flag}: {build}");
+        assert!(
+            build.contains(flag),
+            "the image's build lacks {flag}: {build}"
+        );
     }
     assert!(
-        build.contains("-name 'herald*'") && joined.contains("COPY --from=build /out/ /usr/local/bin/"),
+        build.contains("-name 'herald*'")
+            && joined.contains("COPY --from=build /out/ /usr/local/bin/"),
         "the image copies the herald* binaries onto PATH: {build}"
     );
 
     let compose = Compose::load();
     for (name, service) in compose.herald_services() {
-        let program = strings(&service["entrypoint"]).first().cloned().unwrap_or_default();
+        let program = strings(&service["entrypoint"])
+            .first()
+            .cloned()
+            .unwrap_or_default();
         assert!(
             program.starts_with("herald") && binaries.contains(&program),
             "{name}: the entrypoint {program} is not a workspace binary the image copies \
@@ -606,7 +631,10 @@ fn every_entrypoint_is_a_binary_the_image_builds() {
     let ignored = std::fs::read_to_string(workspace_root().join(".dockerignore"))
         .expect(".dockerignore keeps the local build out of the context");
     for path in ["target", ".venv"] {
-        assert!(ignored.lines().any(|l| l.trim() == path), ".dockerignore lacks {path}");
+        assert!(
+            ignored.lines().any(|l| l.trim() == path),
+            ".dockerignore lacks {path}"
+        );
     }
 
     let toolchain = Dockerfile::load()
@@ -615,7 +643,9 @@ fn every_entrypoint_is_a_binary_the_image_builds() {
         .find(|from| from.starts_with("rust:"))
         .expect("the build stage is a rust image");
     let version = |text: &str| -> (u32, u32) {
-        let mut parts = text.split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+        let mut parts = text
+            .split(['.', '-'])
+            .map(|p| p.parse::<u32>().unwrap_or(0));
         (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
     };
     let wanted = std::fs::read_to_string(workspace_root().join("Cargo.toml"))

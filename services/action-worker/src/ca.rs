@@ -35,7 +35,8 @@ impl ExtraRoots {
             path: path.to_owned(),
             message,
         };
-        let http = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| invalid(e.to_string()))?;
+        let http =
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| invalid(e.to_string()))?;
         if http.is_empty() {
             return Err(invalid("it holds no CERTIFICATE block".into()));
         }
@@ -59,9 +60,17 @@ mod tests {
         let file = tempfile::NamedTempFile::new().expect("temp file");
         std::fs::write(file.path(), "not a certificate\n").expect("write");
         let error = ExtraRoots::load(file.path()).expect_err("no certificate");
-        assert!(error.to_string().contains(&file.path().display().to_string()), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains(&file.path().display().to_string()),
+            "{error}"
+        );
         let missing = ExtraRoots::load(Path::new("/nonexistent/ca.pem")).expect_err("missing");
-        assert!(missing.to_string().contains("/nonexistent/ca.pem"), "{missing}");
+        assert!(
+            missing.to_string().contains("/nonexistent/ca.pem"),
+            "{missing}"
+        );
     }
 
     #[test]

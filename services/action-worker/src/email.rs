@@ -107,8 +107,8 @@ impl Email {
                 SmtpSecurity::Starttls => Tls::Required(tls()?),
                 SmtpSecurity::Tls => Tls::Wrapper(tls()?),
             })
-        .port(settings.port)
-        .timeout(Some(settings.timeout));
+            .port(settings.port)
+            .timeout(Some(settings.timeout));
         if let (Some(user), Some(password)) = (&settings.username, &settings.password) {
             builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
         }

@@ -84,7 +84,10 @@ async fn send_mail(over: Over, trust: bool) -> (Vec<smtp::Mail>, OutcomeStatus, 
     let ca = TestCa::new();
     let (relay, security) = match over {
         Over::Tls => (Security::Tls(ca.acceptor.clone()), SmtpSecurity::Tls),
-        Over::StartTls => (Security::StartTls(ca.acceptor.clone()), SmtpSecurity::Starttls),
+        Over::StartTls => (
+            Security::StartTls(ca.acceptor.clone()),
+            SmtpSecurity::Starttls,
+        ),
     };
     let (port, mails) = smtp::sink(relay).await;
     let mut settings = app.settings();

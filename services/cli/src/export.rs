@@ -14,12 +14,12 @@ use std::time::Instant;
 
 use std::sync::Arc;
 
+use crate::progress::Progress;
 use arrow::array::{ArrayRef, TimestampMicrosecondArray};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use arrow_flight::{FlightClient, Ticket};
 use futures::StreamExt;
-use crate::progress::Progress;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, clap::Args)]

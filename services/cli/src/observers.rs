@@ -147,7 +147,10 @@ pub async fn run(
                 backfill::run_with_progress(session.jetstream(), found, since, |done, total| {
                     let bar = bar.get_or_insert_with(|| Progress::bar(total, "events"));
                     bar.set_position(done.events);
-                    bar.tally(format!("{} matched, {} requests", done.matched, done.requests));
+                    bar.tally(format!(
+                        "{} matched, {} requests",
+                        done.matched, done.requests
+                    ));
                 })
                 .await?;
             if let Some(bar) = &bar {

@@ -116,9 +116,7 @@ impl Running {
 
 /// The gRPC server, over TLS when `settings.tls` names a certificate and key: both are read and
 /// parsed here, so a bad pair refuses the start (and `--check-config`) naming the file.
-pub fn server_builder(
-    settings: &FlightSettings,
-) -> Result<tonic::transport::Server, FlightError> {
+pub fn server_builder(settings: &FlightSettings) -> Result<tonic::transport::Server, FlightError> {
     let builder = tonic::transport::Server::builder();
     let Some(tls) = &settings.tls else {
         return Ok(builder);

@@ -54,7 +54,12 @@ pub async fn sink(security: Security) -> (u16, Mails) {
                     },
                 };
                 let mut stream = BufReader::new(stream);
-                if stream.get_mut().write_all(b"220 sink ESMTP\r\n").await.is_err() {
+                if stream
+                    .get_mut()
+                    .write_all(b"220 sink ESMTP\r\n")
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 let Some(stream) = converse(stream, &store, upgrade.is_some()).await else {
@@ -109,7 +114,11 @@ async fn converse(
                 b"250 OK\r\n"
             }
             "DATA" => {
-                stream.get_mut().write_all(b"354 end with .\r\n").await.ok()?;
+                stream
+                    .get_mut()
+                    .write_all(b"354 end with .\r\n")
+                    .await
+                    .ok()?;
                 loop {
                     let mut data = String::new();
                     if stream.read_line(&mut data).await.ok()? == 0 {

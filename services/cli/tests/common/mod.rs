@@ -86,7 +86,10 @@ pub async fn on_a_terminal(url: &str, args: &[&str]) -> String {
         .await
         .unwrap_or_else(|e| panic!("run `script` (util-linux) for herald {args:?}: {e}"));
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(output.status.success(), "herald {args:?} on a terminal failed:\n{text}");
+    assert!(
+        output.status.success(),
+        "herald {args:?} on a terminal failed:\n{text}"
+    );
     text
 }
 
