@@ -102,6 +102,13 @@ pub fn events_of_partition(partition: u32) -> String {
     format!("herald.events.*.*.*.{partition}")
 }
 
+/// The consumer filters for every stored event of one entity and op: the keyed and partitioned
+/// form (`herald.events.<Entity>.<op>.>`) and the form without a key token.
+pub fn events_of_op(entity: &str, op: Op) -> Result<[String; 2], InvalidToken> {
+    let unkeyed = event(entity, op)?;
+    Ok([format!("{unkeyed}.>"), unkeyed])
+}
+
 /// `herald.events.<Entity>.>`: every event of one entity.
 pub fn events_of(entity: &str) -> Result<String, InvalidToken> {
     Ok(format!("herald.events.{}.>", token("an entity", entity)?))
