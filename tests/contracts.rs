@@ -616,14 +616,17 @@ fn the_readme_subject_map_names_every_stream_with_its_subjects() {
                 (&subjects::key_token("KEY"), "<key>"),
             ],
         ),
-        format!("{}.<partition>", template(
-            subjects::keyed_event("ENTITY", Op::Insert, "KEY"),
-            &[
-                ("ENTITY", "<Entity>"),
-                ("insert", "<op>"),
-                (&subjects::key_token("KEY"), "<key>"),
-            ],
-        )),
+        format!(
+            "{}.<partition>",
+            template(
+                subjects::keyed_event("ENTITY", Op::Insert, "KEY"),
+                &[
+                    ("ENTITY", "<Entity>"),
+                    ("insert", "<op>"),
+                    (&subjects::key_token("KEY"), "<key>"),
+                ],
+            )
+        ),
         subjects::EVENTS_KEYED.to_owned(),
         streams::PARTITIONS_METADATA.to_owned(),
         format!("{}", subjects::key_token("42")),

@@ -17,7 +17,7 @@ use herald_dispatcher::partition::Partition;
 use herald_shared::config::StreamsConfig;
 use herald_shared::subjects::{ACTIONS_STREAM, EVENTS_STREAM};
 use herald_shared::{Op, headers};
-use herald_test_support::{NatsServer, eventually_async};
+use herald_test_support::{NatsCluster, NatsServer, eventually_async};
 use serde_json::json;
 
 const PARTITIONS: u32 = 4;
@@ -42,12 +42,17 @@ struct Process {
 
 impl Process {
     fn start(nats: &NatsServer, observers: &Path) -> Self {
+        Self::start_at(&nats.url(), observers, 1)
+    }
+
+    /// `replicas` must be the streams' own: every service provisions them from its config.
+    fn start_at(url: &str, observers: &Path, replicas: usize) -> Self {
         let config = write_file(&format!(
-            "[nats]\nurl = \"{}\"\n[streams]\nevent_partitions = {PARTITIONS}\n\
+            "[nats]\nurl = \"{}\"\n[streams]\nreplicas = {replicas}\nevent_partitions = {PARTITIONS}\n\
              [telemetry]\nlog_level = \"warn\"\n[service]\nname = \"dispatcher\"\n\
              observers = \"{}\"\nlanes = 4\nbatch = 32\nack_wait = \"5s\"\nlease_ttl = \"{}s\"\n\
              checkpoint_interval = \"100ms\"\n",
-            nats.url(),
+            url,
             observers.display(),
             LEASE_TTL.as_secs(),
         ));
@@ -274,4 +279,110 @@ async fn partitions_move_to_the_survivor_within_the_lease_period_and_never_have_
             .or_insert_with(|| tokens[5].to_owned());
         assert_eq!(partition, tokens[5]);
     }
+}
+
+/// Publishes until JetStream stores it: while a cluster node is down the stream may be
+/// electing a leader, and the same Msg-Id makes a repeat harmless.
+async fn publish_surely(js: &async_nats::jetstream::Context, e: &herald_shared::EntityEvent) {
+    let subject = herald_shared::subjects::keyed_event(&e.entity, e.op, &e.key).expect("subject");
+    let body: bytes::Bytes = serde_json::to_vec(e).expect("json").into();
+    eventually_async("an event to be stored", Duration::from_secs(60), || {
+        let (subject, body) = (subject.clone(), body.clone());
+        async move {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(headers::MSG_ID, e.id.to_string().as_str());
+            js.publish_with_headers(subject, h, body)
+                .await
+                .ok()?
+                .await
+                .ok()
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn on_a_3_node_cluster_a_node_and_a_dispatcher_killed_lose_nothing_and_keep_key_order() {
+    const EVENTS: i64 = 600;
+    let mut cluster = NatsCluster::start();
+    let streams = StreamsConfig {
+        replicas: 3,
+        event_partitions: PARTITIONS,
+        ..StreamsConfig::default()
+    };
+    let js = jetstream_at(&cluster.url(), &streams).await;
+    let file = write_file(ONE_WEBHOOK);
+    let config_url = cluster.url();
+    let mut processes = vec![
+        Process::start_at(&config_url, file.path(), 3),
+        Process::start_at(&config_url, file.path(), 3),
+    ];
+    // 40 keys, each updated 15 times; the kills land at random points of the run.
+    let kill_node_at = rand_between(100, 250);
+    let kill_dispatcher_at = rand_between(300, 450);
+    let node = (kill_node_at as usize) % cluster.len();
+    for n in 0..EVENTS {
+        if n == kill_node_at {
+            cluster.kill(node);
+        }
+        if n == kill_dispatcher_at {
+            processes[0].kill();
+        }
+        let e = event(
+            "Order",
+            if n < 40 { Op::Insert } else { Op::Update },
+            &format!("order.{}", n % 40),
+            json!({"n": n}),
+        );
+        publish_surely(&js, &e).await;
+    }
+    println!(
+        "killed nats node {node} after {kill_node_at} events, a dispatcher after {kill_dispatcher_at}"
+    );
+    eventually_async(
+        "an action for every event",
+        Duration::from_secs(120),
+        || async {
+            let mut stream = js.get_stream(ACTIONS_STREAM).await.ok()?;
+            let stored = stream.info().await.ok()?.state.messages;
+            (stored >= EVENTS as u64).then_some(())
+        },
+    )
+    .await;
+    let stored = read_all(&js, ACTIONS_STREAM).await;
+    let mut per_key: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    let mut ids = BTreeSet::new();
+    for (_, _, body) in &stored {
+        let request: herald_shared::ActionRequest =
+            serde_json::from_slice(body).expect("ActionRequest");
+        ids.insert(request.id.clone());
+        let n = request.event.data.as_ref().and_then(|d| d["n"].as_i64());
+        per_key
+            .entry(request.event.key.clone())
+            .or_default()
+            .push(n.expect("n"));
+    }
+    println!(
+        "{} events, {} actions stored, {} distinct, {} keys",
+        EVENTS,
+        stored.len(),
+        ids.len(),
+        per_key.len()
+    );
+    assert_eq!(ids.len(), EVENTS as usize, "an action lost");
+    assert_eq!(stored.len(), EVENTS as usize, "an action stored twice");
+    for (key, ns) in &per_key {
+        assert!(
+            ns.is_sorted(),
+            "actions of {key} out of commit order: {ns:?}"
+        );
+    }
+}
+
+fn rand_between(low: i64, high: i64) -> i64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    low + i64::from(nanos) % (high - low)
 }

@@ -41,8 +41,13 @@ pub async fn jetstream(nats: &NatsServer) -> jetstream::Context {
 
 /// A JetStream context with the dispatcher's streams provisioned as `streams` says.
 pub async fn jetstream_with(nats: &NatsServer, streams: &StreamsConfig) -> jetstream::Context {
+    jetstream_at(&nats.url(), streams).await
+}
+
+/// The same against any server or cluster `url` (comma-separated for a cluster).
+pub async fn jetstream_at(url: &str, streams: &StreamsConfig) -> jetstream::Context {
     let config = NatsConfig {
-        url: nats.url(),
+        url: url.to_owned(),
         ..Default::default()
     };
     let connection = herald_shared::nats::connect(&config, "dispatcher-test")
