@@ -313,7 +313,7 @@ async fn on_a_3_node_cluster_a_node_and_a_dispatcher_killed_lose_nothing_and_kee
     let js = jetstream_at(&cluster.url(), &streams).await;
     let file = write_file(ONE_WEBHOOK);
     let config_url = cluster.url();
-    let mut processes = vec![
+    let mut processes = [
         Process::start_at(&config_url, file.path(), 3),
         Process::start_at(&config_url, file.path(), 3),
     ];
