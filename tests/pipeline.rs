@@ -289,7 +289,7 @@ async fn the_dev_configs_run_the_pipeline_with_each_service_as_its_own_nats_user
         .to_owned();
 
     let events = stack
-        .watch(EVENTS_STREAM, "herald.events.Order.insert")
+        .watch(EVENTS_STREAM, "herald.events.Order.insert.>")
         .await;
     let event = eventually_async(
         "the gateway's event, published as user gateway",
@@ -411,7 +411,7 @@ async fn a_thousand_mutations_lose_nothing_when_every_service_is_killed_at_rando
 
     // Exactly one event per committed insert.
     let watch = stack
-        .watch(EVENTS_STREAM, "herald.events.Order.insert")
+        .watch(EVENTS_STREAM, "herald.events.Order.insert.>")
         .await;
     let events = eventually_async("an event for every committed order", CHAOS_WAIT, || async {
         let events: Vec<EntityEvent> = watch
@@ -769,7 +769,7 @@ async fn a_poison_corpus_at_every_stream_is_dead_lettered_and_stalls_nothing() {
         .expect("the gateway answers ids as strings")
         .to_owned();
     let events = stack
-        .watch(EVENTS_STREAM, "herald.events.Order.insert")
+        .watch(EVENTS_STREAM, "herald.events.Order.insert.>")
         .await;
     let real = eventually_async("the real order's event", WAIT, || async {
         events

@@ -272,6 +272,14 @@ impl Default for NatsConfig {
     }
 }
 
+impl NatsConfig {
+    /// The servers in `url`, one per comma-separated entry: async-nats takes a list, never a
+    /// comma-separated string, and a cluster is reached (and failed over) through all of them.
+    pub fn servers(&self) -> Vec<&str> {
+        self.url.split(',').map(str::trim).collect()
+    }
+}
+
 impl Validate for NatsConfig {
     fn validate(&self, problems: &mut Problems) {
         if !self
@@ -361,6 +369,11 @@ pub struct StreamLimits {
 #[serde(deny_unknown_fields, default)]
 pub struct StreamsConfig {
     pub replicas: usize,
+    /// Partitions of HERALD_EVENTS: the stream appends `partition(N)` of entity and key to
+    /// every keyed event's subject, and each partition is dispatched by one dispatcher at a
+    /// time. Every service must agree on it (each provisions the stream); changing it means
+    /// draining the dispatchers first (README, "Scale out").
+    pub event_partitions: u32,
     /// How long JetStream remembers a Nats-Msg-Id. Redelivery after a crash must land within it
     /// for the repeat to be absorbed.
     #[serde(with = "humantime_serde")]
@@ -382,6 +395,7 @@ impl Default for StreamsConfig {
         };
         Self {
             replicas: 1,
+            event_partitions: 1,
             duplicate_window: Duration::from_secs(2 * 3600),
             events: limits(30),
             actions: limits(7),
@@ -409,6 +423,9 @@ impl Validate for StreamsConfig {
     fn validate(&self, problems: &mut Problems) {
         if !(1..=5).contains(&self.replicas) {
             problems.push("replicas", "must be between 1 and 5");
+        }
+        if !(1..=1024).contains(&self.event_partitions) {
+            problems.push("event_partitions", "must be between 1 and 1024");
         }
         if self.duplicate_window.is_zero() {
             problems.push("duplicate_window", "must be positive");

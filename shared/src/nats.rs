@@ -38,7 +38,8 @@ impl Nats {
 }
 
 pub async fn connect(config: &NatsConfig, service: &str) -> Result<Nats, ConnectError> {
-    let attempt = || connect_options(config, service).connect(config.url.as_str());
+    let servers = config.servers();
+    let attempt = || connect_options(config, service).connect(servers.as_slice());
     let client = attempt
         .retry(
             ExponentialBuilder::default()

@@ -10,8 +10,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DispatcherSettings {
-    /// Names the durable consumer, the checkpoint and the leader lease: replicas sharing a name
-    /// are one dispatcher (one active, the others on standby).
+    /// Names the durable consumers, checkpoints and leases: processes sharing a name are one
+    /// dispatcher and share HERALD_EVENTS' partitions (`streams.event_partitions`), each
+    /// partition served by one of them at a time. With one partition, one is active and the
+    /// others stand by.
     pub name: String,
     /// The observers file.
     pub observers: PathBuf,
@@ -29,7 +31,8 @@ pub struct DispatcherSettings {
     /// How often the checkpoint is saved (and always on shutdown).
     #[serde(with = "humantime_serde")]
     pub checkpoint_interval: Duration,
-    /// How long the leader lease lives without renewal; a standby replica takes over after it.
+    /// How long a partition's lease lives without renewal; another process takes the partition
+    /// over after it.
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
 }

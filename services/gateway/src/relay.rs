@@ -411,7 +411,8 @@ impl Relay {
             .op
             .parse()
             .map_err(|e: String| unpublishable(raw_subject.clone(), e, 0))?;
-        let subject = subjects::event(&row.entity, op)
+        // The key token lets HERALD_EVENTS partition by key, so dispatchers share the work.
+        let subject = subjects::keyed_event(&row.entity, op, &row.key)
             .map_err(|e| unpublishable(raw_subject.clone(), e.to_string(), 0))?;
         let event = EntityEvent {
             id: row.id,
