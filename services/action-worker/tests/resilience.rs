@@ -341,3 +341,33 @@ async fn a_slow_receiver_does_not_stall_other_destinations() {
         "the slow receiver still holds both of its requests"
     );
 }
+
+/// The action worker tells, like the job worker, whether its Redis would keep the done marks
+/// through a crash: the check is the shared one (`herald_shared::redis_persistence`).
+#[tokio::test]
+async fn the_worker_can_tell_whether_redis_persists_its_done_marks() {
+    use herald_shared::redis_persistence::Persistence;
+    let plain = herald_test_support::RedisServer::start();
+    let aof = herald_test_support::RedisServer::start_with_aof();
+    let dedup = |url: String| {
+        let settings = common::settings(&url);
+        herald_action_worker::dedup(&settings).expect("dedup client")
+    };
+    assert_eq!(
+        dedup(plain.url()).persistence().await,
+        Persistence::SnapshotsOnly
+    );
+    let durable = dedup(aof.url()).persistence().await;
+    assert_eq!(
+        durable,
+        Persistence::AppendOnly {
+            fsync: Some("always".into())
+        }
+    );
+    assert!(durable.is_durable());
+    // Reporting waits for Redis to answer, then returns.
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::time::timeout(WAIT, dedup(aof.url()).report_persistence(&stop))
+        .await
+        .expect("reported once Redis answered");
+}
