@@ -249,7 +249,9 @@ impl Dispatcher {
         settings: DispatcherSettings,
         observers: Arc<Observers>,
     ) -> Self {
-        let settler = Settler::new(js.clone(), DlqSource::Events, SERVICE, settings.retry_delay);
+        // First failures outlive a restart (a dead letter names the real first failure).
+        let settler = Settler::new(js.clone(), DlqSource::Events, SERVICE, settings.retry_delay)
+            .remembering_first_failures(format!("dispatcher.{}", settings.name));
         Self {
             js,
             settings,
