@@ -23,7 +23,7 @@
 //! settler remembers when it first retried a stream message: in memory, and, when built with
 //! `remembering_first_failures` (the dispatcher), also in the JetStream KV bucket
 //! `herald_first_failures` under `<prefix>.<stream sequence>`, so the time survives a restart of
-//! the consumer. A key is written once, at the first failure, read only when a redelivered
+//! the consumer. A key is written once, at the first failure, read when the
 //! message is dead-lettered, and deleted when the message is settled for good; the bucket's
 //! `FIRST_FAILURES_MAX_AGE` removes what a crash left behind. Without either, the dead-lettering
 //! delivery is the first failure.
@@ -327,7 +327,7 @@ impl Settler {
                 }
                 let first_failed_at = match give_up.first_failed_at {
                     Some(at) => Some(at),
-                    None => self.recalled_failure(sequence, redelivered).await,
+                    None => self.recalled_failure(sequence).await,
                 }
                 .unwrap_or_else(Utc::now);
                 let attempts = give_up.attempts.unwrap_or_else(|| delivery_count(message));
@@ -418,45 +418,41 @@ impl Settler {
         let Some((store, key)) = self.durable_key(sequence).await else {
             return;
         };
-        let at = self.failures().get(&sequence).copied().unwrap_or_else(Utc::now);
-        // `create` keeps the first time a previous process may have stored.
+        let at = self
+            .failures()
+            .get(&sequence)
+            .copied()
+            .unwrap_or_else(Utc::now);
+        // `create` keeps the first time a previous process may have stored; that one is then
+        // the time remembered here too.
         match store.create(&key, at.to_rfc3339().into()).await {
             Ok(_) => {}
-            Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
+                if let Some(earlier) = read_time(store, &key).await {
+                    self.failures().insert(sequence, earlier);
+                }
+            }
             Err(e) => tracing::warn!(error = %e, %key, "cannot store a first-failure time"),
         }
     }
 
-    async fn recalled_failure(
-        &self,
-        sequence: Option<u64>,
-        redelivered: bool,
-    ) -> Option<DateTime<Utc>> {
+    /// The first failure remembered here, or else the one stored by an earlier process. The
+    /// bucket is asked even at a first delivery: a re-created consumer (the dispatcher's, after
+    /// a restart) starts delivery counts again.
+    async fn recalled_failure(&self, sequence: Option<u64>) -> Option<DateTime<Utc>> {
         let sequence = sequence?;
         if let Some(at) = self.failures().get(&sequence).copied() {
             return Some(at);
         }
-        if !redelivered {
-            return None;
-        }
         let (store, key) = self.durable_key(sequence).await?;
-        match store.get(&key).await {
-            Ok(Some(value)) => std::str::from_utf8(&value)
-                .ok()
-                .and_then(|text| DateTime::parse_from_rfc3339(text).ok())
-                .map(|at| at.with_timezone(&Utc)),
-            Ok(None) => None,
-            Err(e) => {
-                tracing::warn!(error = %e, %key, "cannot read a first-failure time");
-                None
-            }
-        }
+        read_time(store, &key).await
     }
 
     async fn forget(&self, sequence: Option<u64>, redelivered: bool) {
         let Some(sequence) = sequence else { return };
         let known = self.failures().remove(&sequence).is_some();
-        // A message settled at its first delivery never failed: nothing was stored for it.
+        // A message settled at its first delivery never failed here: no write per ack. (One that
+        // failed before a restart re-created its consumer leaves its key to expire.)
         if !(known || redelivered) {
             return;
         }
@@ -478,6 +474,20 @@ impl Settler {
             .map_err(|e| tracing::warn!(error = %e, "first-failure bucket unavailable"))
             .ok()?;
         Some((store, format!("{prefix}.{sequence}")))
+    }
+}
+
+async fn read_time(store: &jetstream::kv::Store, key: &str) -> Option<DateTime<Utc>> {
+    match store.get(key).await {
+        Ok(Some(value)) => std::str::from_utf8(&value)
+            .ok()
+            .and_then(|text| DateTime::parse_from_rfc3339(text).ok())
+            .map(|at| at.with_timezone(&Utc)),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, %key, "cannot read a first-failure time");
+            None
+        }
     }
 }
 
