@@ -545,7 +545,10 @@ async fn one_receiver_down_for_thirty_seconds(down: Down) {
         percentile(&outside, 0.99),
         outside.len(),
     );
-    assert_eq!(dead, 0, "an outage of 30 s is no reason to give up on anything");
+    assert_eq!(
+        dead, 0,
+        "an outage of 30 s is no reason to give up on anything"
+    );
     assert!(
         during.len() > 100,
         "the healthy receiver got actions during the outage"
