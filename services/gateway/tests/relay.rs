@@ -333,7 +333,10 @@ async fn rows_too_large_for_the_stream_are_set_aside_at_once() {
         .filter(|s| s.subject.starts_with("herald.events.Order."))
         .map(|s| {
             let event = s.event();
-            event.data.as_ref().and_then(|d| d["note"].as_str().map(str::to_owned))
+            event
+                .data
+                .as_ref()
+                .and_then(|d| d["note"].as_str().map(str::to_owned))
         })
         .collect();
     assert_eq!(

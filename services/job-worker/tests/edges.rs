@@ -319,8 +319,16 @@ async fn a_status_too_large_for_the_stream_is_set_aside_at_once() {
         .update_stream(config)
         .await
         .expect("limit the jobs stream");
-    submit(&servers.jetstream, &job("big", "default", "test", json!({}))).await;
-    submit(&servers.jetstream, &job("fine", "default", "test", json!({}))).await;
+    submit(
+        &servers.jetstream,
+        &job("big", "default", "test", json!({})),
+    )
+    .await;
+    submit(
+        &servers.jetstream,
+        &job("fine", "default", "test", json!({})),
+    )
+    .await;
     events.wait_for("fine", JobState::Succeeded).await;
     events.wait_for("big", JobState::Running).await;
 
@@ -336,9 +344,10 @@ async fn a_status_too_large_for_the_stream_is_set_aside_at_once() {
         )
         .await
         .ok()?;
-        reply.ids.into_iter().find_map(|e| {
-            redis::from_redis_value::<String>(e.map.get("reason")?.clone()).ok()
-        })
+        reply
+            .ids
+            .into_iter()
+            .find_map(|e| redis::from_redis_value::<String>(e.map.get("reason")?.clone()).ok())
     })
     .await;
     assert!(reason.contains("too large"), "{reason}");
@@ -347,7 +356,10 @@ async fn a_status_too_large_for_the_stream_is_set_aside_at_once() {
         "set aside at once, not after repeated refusals: {reason}"
     );
     assert!(
-        !events.of("big").iter().any(|s| s.state == JobState::Succeeded),
+        !events
+            .of("big")
+            .iter()
+            .any(|s| s.state == JobState::Succeeded),
         "the oversize status was never stored"
     );
     worker.stop().await;
