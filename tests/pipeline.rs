@@ -781,6 +781,22 @@ async fn a_poison_corpus_at_every_stream_is_dead_lettered_and_stalls_nothing() {
         raw_headers: Some(lines.to_owned()),
         ..plain(what, subject, body)
     };
+    // An event that just fits the server's max_payload (1 MiB) beside its Msg-Id, so its
+    // ActionRequest (the event plus the observer's config) cannot.
+    let oversize_event = {
+        let with_note = |note: String| {
+            json!({
+                "id": uuid::Uuid::now_v7(), "entity": "Order", "op": "insert", "key": "90004",
+                "data": {"id": 90004, "customer_id": 1, "status": "new", "total": 10.0,
+                         "note": note},
+                "before": null, "changed": null, "at": chrono::Utc::now(), "actor": null,
+                "tx": 1, "schema_version": 1,
+            })
+            .to_string()
+        };
+        let base = with_note(String::new()).len();
+        with_note("x".repeat(1024 * 1024 - 200 - base))
+    };
     let lf_event = uuid::Uuid::now_v7();
     let mut corpus: Vec<Poison> = vec![
         plain(
@@ -852,14 +868,7 @@ async fn a_poison_corpus_at_every_stream_is_dead_lettered_and_stalls_nothing() {
         plain(
             "event: its ActionRequest is above max_payload",
             "herald.events.Order.insert",
-            json!({
-                "id": uuid::Uuid::now_v7(), "entity": "Order", "op": "insert", "key": "90004",
-                "data": {"id": 90004, "customer_id": 1, "status": "new", "total": 10.0,
-                         "note": "x".repeat(1_040_000)},
-                "before": null, "changed": null, "at": chrono::Utc::now(), "actor": null,
-                "tx": 1, "schema_version": 1,
-            })
-            .to_string(),
+            oversize_event,
         ),
         // A misspelled kind inside a request on the webhook subject.
         plain(
@@ -966,6 +975,7 @@ async fn a_poison_corpus_at_every_stream_is_dead_lettered_and_stalls_nothing() {
             })
         };
         let mut rows = Vec::new();
+        let mut missing = Vec::new();
         for (n, poison) in corpus.iter().enumerate() {
             let handled = poison.webhook_of.is_some_and(|id| {
                 let webhook = ActionRequest::action_id(id, "order_created", 0);
@@ -976,8 +986,12 @@ async fn a_poison_corpus_at_every_stream_is_dead_lettered_and_stalls_nothing() {
             match (reason_of(n), handled) {
                 (Some(reason), _) => rows.push((poison.what, format!("dead-lettered: {reason}"))),
                 (None, true) => rows.push((poison.what, "delivered".to_owned())),
-                (None, false) => return None,
+                (None, false) => missing.push(poison.what),
             }
+        }
+        if !missing.is_empty() {
+            eprintln!("poison not yet accounted for: {missing:?}");
+            return None;
         }
         Some(rows)
     })
