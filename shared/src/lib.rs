@@ -14,6 +14,8 @@ pub mod headers;
 pub mod messages;
 pub mod nats;
 pub mod publish;
+#[cfg(feature = "redis")]
+pub mod redis_persistence;
 pub mod retry;
 pub mod service;
 pub mod shutdown;

@@ -270,7 +270,9 @@ impl Dispatcher {
         observers: Arc<Observers>,
         replicas: usize,
     ) -> Self {
-        let settler = Settler::new(js.clone(), DlqSource::Events, SERVICE, settings.retry_delay);
+        // First failures outlive a restart (a dead letter names the real first failure).
+        let settler = Settler::new(js.clone(), DlqSource::Events, SERVICE, settings.retry_delay)
+            .remembering_first_failures(format!("dispatcher.{}", settings.name));
         Self {
             js,
             settings,
