@@ -88,7 +88,9 @@ pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     if sorted.is_empty() {
         return None;
     }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    // The small epsilon keeps float error (99.9 / 100 * 1000 = 999.0000000000001) from moving
+    // the rank one sample up.
+    let rank = (p / 100.0 * sorted.len() as f64 - 1e-9).ceil() as usize;
     sorted.get(rank.clamp(1, sorted.len()) - 1).copied()
 }
 
