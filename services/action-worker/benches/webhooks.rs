@@ -36,7 +36,8 @@ async fn bare_posts(url: &str, count: usize, concurrency: usize) -> anyhow::Resu
     let started = Instant::now();
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (client, next, key, url) = (client.clone(), next.clone(), key.clone(), url.to_owned());
+            let (client, next, key, url) =
+                (client.clone(), next.clone(), key.clone(), url.to_owned());
             tokio::spawn(async move {
                 loop {
                     let index = next.fetch_add(1, Ordering::Relaxed);
@@ -59,7 +60,11 @@ async fn bare_posts(url: &str, count: usize, concurrency: usize) -> anyhow::Resu
                         .timeout(Duration::from_secs(5))
                         .send()
                         .await?;
-                    anyhow::ensure!(response.status().is_success(), "sink answered {}", response.status());
+                    anyhow::ensure!(
+                        response.status().is_success(),
+                        "sink answered {}",
+                        response.status()
+                    );
                     response.bytes().await?;
                 }
             })

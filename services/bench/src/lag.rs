@@ -66,7 +66,8 @@ async fn read<T: serde::de::DeserializeOwned>(
         .map_err(|e| fail(e.to_string()))?;
     let mut out = Vec::with_capacity(pending.min(expected));
     for _ in 0..pending {
-        let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(10), messages.next()).await
+        let Ok(Some(message)) =
+            tokio::time::timeout(Duration::from_secs(10), messages.next()).await
         else {
             break;
         };

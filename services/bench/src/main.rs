@@ -58,7 +58,9 @@ struct Args {
 fn parse_rate(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
-        _ => Err(format!("`{s}` is not a positive number of mutations per second")),
+        _ => Err(format!(
+            "`{s}` is not a positive number of mutations per second"
+        )),
     }
 }
 
@@ -115,7 +117,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .await?;
 
     match args.rate {
-        Some(rate) => eprintln!("sending {} mutations at {rate}/s (open loop)", args.mutations),
+        Some(rate) => eprintln!(
+            "sending {} mutations at {rate}/s (open loop)",
+            args.mutations
+        ),
         None => eprintln!(
             "sending {} mutations from {} clients",
             args.mutations, args.concurrency
