@@ -7,7 +7,27 @@
 -- for rows it cannot see yet.
 --
 -- The row trigger also stops serialising the row twice and skips herald.visible() when every
--- column is captured.
+-- column is captured, and herald.visible() picks the exposed keys in a loop instead of
+-- rebuilding the object through jsonb_each (a SQL function that is never inlined here): the
+-- same object, at less than half the cost per row.
+
+CREATE OR REPLACE FUNCTION herald.visible(row_json jsonb, columns text[]) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    shown  jsonb := '{}'::jsonb;
+    column_name text;
+BEGIN
+    IF row_json IS NULL OR columns IS NULL THEN
+        RETURN row_json;
+    END IF;
+    FOREACH column_name IN ARRAY columns LOOP
+        IF row_json ? column_name THEN
+            shown := shown || jsonb_build_object(column_name, row_json -> column_name);
+        END IF;
+    END LOOP;
+    RETURN shown;
+END
+$$;
 
 CREATE OR REPLACE FUNCTION herald.notify_outbox() RETURNS trigger
 LANGUAGE plpgsql AS $$
