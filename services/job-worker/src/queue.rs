@@ -454,6 +454,10 @@ pub struct OutboxEntry {
 /// trips, small enough that one script never holds Redis for long.
 const MAX_BATCH: usize = 256;
 
+/// Invocations of one batched script in flight at once: calls keep coalescing while earlier
+/// batches travel, so a round trip never idles the pool.
+const BATCHES_IN_FLIGHT: usize = 4;
+
 type Reply = oneshot::Sender<Result<i64, QueueError>>;
 
 /// Coalesces concurrent calls of one many-items script (`STORE`, `COMPLETE`) into one
@@ -469,37 +473,49 @@ impl Batcher {
     fn spawn(redis: ConnectionManager, script: Script, prefix: String, ttl_ms: u64) -> Self {
         let (calls, mut queued) = mpsc::unbounded_channel::<(Vec<Vec<u8>>, Reply)>();
         tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(MAX_BATCH);
+            let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
             // Ends when every Queue (and so every sender) is gone.
-            while queued.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                let mut invocation = script.prepare_invoke();
-                invocation.arg(&prefix).arg(ttl_ms);
-                for (args, _) in &batch {
-                    for arg in args {
-                        invocation.arg(arg.as_slice());
-                    }
+            loop {
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    return;
+                };
+                let mut batch = Vec::with_capacity(MAX_BATCH);
+                if queued.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                    return;
                 }
-                let answers: Result<Vec<redis::Value>, _> =
-                    invocation.invoke_async(&mut redis.clone()).await;
-                match answers {
-                    Ok(answers) if answers.len() == batch.len() => {
-                        for ((_, reply), answer) in batch.drain(..).zip(answers) {
-                            let _ = reply.send(item(answer));
+                let (redis, script, prefix) = (redis.clone(), script.clone(), prefix.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let mut invocation = script.prepare_invoke();
+                    invocation.arg(&prefix).arg(ttl_ms);
+                    for (args, _) in &batch {
+                        for arg in args {
+                            invocation.arg(arg.as_slice());
                         }
                     }
-                    Ok(answers) => {
-                        let text = format!("{} answers for {} calls", answers.len(), batch.len());
-                        for (_, reply) in batch.drain(..) {
-                            let _ = reply.send(Err(QueueError::Corrupt(text.clone())));
+                    let answers: Result<Vec<redis::Value>, _> =
+                        invocation.invoke_async(&mut redis.clone()).await;
+                    match answers {
+                        Ok(answers) if answers.len() == batch.len() => {
+                            for ((_, reply), answer) in batch.drain(..).zip(answers) {
+                                let _ = reply.send(item(answer));
+                            }
+                        }
+                        Ok(answers) => {
+                            let text =
+                                format!("{} answers for {} calls", answers.len(), batch.len());
+                            for (_, reply) in batch.drain(..) {
+                                let _ = reply.send(Err(QueueError::Corrupt(text.clone())));
+                            }
+                        }
+                        Err(e) => {
+                            // Every caller sees the failure and retries on its own.
+                            for (_, reply) in batch.drain(..) {
+                                let _ = reply.send(Err(QueueError::Unavailable(e.clone())));
+                            }
                         }
                     }
-                    Err(e) => {
-                        // Every caller sees the failure and retries on its own.
-                        for (_, reply) in batch.drain(..) {
-                            let _ = reply.send(Err(QueueError::Unavailable(e.clone())));
-                        }
-                    }
-                }
+                });
             }
         });
         Self { calls }
