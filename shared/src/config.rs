@@ -47,6 +47,52 @@ fn render(problems: &[Problem]) -> String {
 /// at the first.
 pub trait Validate {
     fn validate(&self, problems: &mut Problems);
+
+    /// Loads every file these settings name that the service reads at start (an observers file,
+    /// a schema file, keys, certificates), with the loader the start uses, and pushes a problem
+    /// under the setting's key for each bad one. Only `--check-config` calls it: a real start
+    /// loads the files itself and refuses the same way.
+    fn check_files(&self, _files: &mut Files) {}
+}
+
+/// The files `Validate::check_files` loaded, and what was wrong with them.
+#[derive(Debug, Default)]
+pub struct Files {
+    /// Each file loaded: the setting's full key and the path, in order.
+    pub checked: Vec<(String, PathBuf)>,
+    pub problems: Problems,
+}
+
+impl Files {
+    /// Records that the file `path`, named by `key`, was loaded, and its problems if `loaded`
+    /// failed. One problem per line of the error, so each names the key.
+    pub fn loaded<T, E: std::fmt::Display>(
+        &mut self,
+        key: &str,
+        path: &Path,
+        loaded: Result<T, E>,
+    ) -> Option<T> {
+        let mut full = self.problems.prefix.join(".");
+        if !full.is_empty() {
+            full.push('.');
+        }
+        full.push_str(key);
+        self.checked.push((full, path.to_owned()));
+        match loaded {
+            Ok(value) => Some(value),
+            Err(e) => {
+                self.problems.push(key, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// Checks `section`'s files with every key prefixed by `name.`.
+    pub fn section(&mut self, name: &str, section: &impl Validate) {
+        self.problems.prefix.push(name.to_owned());
+        section.check_files(self);
+        self.problems.prefix.pop();
+    }
 }
 
 /// Collects problems, with a key prefix for nested sections.

@@ -20,6 +20,7 @@ pub mod shutdown;
 pub mod streams;
 pub mod subjects;
 pub mod telemetry;
+pub mod tls;
 pub mod traceparent;
 
 pub use messages::{

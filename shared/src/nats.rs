@@ -63,6 +63,8 @@ pub async fn connect(config: &NatsConfig, service: &str) -> Result<Nats, Connect
 /// complaints) before connecting; a caller replacing the event callback should pass server
 /// errors on to `publish::note_server_error`.
 pub fn connect_options(config: &NatsConfig, name: &str) -> async_nats::ConnectOptions {
+    // A `tls://` connection builds a rustls configuration with the process default provider.
+    crate::tls::install_crypto_provider();
     let options = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(5))

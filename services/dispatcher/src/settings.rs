@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use herald_shared::config::{Problems, Validate};
+use herald_shared::config::{Files, Problems, Validate};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,5 +84,13 @@ impl Validate for DispatcherSettings {
         if self.lease_ttl < Duration::from_secs(1) {
             problems.push("lease_ttl", "must be at least 1s");
         }
+    }
+
+    fn check_files(&self, files: &mut Files) {
+        files.loaded(
+            "observers",
+            &self.observers,
+            crate::ObserverSet::load(&self.observers),
+        );
     }
 }

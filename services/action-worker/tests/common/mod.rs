@@ -5,6 +5,9 @@
 // Each test binary uses a different part of the harness.
 #![allow(dead_code)]
 
+pub mod smtp;
+pub mod tls;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
