@@ -1,5 +1,7 @@
 //! Webhooks per second to a loopback sink with Redis dedup on, and the p50/p99 latency from
-//! publishing an ActionRequest to the receiver getting the signed request. Prints its figures;
+//! publishing an ActionRequest to the receiver getting the signed request, against a baseline
+//! measured in the same run: a bare loop that signs and POSTs the same requests at the same
+//! concurrency to the same sink, with no NATS and no Redis. Prints its figures and the ratio;
 //! asserts nothing. `cargo bench -p herald-action-worker --bench webhooks [-- <actions>]`.
 
 use std::collections::HashMap;
@@ -18,6 +20,61 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 type Arrivals = Arc<Mutex<HashMap<String, Instant>>>;
+
+const CONCURRENCY: usize = 128;
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// The baseline: `concurrency` tasks that build, sign and POST the same requests the worker would
+/// send (event JSON body, Standard Webhooks headers) straight to the sink. No NATS, no Redis.
+async fn bare_posts(url: &str, count: usize, concurrency: usize) -> anyhow::Result<Duration> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let key = herald_action_worker::webhook::secret_key(SECRET)?;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, next, key, url) =
+                (client.clone(), next.clone(), key.clone(), url.to_owned());
+            tokio::spawn(async move {
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    if index >= count {
+                        return anyhow::Ok(());
+                    }
+                    let mut request = request(&url, index);
+                    request.id = format!("bare:{}", request.id);
+                    let body = serde_json::to_vec(&request.event)?;
+                    let timestamp = Utc::now().timestamp();
+                    let signature =
+                        herald_action_worker::webhook::sign(&key, &request.id, timestamp, &body);
+                    let response = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .header("webhook-id", &request.id)
+                        .header("webhook-timestamp", timestamp.to_string())
+                        .header("webhook-signature", signature)
+                        .body(body)
+                        .timeout(Duration::from_secs(5))
+                        .send()
+                        .await?;
+                    anyhow::ensure!(
+                        response.status().is_success(),
+                        "sink answered {}",
+                        response.status()
+                    );
+                    response.bytes().await?;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    Ok(started.elapsed())
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -52,11 +109,8 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings {
         redis_url: redis.url(),
         ssrf_allow: vec!["127.0.0.1".into()],
-        concurrency: 128,
-        webhook_secrets: HashMap::from([(
-            "bench".into(),
-            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
-        )]),
+        concurrency: CONCURRENCY,
+        webhook_secrets: HashMap::from([("bench".into(), SECRET.into())]),
         ..Settings::default()
     };
     let shutdown = CancellationToken::new();
@@ -68,9 +122,20 @@ async fn main() -> anyhow::Result<()> {
         shutdown.clone(),
     ));
 
+    let bare = bare_posts(&url, count, CONCURRENCY).await?;
+    println!(
+        "baseline: bare loop signing and POSTing {count} requests to the same sink, concurrency {CONCURRENCY}: {:.2}s = {:.0} webhooks/s",
+        bare.as_secs_f64(),
+        count as f64 / bare.as_secs_f64()
+    );
     let subject = subjects::action("webhook", "bench")?;
     let burst = phase(&jetstream, &subject, &url, &arrivals, count, None).await?;
     report(&format!("burst of {count}"), &burst);
+    println!(
+        "burst of {count}: ratio to the bare POST loop {:.2}",
+        (burst.delivered as f64 / burst.elapsed.as_secs_f64())
+            / (count as f64 / bare.as_secs_f64())
+    );
     let paced = phase(
         &jetstream,
         &subject,

@@ -52,42 +52,86 @@ impl Gateway {
 pub struct Load {
     /// When each committed order's answer arrived, by order key.
     pub committed: HashMap<String, Instant>,
+    /// When each committed order was due to be sent (open loop), by order key; in the closed
+    /// loop, when its request was sent.
+    pub scheduled: HashMap<String, Instant>,
     pub failed: Vec<LoadError>,
     pub finished: Instant,
 }
 
-/// Sends `mutations` orders for `customer`, `concurrency` at a time.
+type Answer = Result<(String, Instant, Instant), LoadError>;
+
+/// Sends order `i` for `customer`: its key, when it was due, when its answer arrived.
+async fn order(gateway: &Gateway, customer: &Value, i: usize, due: Instant) -> Answer {
+    let query = format!(
+        "mutation {{ createOrder(input: {{customer_id: {customer}, total: {}}}) {{ id }} }}",
+        20 + i % 400
+    );
+    let data = gateway.graphql(&query).await?;
+    let at = Instant::now();
+    let id = &data["createOrder"]["id"];
+    let key = id.as_str().map_or_else(|| id.to_string(), str::to_owned);
+    Ok((key, due, at))
+}
+
+/// Closed loop: sends `mutations` orders for `customer`, `concurrency` at a time.
 pub async fn run(
     gateway: &Gateway,
     customer: &Value,
     mutations: usize,
     concurrency: usize,
 ) -> Load {
-    let answers: Vec<Result<(String, Instant), LoadError>> = futures::stream::iter(0..mutations)
-        .map(|i| {
-            let query = format!(
-                "mutation {{ createOrder(input: {{customer_id: {customer}, total: {}}}) {{ id }} }}",
-                20 + i % 400
-            );
-            async move {
-                let data = gateway.graphql(&query).await?;
-                let at = Instant::now();
-                let id = &data["createOrder"]["id"];
-                let key = id
-                    .as_str()
-                    .map_or_else(|| id.to_string(), str::to_owned);
-                Ok((key, at))
-            }
-        })
+    let answers: Vec<Answer> = futures::stream::iter(0..mutations)
+        .map(|i| order(gateway, customer, i, Instant::now()))
         .buffer_unordered(concurrency.max(1))
         .collect()
         .await;
+    collect(answers)
+}
+
+/// Open loop: order `i` is due at `start + i / rate` and is sent then, whether or not earlier
+/// ones were answered, so a stall shows up as latency from the schedule instead of slowing the
+/// clients down. At most `in_flight` requests are outstanding (a safety bound; a run that hits
+/// it falls behind its schedule, which the latency shows).
+pub async fn paced(
+    gateway: &Gateway,
+    customer: &Value,
+    mutations: usize,
+    rate: f64,
+    in_flight: usize,
+) -> Load {
+    let start = Instant::now();
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(in_flight.max(1)));
+    let mut tasks = Vec::with_capacity(mutations);
+    for i in 0..mutations {
+        let due = start + std::time::Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        let permit = permits.clone().acquire_owned().await;
+        let (gateway, customer) = (gateway.clone(), customer.clone());
+        tasks.push(tokio::spawn(async move {
+            let answer = order(&gateway, &customer, i, due).await;
+            drop(permit);
+            answer
+        }));
+    }
+    let mut answers = Vec::with_capacity(mutations);
+    for task in tasks {
+        if let Ok(answer) = task.await {
+            answers.push(answer);
+        }
+    }
+    collect(answers)
+}
+
+fn collect(answers: Vec<Answer>) -> Load {
     let finished = Instant::now();
     let mut committed = HashMap::new();
+    let mut scheduled = HashMap::new();
     let mut failed = Vec::new();
     for answer in answers {
         match answer {
-            Ok((key, at)) => {
+            Ok((key, due, at)) => {
+                scheduled.insert(key.clone(), due);
                 committed.insert(key, at);
             }
             Err(error) => failed.push(error),
@@ -95,6 +139,7 @@ pub async fn run(
     }
     Load {
         committed,
+        scheduled,
         failed,
         finished,
     }

@@ -3,7 +3,14 @@
 //! from concurrent clients, and follows them through the pipeline: events on HERALD_EVENTS,
 //! actions on HERALD_ACTIONS, webhooks at the sink. Prints a table and, with `--json-out`,
 //! writes the same figures as JSON.
+//!
+//! Closed loop by default (`--concurrency` clients, each sending its next mutation when the last
+//! was answered). With `--rate N` the loop is open: mutations are sent on a schedule of N per
+//! second and latency is measured from each one's due time, so a stall cannot hide behind
+//! clients that wait. Both print the per-stage lag (commit → event, event → action, action →
+//! webhook) from the messages' own timestamps.
 
+mod lag;
 mod load;
 mod progress;
 mod report;
@@ -31,15 +38,30 @@ struct Args {
     /// How many createOrder mutations to send.
     #[arg(long, default_value_t = 1000)]
     mutations: usize,
-    /// How many clients send them at once.
+    /// How many clients send them at once (closed loop).
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// Open loop: send this many mutations per second on a fixed schedule instead.
+    #[arg(long, value_parser = parse_rate)]
+    rate: Option<f64>,
+    /// Open loop: at most this many mutations outstanding at once.
+    #[arg(long, default_value_t = 1024)]
+    in_flight: usize,
     /// Also write the figures here, as JSON.
     #[arg(long)]
     json_out: Option<PathBuf>,
     /// How long the pipeline may take to deliver everything once the mutations are sent.
     #[arg(long, value_parser = parse_seconds, default_value = "120")]
     drain_timeout: Duration,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!(
+            "`{s}` is not a positive number of mutations per second"
+        )),
+    }
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, std::num::ParseFloatError> {
@@ -95,15 +117,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await?;
 
-    eprintln!(
-        "sending {} mutations from {} clients",
-        args.mutations, args.concurrency
-    );
+    match args.rate {
+        Some(rate) => eprintln!(
+            "sending {} mutations at {rate}/s (open loop)",
+            args.mutations
+        ),
+        None => eprintln!(
+            "sending {} mutations from {} clients",
+            args.mutations, args.concurrency
+        ),
+    }
     let started = Instant::now();
     let mut sending = tokio::spawn({
         let gateway = gateway.clone();
-        let (mutations, concurrency) = (args.mutations, args.concurrency);
-        async move { load::run(&gateway, &customer, mutations, concurrency).await }
+        let (mutations, concurrency, rate, in_flight) =
+            (args.mutations, args.concurrency, args.rate, args.in_flight);
+        async move {
+            match rate {
+                Some(rate) => load::paced(&gateway, &customer, mutations, rate, in_flight).await,
+                None => load::run(&gateway, &customer, mutations, concurrency).await,
+            }
+        }
     });
     let mut stages: [Stage; 3] = std::array::from_fn(|_| Stage {
         count: 0,
@@ -148,11 +182,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Some(received.saturating_duration_since(*committed).as_secs_f64() * 1000.0)
         })
         .collect();
+    let from_schedule = args.rate.map(|_| {
+        Latency::from_samples(
+            load.scheduled
+                .iter()
+                .filter_map(|(key, due)| {
+                    let received = arrivals.get(key)?;
+                    Some(received.saturating_duration_since(*due).as_secs_f64() * 1000.0)
+                })
+                .collect(),
+        )
+    });
+    let stage_lag = match lag::measure(
+        &stack.js,
+        "herald.events.Order.insert",
+        &subjects::action("webhook", "order_created")?,
+        &load.committed,
+        &sink.wall_arrivals(),
+    )
+    .await
+    {
+        Ok(lags) => Some(lags),
+        Err(error) => {
+            eprintln!("the stage lags could not be read: {error}");
+            None
+        }
+    };
     let [events, actions, webhooks] =
         stages.map(|s| Throughput::new(s.count, expected, s.grew_at - started));
     let report = Report {
         mutations_requested: args.mutations,
         concurrency: args.concurrency,
+        rate: args.rate,
         failed_mutations: load.failed.len(),
         mutations: Throughput::new(expected, args.mutations as u64, load.finished - started),
         events,
@@ -160,6 +221,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         webhooks,
         webhook_deliveries: sink.deliveries(),
         latency_ms: Latency::from_samples(latencies),
+        scheduled_latency_ms: from_schedule,
+        stage_lag,
         peak_rss_kib: stack
             .peak_rss()
             .into_iter()

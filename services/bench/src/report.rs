@@ -12,6 +12,8 @@ use serde::Serialize;
 pub struct Report {
     pub mutations_requested: usize,
     pub concurrency: usize,
+    /// Mutations per second of an open-loop run; `None` for the closed loop.
+    pub rate: Option<f64>,
     pub failed_mutations: usize,
     pub mutations: Throughput,
     pub events: Throughput,
@@ -19,7 +21,12 @@ pub struct Report {
     pub webhooks: Throughput,
     /// Webhook requests received, repeats included.
     pub webhook_deliveries: u64,
+    /// Commit (the answer arrived) → first webhook.
     pub latency_ms: Latency,
+    /// Open loop: the mutation's due time → first webhook.
+    pub scheduled_latency_ms: Option<Latency>,
+    /// Per stage, from the messages' own timestamps; `None` when the streams could not be read.
+    pub stage_lag: Option<crate::lag::StageLags>,
     /// VmHWM of each service process, KiB; `None` when /proc could not tell.
     pub peak_rss_kib: BTreeMap<String, Option<u64>>,
 }
@@ -58,6 +65,7 @@ pub struct Latency {
     pub samples: usize,
     pub p50: Option<f64>,
     pub p99: Option<f64>,
+    pub p999: Option<f64>,
     pub max: Option<f64>,
 }
 
@@ -68,6 +76,7 @@ impl Latency {
             samples: millis.len(),
             p50: percentile(&millis, 50.0),
             p99: percentile(&millis, 99.0),
+            p999: percentile(&millis, 99.9),
             max: millis.last().copied(),
         }
     }
@@ -79,7 +88,9 @@ pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     if sorted.is_empty() {
         return None;
     }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    // The small epsilon keeps float error (99.9 / 100 * 1000 = 999.0000000000001) from moving
+    // the rank one sample up.
+    let rank = (p / 100.0 * sorted.len() as f64 - 1e-9).ceil() as usize;
     sorted.get(rank.clamp(1, sorted.len()) - 1).copied()
 }
 
@@ -98,10 +109,14 @@ impl Report {
             )
         };
         let ms = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.1} ms"));
+        let load = match self.rate {
+            Some(rate) => format!("open loop at {rate}/s"),
+            None => format!("{} concurrent clients", self.concurrency),
+        };
         let _ = writeln!(
             out,
-            "herald-bench: {} mutations, {} concurrent clients, {} failed",
-            self.mutations_requested, self.concurrency, self.failed_mutations
+            "herald-bench: {} mutations, {load}, {} failed",
+            self.mutations_requested, self.failed_mutations
         );
         let _ = writeln!(out, "{:-<64}", "");
         let _ = writeln!(
@@ -123,15 +138,26 @@ impl Report {
             "{:<28}{:>10}",
             "webhook deliveries (all)", self.webhook_deliveries
         );
-        let _ = writeln!(
-            out,
-            "{:<28}p50 {}  p99 {}  max {}  ({} samples)",
-            "commit -> webhook",
-            ms(self.latency_ms.p50),
-            ms(self.latency_ms.p99),
-            ms(self.latency_ms.max),
-            self.latency_ms.samples
-        );
+        let mut latency = |name: &str, l: &Latency| {
+            let _ = writeln!(
+                out,
+                "{name:<28}p50 {}  p99 {}  p99.9 {}  max {}  ({} samples)",
+                ms(l.p50),
+                ms(l.p99),
+                ms(l.p999),
+                ms(l.max),
+                l.samples
+            );
+        };
+        if let Some(l) = &self.scheduled_latency_ms {
+            latency("due -> webhook", l);
+        }
+        latency("commit -> webhook", &self.latency_ms);
+        if let Some(lags) = &self.stage_lag {
+            latency("  commit -> event", &lags.commit_to_event_ms);
+            latency("  event -> action", &lags.event_to_action_ms);
+            latency("  action -> webhook", &lags.action_to_webhook_ms);
+        }
         for (service, kib) in &self.peak_rss_kib {
             let shown = kib.map_or_else(
                 || "n/a".to_owned(),
@@ -166,6 +192,7 @@ mod tests {
                 samples: 3,
                 p50: Some(20.0),
                 p99: Some(30.0),
+                p999: Some(30.0),
                 max: Some(30.0)
             }
         );
@@ -179,6 +206,7 @@ mod tests {
         let report = Report {
             mutations_requested: 10,
             concurrency: 2,
+            rate: None,
             failed_mutations: 0,
             mutations: Throughput::new(10, 10, Duration::from_secs(2)),
             events: Throughput::new(10, 10, Duration::from_secs(2)),
@@ -186,10 +214,48 @@ mod tests {
             webhooks: partial,
             webhook_deliveries: 5,
             latency_ms: Latency::from_samples(vec![1.0]),
+            scheduled_latency_ms: None,
+            stage_lag: None,
             peak_rss_kib: BTreeMap::from([("gateway".to_owned(), Some(2048))]),
         };
         let table = report.table();
         assert!(table.contains("INCOMPLETE: 5 of 10"), "{table}");
         assert!(table.contains("2.0 MiB"), "{table}");
+    }
+
+    #[test]
+    fn an_open_loop_run_shows_latency_from_the_schedule_and_the_stage_lags() {
+        let lat = || Latency::from_samples((1..=1000).map(f64::from).collect());
+        let report = Report {
+            mutations_requested: 1000,
+            concurrency: 16,
+            rate: Some(1000.0),
+            failed_mutations: 0,
+            mutations: Throughput::new(1000, 1000, Duration::from_secs(1)),
+            events: Throughput::new(1000, 1000, Duration::from_secs(1)),
+            actions: Throughput::new(1000, 1000, Duration::from_secs(1)),
+            webhooks: Throughput::new(1000, 1000, Duration::from_secs(1)),
+            webhook_deliveries: 1000,
+            latency_ms: lat(),
+            scheduled_latency_ms: Some(lat()),
+            stage_lag: Some(crate::lag::StageLags {
+                commit_to_event_ms: lat(),
+                event_to_action_ms: lat(),
+                action_to_webhook_ms: lat(),
+            }),
+            peak_rss_kib: BTreeMap::new(),
+        };
+        assert_eq!(report.latency_ms.p999, Some(999.0));
+        let table = report.table();
+        for line in [
+            "open loop at 1000/s",
+            "due -> webhook",
+            "p99.9 999.0 ms",
+            "commit -> event",
+            "event -> action",
+            "action -> webhook",
+        ] {
+            assert!(table.contains(line), "{line} missing from\n{table}");
+        }
     }
 }

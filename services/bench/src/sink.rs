@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
@@ -19,7 +19,9 @@ const ORDER_HEADER: &str = "x-shop-order";
 
 #[derive(Clone, Default)]
 struct Received {
-    first: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Per order: its first webhook's arrival, monotonic and wall clock (the stage lags compare
+    /// it with the streams' stored times).
+    first: Arc<Mutex<HashMap<String, (Instant, SystemTime)>>>,
     deliveries: Arc<AtomicU64>,
 }
 
@@ -61,6 +63,21 @@ impl Sink {
 
     /// When each order's first webhook arrived, by order key.
     pub fn arrivals(&self) -> HashMap<String, Instant> {
+        self.first()
+            .into_iter()
+            .map(|(key, (at, _))| (key, at))
+            .collect()
+    }
+
+    /// When each order's first webhook arrived, by the wall clock.
+    pub fn wall_arrivals(&self) -> HashMap<String, SystemTime> {
+        self.first()
+            .into_iter()
+            .map(|(key, (_, at))| (key, at))
+            .collect()
+    }
+
+    fn first(&self) -> HashMap<String, (Instant, SystemTime)> {
         self.received
             .first
             .lock()
@@ -70,7 +87,7 @@ impl Sink {
 }
 
 async fn receive(State(received): State<Received>, uri: Uri, headers: HeaderMap) -> StatusCode {
-    let now = Instant::now();
+    let now = (Instant::now(), SystemTime::now());
     if uri.path() == WEBHOOK_PATH {
         received.deliveries.fetch_add(1, Ordering::Relaxed);
         if let Some(order) = headers.get(ORDER_HEADER).and_then(|v| v.to_str().ok()) {

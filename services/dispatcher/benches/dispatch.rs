@@ -1,5 +1,8 @@
-//! Events/s through the dispatcher (10 observers, half of them matching, one action each)
-//! against the ceiling measured in the same run: a bare pull consumer that only acks each event.
+//! Events/s through the dispatcher against baselines measured in the same run, each with its ratio:
+//! a bare pull consumer that only acks each event (the ceiling), and a bare loop that consumes an
+//! event, publishes N requests with a Msg-Id, awaits their acks and then acks the event (what the
+//! dispatcher must do at least, with no observers, conditions or lanes). Two cases: 10 observers
+//! with 5 matching (N = 5), and 1 observer matching (N = 1).
 //!
 //! `cargo bench -p herald-dispatcher` (HERALD_BENCH_EVENTS to change the event count).
 
@@ -17,9 +20,9 @@ use herald_shared::{EntityEvent, Op, SCHEMA_VERSION, headers, streams};
 use herald_test_support::NatsServer;
 use tokio_util::sync::CancellationToken;
 
-fn observers_file() -> String {
+fn observers_file(observers: usize) -> String {
     let mut text = String::new();
-    for i in 0..10 {
+    for i in 0..observers {
         // Same entity and operation for all: the half that does not match is rejected by its
         // condition, so every observer costs an evaluation.
         let condition = if i % 2 == 0 {
@@ -73,23 +76,8 @@ async fn publish_events(js: &jetstream::Context, count: u64) {
 
 /// A durable pull consumer that acks each event and does nothing else.
 async fn ceiling(js: &jetstream::Context, count: u64) -> f64 {
-    let stream = js.get_stream(EVENTS_STREAM).await.expect("stream");
-    let reader: consumer::PullConsumer = stream
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("ceiling".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            max_ack_pending: 4096,
-            ..Default::default()
-        })
-        .await
-        .expect("consumer");
+    let mut messages = bare_consumer(js, "ceiling").await;
     let started = Instant::now();
-    let mut messages = reader
-        .stream()
-        .max_messages_per_batch(256)
-        .messages()
-        .await
-        .expect("messages");
     for _ in 0..count {
         let message = messages.next().await.expect("message").expect("ok");
         message.ack().await.expect("ack");
@@ -97,11 +85,61 @@ async fn ceiling(js: &jetstream::Context, count: u64) -> f64 {
     count as f64 / started.elapsed().as_secs_f64()
 }
 
-async fn dispatcher(js: &jetstream::Context, count: u64) -> f64 {
+/// The dispatcher's floor: consume an event, publish `fanout` requests with a Msg-Id each, await
+/// their acks, then ack the event. No observers, conditions, lanes or checkpoints.
+async fn bare_dispatch(js: &jetstream::Context, count: u64, fanout: usize) -> f64 {
+    let name = format!("bare{fanout}");
+    let mut messages = bare_consumer(js, &name).await;
+    let subjects: Vec<String> = (0..fanout)
+        .map(|i| format!("herald.actions.webhook.{name}{i}"))
+        .collect();
+    let started = Instant::now();
+    let mut acks = Vec::with_capacity(fanout);
+    for _ in 0..count {
+        let message = messages.next().await.expect("message").expect("ok");
+        let event: EntityEvent = serde_json::from_slice(&message.payload).expect("event");
+        for (i, subject) in subjects.iter().enumerate() {
+            let mut h = HeaderMap::new();
+            h.insert(headers::MSG_ID, format!("{}:{name}:{i}", event.id).as_str());
+            let body = serde_json::to_vec(&event).expect("json");
+            acks.push(
+                js.publish_with_headers(subject.clone(), h, body.into())
+                    .await
+                    .expect("publish"),
+            );
+        }
+        for ack in acks.drain(..) {
+            ack.await.expect("stored");
+        }
+        message.ack().await.expect("ack");
+    }
+    count as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn bare_consumer(js: &jetstream::Context, name: &str) -> consumer::pull::Stream {
+    let stream = js.get_stream(EVENTS_STREAM).await.expect("stream");
+    let reader: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(name.into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: 4096,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    reader
+        .stream()
+        .max_messages_per_batch(256)
+        .messages()
+        .await
+        .expect("messages")
+}
+
+async fn dispatcher(js: &jetstream::Context, count: u64, name: &str, observers: usize) -> f64 {
     let file = tempfile::NamedTempFile::new().expect("temp file");
-    std::fs::write(file.path(), observers_file()).expect("write");
+    std::fs::write(file.path(), observers_file(observers)).expect("write");
     let settings = DispatcherSettings {
-        name: "bench".into(),
+        name: name.into(),
         observers: file.path().to_owned(),
         ..Default::default()
     };
@@ -116,7 +154,7 @@ async fn dispatcher(js: &jetstream::Context, count: u64) -> f64 {
     ));
     let stream = js.get_stream(EVENTS_STREAM).await.expect("stream");
     loop {
-        if let Ok(info) = stream.consumer_info("bench").await
+        if let Ok(info) = stream.consumer_info(name).await
             && info.ack_floor.stream_sequence >= count
         {
             break;
@@ -143,9 +181,26 @@ async fn main() {
     publish_events(&js, count).await;
 
     let bare = ceiling(&js, count).await;
-    let dispatched = dispatcher(&js, count).await;
-    println!("events: {count}; 10 observers, 5 matching, 1 action each (5 actions per event)");
-    println!("bare ack-each consumer: {bare:>10.0} events/s");
-    println!("dispatcher:             {dispatched:>10.0} events/s");
-    println!("ratio:                  {:>10.2}", dispatched / bare);
+    let bare5 = bare_dispatch(&js, count, 5).await;
+    let dispatched5 = dispatcher(&js, count, "bench", 10).await;
+    let bare1 = bare_dispatch(&js, count, 1).await;
+    let dispatched1 = dispatcher(&js, count, "bench1", 1).await;
+    println!("events: {count}");
+    println!("bare ack-each consumer (ceiling):          {bare:>10.0} events/s");
+    println!("10 observers, 5 matching, 1 action each (5 actions per event):");
+    println!("  bare consume → publish 5 → await → ack: {bare5:>10.0} events/s");
+    println!("  dispatcher:                             {dispatched5:>10.0} events/s");
+    println!(
+        "  ratio to bare publish-5 loop: {:.2}; to ceiling: {:.2}",
+        dispatched5 / bare5,
+        dispatched5 / bare
+    );
+    println!("1 observer matching (1 action per event):");
+    println!("  bare consume → publish 1 → await → ack: {bare1:>10.0} events/s");
+    println!("  dispatcher:                             {dispatched1:>10.0} events/s");
+    println!(
+        "  ratio to bare publish-1 loop: {:.2}; to ceiling: {:.2}",
+        dispatched1 / bare1,
+        dispatched1 / bare
+    );
 }

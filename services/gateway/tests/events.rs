@@ -498,3 +498,50 @@ async fn a_commit_wakes_the_relay_through_notify_without_waiting_for_the_poll() 
     assert_eq!(stored[0].event().key, "1");
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn every_kind_of_statement_wakes_the_relay_once_per_transaction() {
+    let world = World::start().await;
+    install(&world).await;
+    // The row trigger sends no notification of its own: one statement trigger per captured
+    // table does, once per statement, instead of once per captured row.
+    let row_trigger: String = sqlx::query_scalar(
+        "SELECT prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+         WHERE n.nspname = 'herald' AND p.proname = 'capture'",
+    )
+    .fetch_one(&world.db)
+    .await
+    .expect("capture function");
+    assert!(!row_trigger.contains("PERFORM pg_notify"), "{row_trigger}");
+    let statement_triggers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgname = 'herald_capture_notify' \
+         AND tgrelid IN ('customers'::regclass, 'counters'::regclass)",
+    )
+    .fetch_one(&world.db)
+    .await
+    .expect("triggers");
+    assert_eq!(statement_triggers, 2);
+
+    let mut listener = sqlx::postgres::PgListener::connect_with(&world.db)
+        .await
+        .expect("listener");
+    listener.listen("herald_outbox").await.expect("LISTEN");
+    for statement in [
+        "INSERT INTO counters (id, n) SELECT g, 0 FROM generate_series(1, 200) g",
+        "UPDATE counters SET n = n + 1",
+        "DELETE FROM counters",
+    ] {
+        sqlx::query(statement)
+            .execute(&world.db)
+            .await
+            .expect(statement);
+        tokio::time::timeout(Duration::from_secs(10), listener.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no notification after {statement}"))
+            .expect("notification");
+        // 200 captured rows, one notification.
+        let again = tokio::time::timeout(Duration::from_millis(300), listener.recv()).await;
+        assert!(again.is_err(), "a second notification after {statement}");
+    }
+    assert_eq!(outbox_depth(&world).await, 600, "every row still captured");
+}

@@ -6,7 +6,9 @@
 //! as calls too, so only the commands this service sends itself are summed (EVALSHA/EVAL for
 //! every transition, XRANGE/XDEL for the outbox, SMEMBERS for the reaper's queue list, SCRIPT LOAD).
 //!
-//! `cargo bench -p herald-job-worker --bench throughput` (JOBS=<n> to change the job count).
+//! `cargo bench -p herald-job-worker --bench throughput` (JOBS=<n> to change the job count,
+//! CONCURRENCY=<n> the pool's size, HERALD_BENCH_REDIS_URL to run against a Redis already
+//! started, as `scripts/bench-jobs-vs-bullmq` does so BullMQ gets the same server).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -137,9 +139,20 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(20_000);
+    let concurrency: usize = std::env::var("CONCURRENCY")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(64);
     let warmup = 500;
     let nats_server = NatsServer::start();
-    let redis_server = RedisServer::start();
+    let (_redis_server, redis_url) = match std::env::var("HERALD_BENCH_REDIS_URL") {
+        Ok(url) => (None, url),
+        Err(_) => {
+            let server = RedisServer::start();
+            let url = server.url();
+            (Some(server), url)
+        }
+    };
     let nats = herald_shared::nats::connect(
         &NatsConfig {
             url: nats_server.url(),
@@ -155,8 +168,8 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let settings = Settings {
-        redis_url: redis_server.url(),
-        concurrency: 64,
+        redis_url: redis_url.clone(),
+        concurrency,
         ..Settings::default()
     };
     let queue = Queue::connect(&settings).await?;
@@ -168,7 +181,7 @@ async fn main() -> anyhow::Result<()> {
         Registry::new().register("noop", Noop),
         shutdown.clone(),
     ));
-    let mut redis = redis::Client::open(redis_server.url())?
+    let mut redis = redis::Client::open(redis_url.as_str())?
         .get_multiplexed_async_connection()
         .await?;
 
@@ -188,7 +201,7 @@ async fn main() -> anyhow::Result<()> {
     let submit_time = submitting.await??;
     let calls = direct_calls(&mut redis).await? - before;
 
-    println!("job-worker throughput, {jobs} no-op jobs, concurrency 64, one instance");
+    println!("job-worker throughput, {jobs} no-op jobs, concurrency {concurrency}, one instance");
     println!(
         "  submit → succeeded in Redis: {:>8.0} jobs/s ({:.2?})",
         jobs as f64 / succeeded.as_secs_f64(),
@@ -199,6 +212,10 @@ async fn main() -> anyhow::Result<()> {
         jobs as f64 / published.as_secs_f64(),
         published,
         submit_time
+    );
+    println!(
+        "herald_jobs_per_second={:.0}",
+        jobs as f64 / succeeded.as_secs_f64()
     );
     println!(
         "  Redis round trips per job: {:.2} ({calls} commands sent by the service)",

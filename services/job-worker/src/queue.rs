@@ -42,6 +42,7 @@ use herald_shared::{JobRequest, JobState};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::settings::Settings;
 
@@ -206,19 +207,39 @@ local function requeue(id, queue, attempt, now)
 end
 "#;
 
-/// ARGV: id, queue, job_type, score, request, traceparent, max_attempts. 1 = stored, 0 = known.
+/// Runs `one` over groups of `width` arguments after the prelude's two, each in `pcall`, so one
+/// failing item cannot stop the others; answers one reply per item: `one`'s, or the error text.
+/// Redis runs the whole script at once, so each item is as atomic as its own script was.
+const EACH: &str = r#"
+local function each(width, one)
+  local out = {}
+  for base = 3, #ARGV, width do
+    local ok, answer = pcall(one, unpack(ARGV, base, base + width - 1))
+    if ok then
+      table.insert(out, answer)
+    else
+      table.insert(out, 'error: ' .. tostring(answer))
+    end
+  end
+  return out
+end
+"#;
+
+/// Per job, ARGV: id, queue, job_type, score, request, traceparent, max_attempts. 1 = stored,
+/// 0 = known. Many submissions per call (see `Batcher`).
 const STORE: &str = r#"
-local id, queue = ARGV[3], ARGV[4]
-local key = job_key(id)
-if redis.call('EXISTS', key) == 1 then return 0 end
-local now = now_ms()
-redis.call('HSET', key, 'id', id, 'queue', queue, 'job_type', ARGV[5], 'score', ARGV[6],
-  'request', ARGV[7], 'traceparent', ARGV[8], 'max_attempts', ARGV[9], 'state', 'pending',
-  'attempt', 0, 'base', 0, 'created_at', now, 'updated_at', now)
-redis.call('ZADD', set_key(queue, 'pending'), ARGV[6], id)
-redis.call('SADD', P .. ':queues', queue)
-emit(id, 'pending', 0, now)
-return 1
+return each(7, function(id, queue, job_type, score, request, traceparent, max_attempts)
+  local key = job_key(id)
+  if redis.call('EXISTS', key) == 1 then return 0 end
+  local now = now_ms()
+  redis.call('HSET', key, 'id', id, 'queue', queue, 'job_type', job_type, 'score', score,
+    'request', request, 'traceparent', traceparent, 'max_attempts', max_attempts,
+    'state', 'pending', 'attempt', 0, 'base', 0, 'created_at', now, 'updated_at', now)
+  redis.call('ZADD', set_key(queue, 'pending'), score, id)
+  redis.call('SADD', P .. ':queues', queue)
+  emit(id, 'pending', 0, now)
+  return 1
+end)
 "#;
 
 /// ARGV: queue, lease_ms, token, count. Returns id, attempt, base, request, traceparent per job.
@@ -255,28 +276,30 @@ if redis.call('HGET', key, 'cancel') then return 2 end
 return 1
 "#;
 
-/// ARGV: queue, id, token, state, error, result, delay_ms. 1 = recorded, 0 = not ours any more.
+/// Per job, ARGV: queue, id, token, state, error, result, delay_ms. 1 = recorded, 0 = not ours
+/// any more. Many completions per call (see `Batcher`).
 const COMPLETE: &str = r#"
-local queue, id, state, err = ARGV[3], ARGV[4], ARGV[6], ARGV[7]
-local key = job_key(id)
-if redis.call('HGET', key, 'owner') ~= ARGV[5] then return 0 end
-local now = now_ms()
-redis.call('ZREM', set_key(queue, 'running'), id)
-local attempt = tonumber(redis.call('HGET', key, 'attempt'))
-if state == 'failed' or state == 'dead' then
-  redis.call('HSETNX', key, 'first_failed_at', now)
-end
-if state == 'failed' then
-  redis.call('HSET', key, 'state', 'failed', 'last_error', err, 'updated_at', now)
-  redis.call('HDEL', key, 'owner')
-  redis.call('ZADD', set_key(queue, 'delayed'), now + tonumber(ARGV[9]), id)
-  emit(id, 'failed', attempt, now, err)
-elseif state == 'pending' then
-  requeue(id, queue, attempt, now)
-else
-  finish(id, queue, state, attempt, now, err, ARGV[8])
-end
-return 1
+return each(7, function(queue, id, token, state, err, result, delay)
+  local key = job_key(id)
+  if redis.call('HGET', key, 'owner') ~= token then return 0 end
+  local now = now_ms()
+  redis.call('ZREM', set_key(queue, 'running'), id)
+  local attempt = tonumber(redis.call('HGET', key, 'attempt'))
+  if state == 'failed' or state == 'dead' then
+    redis.call('HSETNX', key, 'first_failed_at', now)
+  end
+  if state == 'failed' then
+    redis.call('HSET', key, 'state', 'failed', 'last_error', err, 'updated_at', now)
+    redis.call('HDEL', key, 'owner')
+    redis.call('ZADD', set_key(queue, 'delayed'), now + tonumber(delay), id)
+    emit(id, 'failed', attempt, now, err)
+  elseif state == 'pending' then
+    requeue(id, queue, attempt, now)
+  else
+    finish(id, queue, state, attempt, now, err, result)
+  end
+  return 1
+end)
 "#;
 
 /// ARGV: queue, limit. Reaps expired leases, promotes due retries, trims finished listings.
@@ -406,7 +429,7 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Self {
-        let script = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
+        let script = |body: &str| Script::new(&format!("{PRELUDE}{EACH}{body}"));
         Self {
             store: script(STORE),
             store_replay: script(STORE_REPLAY),
@@ -427,6 +450,108 @@ pub struct OutboxEntry {
     pub fields: HashMap<String, String>,
 }
 
+/// The most calls one script invocation carries: large enough that a busy pool needs few round
+/// trips, small enough that one script never holds Redis for long.
+const MAX_BATCH: usize = 256;
+
+/// Invocations of one batched script in flight at once: calls keep coalescing while earlier
+/// batches travel, so a round trip never idles the pool.
+const BATCHES_IN_FLIGHT: usize = 4;
+
+type Reply = oneshot::Sender<Result<i64, QueueError>>;
+
+/// Coalesces concurrent calls of one many-items script (`STORE`, `COMPLETE`) into one
+/// invocation: a call waits for no timer; the batcher takes whatever has queued up while the
+/// previous invocation was in flight, so a lone call goes out at once and a busy pool sends one
+/// round trip for up to `MAX_BATCH` of them. Each caller gets its own item's answer.
+#[derive(Clone)]
+struct Batcher {
+    calls: mpsc::UnboundedSender<(Vec<Vec<u8>>, Reply)>,
+}
+
+impl Batcher {
+    fn spawn(redis: ConnectionManager, script: Script, prefix: String, ttl_ms: u64) -> Self {
+        let (calls, mut queued) = mpsc::unbounded_channel::<(Vec<Vec<u8>>, Reply)>();
+        tokio::spawn(async move {
+            let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+            // Ends when every Queue (and so every sender) is gone.
+            loop {
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    return;
+                };
+                let mut batch = Vec::with_capacity(MAX_BATCH);
+                if queued.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                    return;
+                }
+                let (redis, script, prefix) = (redis.clone(), script.clone(), prefix.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let mut invocation = script.prepare_invoke();
+                    invocation.arg(&prefix).arg(ttl_ms);
+                    for (args, _) in &batch {
+                        for arg in args {
+                            invocation.arg(arg.as_slice());
+                        }
+                    }
+                    let answers: Result<Vec<redis::Value>, _> =
+                        invocation.invoke_async(&mut redis.clone()).await;
+                    match answers {
+                        Ok(answers) if answers.len() == batch.len() => {
+                            for ((_, reply), answer) in batch.drain(..).zip(answers) {
+                                let _ = reply.send(item(answer));
+                            }
+                        }
+                        Ok(answers) => {
+                            let text =
+                                format!("{} answers for {} calls", answers.len(), batch.len());
+                            for (_, reply) in batch.drain(..) {
+                                let _ = reply.send(Err(QueueError::Corrupt(text.clone())));
+                            }
+                        }
+                        Err(e) => {
+                            // Every caller sees the failure and retries on its own.
+                            for (_, reply) in batch.drain(..) {
+                                let _ = reply.send(Err(QueueError::Unavailable(e.clone())));
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Self { calls }
+    }
+
+    async fn call(&self, args: Vec<Vec<u8>>) -> Result<i64, QueueError> {
+        let (reply, answer) = oneshot::channel();
+        self.calls
+            .send((args, reply))
+            .map_err(|_| QueueError::Corrupt("the batcher stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| QueueError::Corrupt("the batcher dropped a call".into()))?
+    }
+}
+
+/// One item's answer from `EACH`: its integer, or the error its `pcall` caught.
+fn item(answer: redis::Value) -> Result<i64, QueueError> {
+    match answer {
+        redis::Value::Int(n) => Ok(n),
+        other => Err(QueueError::Corrupt(
+            redis::from_redis_value::<String>(other.clone())
+                .unwrap_or_else(|_| format!("{other:?}")),
+        )),
+    }
+}
+
+/// Arguments for a `Batcher` call, encoded as Redis would send them.
+macro_rules! args {
+    ($($value:expr),* $(,)?) => {{
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        $(out.extend(redis::ToRedisArgs::to_redis_args(&$value));)*
+        out
+    }};
+}
+
 /// The job queue; cheap to clone (one multiplexed connection that reconnects by itself).
 #[derive(Clone)]
 pub struct Queue {
@@ -434,6 +559,8 @@ pub struct Queue {
     prefix: String,
     terminal_ttl_ms: u64,
     scripts: Arc<Scripts>,
+    stores: Batcher,
+    completions: Batcher,
 }
 
 impl Queue {
@@ -447,11 +574,24 @@ impl Queue {
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let redis = ConnectionManager::new_with_config(client, config).await?;
+        let scripts = Arc::new(Scripts::new());
+        let prefix = settings.key_prefix.clone();
+        let terminal_ttl_ms = settings.terminal_ttl.as_millis() as u64;
+        let batcher = |script: &Script| {
+            Batcher::spawn(
+                redis.clone(),
+                script.clone(),
+                prefix.clone(),
+                terminal_ttl_ms,
+            )
+        };
         Ok(Self {
+            stores: batcher(&scripts.store),
+            completions: batcher(&scripts.complete),
             redis,
-            prefix: settings.key_prefix.clone(),
-            terminal_ttl_ms: settings.terminal_ttl.as_millis() as u64,
-            scripts: Arc::new(Scripts::new()),
+            prefix,
+            terminal_ttl_ms,
+            scripts,
         })
     }
 
@@ -504,16 +644,17 @@ impl Queue {
         request: &str,
         traceparent: &str,
     ) -> Result<bool, QueueError> {
-        let stored: i64 = self
-            .invoke(&self.scripts.store)
-            .arg(&job.id)
-            .arg(&job.queue)
-            .arg(&job.job_type)
-            .arg(Self::score(job))
-            .arg(request)
-            .arg(traceparent)
-            .arg(job.retry.max_attempts.max(1))
-            .invoke_async(&mut self.redis.clone())
+        let stored = self
+            .stores
+            .call(args![
+                job.id,
+                job.queue,
+                job.job_type,
+                Self::score(job),
+                request,
+                traceparent,
+                job.retry.max_attempts.max(1),
+            ])
             .await?;
         Ok(stored == 1)
     }
@@ -600,16 +741,17 @@ impl Queue {
             Outcome::Cancelled => ("cancelled by request".to_owned(), String::new(), 0),
             Outcome::Released => (String::new(), String::new(), 0),
         };
-        let recorded: i64 = self
-            .invoke(&self.scripts.complete)
-            .arg(&job.queue)
-            .arg(&job.id)
-            .arg(&job.token)
-            .arg(outcome.state())
-            .arg(error)
-            .arg(result)
-            .arg(delay as u64)
-            .invoke_async(&mut self.redis.clone())
+        let recorded = self
+            .completions
+            .call(args![
+                job.queue,
+                job.id,
+                job.token,
+                outcome.state(),
+                error,
+                result,
+                delay as u64,
+            ])
             .await?;
         Ok(recorded == 1)
     }

@@ -155,3 +155,96 @@ async fn the_worker_can_tell_whether_redis_persists_acked_jobs() {
     );
     assert!(durable.is_durable());
 }
+
+/// Redis's own count of script calls (EVALSHA and EVAL) so far.
+async fn script_calls(redis: &RedisServer) -> u64 {
+    let client = redis::Client::open(redis.url()).expect("client");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await
+        .expect("INFO");
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn concurrent_stores_and_completions_share_script_calls_and_each_gets_its_own_answer() {
+    let redis = RedisServer::start();
+    let queue = queue(&redis).await;
+    let jobs: Vec<JobRequest> = (0..300).map(|n| request(&format!("b{n}"), 3)).collect();
+    let before = script_calls(&redis).await;
+    // 300 new jobs and one repeat of the first, all at once.
+    let stores = futures::future::join_all(jobs.iter().chain(&jobs[..1]).map(|job| {
+        let queue = queue.clone();
+        let body = serde_json::to_string(job).expect("serialise");
+        async move { queue.store(job, &body, "").await.expect("store") }
+    }))
+    .await;
+    assert!(
+        stores[..300].iter().all(|stored| *stored),
+        "every new job stored"
+    );
+    assert!(!stores[300], "the repeat is absorbed");
+    let stored_calls = script_calls(&redis).await - before;
+    assert!(
+        stored_calls < 301,
+        "301 stores took {stored_calls} script calls"
+    );
+
+    let mut claimed = Vec::new();
+    while claimed.len() < 300 {
+        let batch = queue
+            .claim("q", 300, Duration::from_secs(30))
+            .await
+            .expect("claim");
+        assert!(!batch.is_empty(), "all 300 are pending");
+        claimed.extend(batch);
+    }
+    // One completion with a token that is not the owner's, among 300 that are.
+    let mut stale = claimed[0].clone();
+    stale.token = "not-the-owner".into();
+    let before = script_calls(&redis).await;
+    let done = Outcome::Succeeded { result: json!(1) };
+    let recorded = futures::future::join_all(
+        std::iter::once(&stale)
+            .chain(&claimed)
+            .map(|job| queue.complete(job, &done)),
+    )
+    .await;
+    assert!(
+        !recorded[0].as_ref().expect("complete"),
+        "a stale token records nothing"
+    );
+    assert!(
+        recorded[1..].iter().all(|r| *r.as_ref().expect("complete")),
+        "every owner's completion recorded"
+    );
+    let completion_calls = script_calls(&redis).await - before;
+    assert!(
+        completion_calls < 301,
+        "301 completions took {completion_calls} script calls"
+    );
+    for job in &claimed {
+        let fields = queue.job(&job.id).await.expect("read").expect("job exists");
+        assert_eq!(
+            fields.get("state").map(String::as_str),
+            Some("succeeded"),
+            "{}",
+            job.id
+        );
+    }
+}
