@@ -122,6 +122,7 @@ async fn main() {
         let started = Instant::now();
         let body: serde_json::Value = http
             .post(&url)
+            .header("x-api-key", API_KEY)
             .json(&query)
             .send()
             .await
@@ -147,6 +148,7 @@ async fn main() {
         body
     };
     http.post(&url)
+        .header("x-api-key", API_KEY)
         .json(&persisted(true))
         .send()
         .await
@@ -157,6 +159,7 @@ async fn main() {
         let started = Instant::now();
         let body: serde_json::Value = http
             .post(&url)
+            .header("x-api-key", API_KEY)
             .json(&by_hash)
             .send()
             .await
