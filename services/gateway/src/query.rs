@@ -1183,6 +1183,41 @@ mod tests {
     }
 
     #[test]
+    fn response_text_keeps_selection_order_and_fills_in_typename() {
+        let catalog = catalog();
+        let limits = Limits::default();
+        let statement = Compiler::new(&catalog, &limits)
+            .as_response_text()
+            .list(
+                "Customer",
+                &ListArgs::default(),
+                &[selection("name"), selection("__typename"), selection("id")],
+            )
+            .expect("compiles");
+        assert!(!statement.sql.contains("jsonb"), "{}", statement.sql);
+        let texts: Vec<_> = statement
+            .params
+            .iter()
+            .filter_map(|p| match p {
+                Param::Text(Some(text)) => Some(text.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(texts, ["name", "__typename", "Customer", "id"]);
+        let wide: Vec<_> = (0..60).map(|_| selection("id")).collect();
+        let err = Compiler::new(&catalog, &limits)
+            .as_response_text()
+            .by_key("Customer", &Value::from(1), &wide)
+            .expect_err("too wide for one json object");
+        assert_eq!(err, QueryError::TooWide(60));
+        // The engine's form skips `__typename` (the engine answers it) and joins wide objects.
+        let engine = Compiler::new(&catalog, &limits)
+            .by_key("Customer", &Value::from(1), &wide)
+            .expect("compiles");
+        assert!(engine.sql.contains(" || "), "{}", engine.sql);
+    }
+
+    #[test]
     fn a_null_comparison_is_refused_rather_than_dropped() {
         let catalog = catalog();
         let limits = Limits::default();
