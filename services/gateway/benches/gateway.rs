@@ -133,7 +133,8 @@ async fn main() {
         <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes())
     );
     let by_text = serde_json::json!({ "query": text });
-    let by_hash = serde_json::json!({"extensions": {"persistedQuery": {"version": 1, "sha256Hash": hash}}});
+    let by_hash =
+        serde_json::json!({"extensions": {"persistedQuery": {"version": 1, "sha256Hash": hash}}});
     let mut register = by_hash.clone();
     register["query"] = serde_json::Value::String(text.to_owned());
     let post = |url: &str, body: &serde_json::Value| {
@@ -208,8 +209,14 @@ async fn main() {
     );
     for (name, runs) in [
         ("gateway, by text (compiled plan)", &through_gateway),
-        ("gateway, persisted query by hash (compiled plan)", &through_apq),
-        ("gateway without plans (engine every request)", &through_engine),
+        (
+            "gateway, persisted query by hash (compiled plan)",
+            &through_apq,
+        ),
+        (
+            "gateway without plans (engine every request)",
+            &through_engine,
+        ),
     ] {
         let p50 = percentile(runs, 0.5);
         println!(

@@ -126,10 +126,7 @@ async fn execute(http: &Http, headers: &HeaderMap, request: async_graphql::Reque
         telemetry::traceparent(Some(&carried)).or_else(|| caller_trace.map(str::to_owned));
     let probe = http.plans.as_ref().and_then(|plans| plans.probe(&request));
     if let (Some(plans), Some(probe)) = (&http.plans, &probe)
-        && let Some(body) = plans
-            .answer(probe, &caller)
-            .instrument(span.clone())
-            .await
+        && let Some(body) = plans.answer(probe, &caller).instrument(span.clone()).await
     {
         return (
             [(

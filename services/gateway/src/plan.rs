@@ -141,7 +141,9 @@ impl Plans {
             None => None,
             Some(value) => {
                 let json = value.clone().into_json().ok()?;
-                if json.get("version").and_then(|v| v.as_i64()) != Some(1) || !self.persisted_queries {
+                if json.get("version").and_then(|v| v.as_i64()) != Some(1)
+                    || !self.persisted_queries
+                {
                     return None;
                 }
                 Some(json.get("sha256Hash")?.as_str()?.to_owned())

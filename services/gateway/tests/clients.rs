@@ -256,7 +256,11 @@ async fn an_automatic_persisted_query_is_registered_once_then_sent_by_hash() {
     let hits = gateway.plan_hits();
     let by_hash = send(json!({"extensions": extension})).await;
     assert_eq!(by_hash["data"], registered["data"], "{by_hash}");
-    assert_eq!(gateway.plan_hits(), hits + 1, "a forged registration changes nothing");
+    assert_eq!(
+        gateway.plan_hits(),
+        hits + 1,
+        "a forged registration changes nothing"
+    );
     gateway.stop().await;
 
     // With APQ off, a plan is no way to send a hash alone.

@@ -362,7 +362,11 @@ async fn limits_answer_with_clear_graphql_errors() {
     );
 
     let (_, body) = gateway
-        .post("{ customerList(limit: 51) { id } }", json!({}), common::KEYED)
+        .post(
+            "{ customerList(limit: 51) { id } }",
+            json!({}),
+            common::KEYED,
+        )
         .await;
     assert!(
         body["errors"][0]["message"]
@@ -811,7 +815,11 @@ async fn values_round_trip_exactly_overflow_is_an_error_and_database_text_stays_
     );
 
     let (_, body) = gateway
-        .post("{ account(id: \"1\") { password_hash } }", json!({}), common::KEYED)
+        .post(
+            "{ account(id: \"1\") { password_hash } }",
+            json!({}),
+            common::KEYED,
+        )
         .await;
     assert!(
         message(&body).contains("password_hash"),
@@ -1101,17 +1109,31 @@ async fn permissions_grant_operations_per_role_and_filter_rows_on_a_claim() {
     let hits = gateway.plan_hits();
     for _ in 0..2 {
         let (_, admin) = gateway.post(planned, json!({}), common::KEYED).await;
-        assert_eq!(ids(&admin), json!([{"id": 10}, {"id": 11}, {"id": 13}, {"id": 30}]));
+        assert_eq!(
+            ids(&admin),
+            json!([{"id": 10}, {"id": 11}, {"id": 13}, {"id": 30}])
+        );
         assert_eq!(admin["data"]["orderAggregate"], json!({"count": 4}));
         let (_, body) = gateway.post(planned, json!({}), &as_ada).await;
-        assert_eq!(ids(&body), json!([{"id": 10}, {"id": 11}, {"id": 30}]), "{body}");
-        assert_eq!(body["data"]["orderAggregate"], json!({"count": 3}), "{body}");
+        assert_eq!(
+            ids(&body),
+            json!([{"id": 10}, {"id": 11}, {"id": 30}]),
+            "{body}"
+        );
+        assert_eq!(
+            body["data"]["orderAggregate"],
+            json!({"count": 3}),
+            "{body}"
+        );
         let (_, body) = gateway
             .post(planned, json!({}), &[("authorization", cy.as_str())])
             .await;
         assert_eq!(ids(&body), json!([{"id": 13}]), "{body}");
         let (_, body) = gateway.post(planned, json!({}), &[]).await;
-        assert!(message(&body).contains("not permitted to read Order"), "{body}");
+        assert!(
+            message(&body).contains("not permitted to read Order"),
+            "{body}"
+        );
         let (_, body) = gateway
             .post(
                 planned,
@@ -1229,6 +1251,8 @@ async fn keyset_pages_aggregates_multi_row_inserts_and_upserts() {
 /// and NULLS FIRST descending, ties broken by the key; nothing skipped, nothing repeated.
 #[tokio::test]
 async fn keyset_pages_over_nullable_order_columns_skip_and_repeat_nothing() {
+    /// id, customer_id, total, note
+    type Row = (i32, Option<i32>, Option<String>, Option<String>);
     let world = World::start().await;
     let gateway = world.gateway().await;
     sqlx::raw_sql(
@@ -1244,14 +1268,12 @@ async fn keyset_pages_over_nullable_order_columns_skip_and_repeat_nothing() {
     .execute(&world.db)
     .await
     .expect("seed");
-    let rows: Vec<(i32, Option<i32>, Option<String>, Option<String>)> = sqlx::query_as(
-        "SELECT id, customer_id, total::text, note FROM orders",
-    )
-    .fetch_all(&world.db)
-    .await
-    .expect("rows");
+    let rows: Vec<Row> = sqlx::query_as("SELECT id, customer_id, total::text, note FROM orders")
+        .fetch_all(&world.db)
+        .await
+        .expect("rows");
     // (column, direction) → the expected order of ids, computed here rather than by the server.
-    let value = |row: &(i32, Option<i32>, Option<String>, Option<String>), column: &str| match column {
+    let value = |row: &Row, column: &str| match column {
         "customer_id" => row.1.map(|v| format!("{v:08}")),
         "total" => row.2.clone().map(|v| format!("{:>12}", v)),
         "note" => row.3.clone(),
@@ -1277,7 +1299,11 @@ async fn keyset_pages_over_nullable_order_columns_skip_and_repeat_nothing() {
                     (Some(_), None) => std::cmp::Ordering::Less,
                     (Some(x), Some(y)) => x.cmp(y),
                 };
-                let order = if *direction == "DESC" { order.reverse() } else { order };
+                let order = if *direction == "DESC" {
+                    order.reverse()
+                } else {
+                    order
+                };
                 if order.is_ne() {
                     return order;
                 }
@@ -1302,7 +1328,9 @@ async fn keyset_pages_over_nullable_order_columns_skip_and_repeat_nothing() {
                 .collect()
         };
         let whole = gateway
-            .query(&format!("{{ orderList(order_by: [{order_by}], limit: 100) {{ id }} }}"))
+            .query(&format!(
+                "{{ orderList(order_by: [{order_by}], limit: 100) {{ id }} }}"
+            ))
             .await;
         assert_eq!(ids(&whole, &["orderList"]), expected, "unpaged {order_by}");
         let mut paged = Vec::new();
@@ -1317,7 +1345,10 @@ async fn keyset_pages_over_nullable_order_columns_skip_and_repeat_nothing() {
             let Some(last) = page.last() else { break };
             after = format!(", after: {last}");
             paged.extend(page);
-            assert!(paged.len() <= expected.len(), "paging repeats rows: {order_by}");
+            assert!(
+                paged.len() <= expected.len(),
+                "paging repeats rows: {order_by}"
+            );
         }
         assert_eq!(paged, expected, "paged {order_by}");
     }
@@ -1325,7 +1356,10 @@ async fn keyset_pages_over_nullable_order_columns_skip_and_repeat_nothing() {
     let nested = gateway
         .query("{ customer(id: 2) { orders(order_by: [{note: DESC}, {total: ASC}], limit: 100) { id } } }")
         .await;
-    let all: Vec<_> = nested["customer"]["orders"].as_array().expect("list").clone();
+    let all: Vec<_> = nested["customer"]["orders"]
+        .as_array()
+        .expect("list")
+        .clone();
     assert!(all.len() > 4, "{nested}");
     let from = all[2]["id"].as_i64().expect("id");
     let rest = gateway
@@ -1333,7 +1367,10 @@ async fn keyset_pages_over_nullable_order_columns_skip_and_repeat_nothing() {
             "{{ customer(id: 2) {{ orders(order_by: [{{note: DESC}}, {{total: ASC}}], after: {from}) {{ id }} }} }}"
         ))
         .await;
-    assert_eq!(rest["customer"]["orders"].as_array().expect("list")[..], all[3..]);
+    assert_eq!(
+        rest["customer"]["orders"].as_array().expect("list")[..],
+        all[3..]
+    );
     let none = gateway
         .query("{ orderList(order_by: [{total: DESC}], after: 999) { id } }")
         .await;
@@ -1361,7 +1398,9 @@ async fn anonymous_callers_reach_only_what_the_schema_file_grants_the_anonymous_
             "{query}: {body}"
         );
         assert!(
-            body["data"].as_object().is_none_or(|d| d.values().all(|v| v.is_null())),
+            body["data"]
+                .as_object()
+                .is_none_or(|d| d.values().all(|v| v.is_null())),
             "{query}: no data: {body}"
         );
     }
@@ -1415,7 +1454,11 @@ async fn anonymous_callers_reach_only_what_the_schema_file_grants_the_anonymous_
             common::KEYED,
         )
         .await;
-    assert_eq!(body["data"], json!({"createCustomer": {"name": "Eve"}}), "{body}");
+    assert_eq!(
+        body["data"],
+        json!({"createCustomer": {"name": "Eve"}}),
+        "{body}"
+    );
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM customers")
         .fetch_one(&world.db)
         .await

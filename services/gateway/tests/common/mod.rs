@@ -262,7 +262,10 @@ impl Gateway {
             .await
             .expect("gateway answers");
         let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(serde_json::Value::Null))
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
     }
 
     /// A query as the API key's caller (anonymous callers reach only what the schema file
