@@ -4,7 +4,7 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --workspace --bins \
+RUN cargo build --release --locked --workspace --bins \
     && mkdir /out \
     && find target/release -maxdepth 1 -type f -executable -name 'herald*' -exec cp {} /out/ ';'
 

@@ -273,6 +273,8 @@ struct Check {
     output: String,
     read: BTreeSet<String>,
     unread: BTreeSet<String>,
+    /// The files it loaded besides its config: setting key → path.
+    files: BTreeMap<String, PathBuf>,
     settings: toml::Table,
 }
 
@@ -307,7 +309,14 @@ impl Invocation {
         } else {
             toml::Table::new()
         };
+        let files = stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("# file loaded: "))
+            .filter_map(|l| l.split_once(" = "))
+            .map(|(key, path)| (key.to_owned(), PathBuf::from(path)))
+            .collect();
         Check {
+            files,
             success: output.status.success(),
             output: format!("{stdout}{}", String::from_utf8_lossy(&output.stderr)),
             read: listed("# environment read: "),
@@ -346,9 +355,23 @@ fn every_herald_service_accepts_exactly_what_compose_gives_it() {
                 "{name}: compose sets {unread:?}, which it does not read"
             ));
         }
+        let expected: &[&str] = match *name {
+            "dispatcher" => &["service.observers"],
+            "gateway" | "flight-streamer" => &["service.schema_file"],
+            _ => &[],
+        };
+        for key in expected {
+            match check.files.get(*key) {
+                Some(path) if workspace_root().join(path).is_file() => {}
+                other => failures.push(format!(
+                    "{name}: --check-config did not load the file {key} names ({other:?}):\n{}",
+                    check.output
+                )),
+            }
+        }
         println!(
-            "{name}: {} {:?} is valid",
-            invocation.program, invocation.args
+            "{name}: {} {:?} is valid, files loaded: {:?}",
+            invocation.program, invocation.args, check.files
         );
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
@@ -382,6 +405,119 @@ fn a_key_a_service_does_not_read_fails_the_check() {
     let check = invocation.check();
     assert!(check.success, "{}", check.output);
     assert!(check.unread.contains("HERALD_NATS_URL"), "{}", check.output);
+}
+
+/// A broken file that compose's settings point a service at, and what the refusal must name.
+struct BrokenFile {
+    service: &'static str,
+    variable: &'static str,
+    key: &'static str,
+    text: String,
+    says: &'static str,
+}
+
+#[test]
+fn a_bad_file_a_service_loads_at_start_fails_the_check_naming_file_and_key() {
+    let observers = std::fs::read_to_string(workspace_root().join("examples/shop/observers.toml"))
+        .expect("the shop's observers");
+    let schema =
+        std::fs::read_to_string(workspace_root().join("examples/shop/gateway-schema.toml"))
+            .expect("the shop's schema file");
+    let cases = [
+        BrokenFile {
+            service: "dispatcher",
+            variable: "HERALD_SERVICE__OBSERVERS",
+            key: "service.observers",
+            text: observers.replacen("kind = \"webhook\"", "kind = \"carrier_pigeon\"", 1),
+            says: "carrier_pigeon",
+        },
+        BrokenFile {
+            service: "dispatcher",
+            variable: "HERALD_SERVICE__OBSERVERS",
+            key: "service.observers",
+            text: observers.replacen(
+                "condition = 'changed_to(\"status\", \"shipped\")'",
+                "condition = 'data.status =='",
+                1,
+            ),
+            says: "condition",
+        },
+        BrokenFile {
+            service: "gateway",
+            variable: "HERALD_SERVICE__SCHEMA_FILE",
+            key: "service.schema_file",
+            text: format!("{schema}\n[[entity\n"),
+            says: "schema file",
+        },
+        BrokenFile {
+            service: "flight-streamer",
+            variable: "HERALD_SERVICE__SCHEMA_FILE",
+            key: "service.schema_file",
+            text: schema.replacen("key = \"id\"", "key = 7", 1),
+            says: "schema file",
+        },
+        BrokenFile {
+            service: "action-worker",
+            variable: "HERALD_SERVICE__CA_FILE",
+            key: "service.ca_file",
+            text: "-----BEGIN PRIVATE KEY-----\nnot a certificate\n-----END PRIVATE KEY-----\n"
+                .into(),
+            says: "CA file",
+        },
+    ];
+    let compose = Compose::load();
+    let services = compose.herald_services();
+    for case in cases {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), &case.text).expect("write the broken file");
+        let service = services[case.service];
+        let mut invocation = compose.invocation(case.service, &PathMap::for_service(service));
+        invocation
+            .environment
+            .insert(case.variable.into(), file.path().display().to_string());
+        let check = invocation.check();
+        assert!(
+            !check.success,
+            "{}: a broken {} passed the check:\n{}",
+            case.service, case.key, check.output
+        );
+        for needle in [case.key, &file.path().display().to_string(), case.says] {
+            assert!(
+                check.output.contains(needle),
+                "{}: the refusal does not name `{needle}`:\n{}",
+                case.service,
+                check.output
+            );
+        }
+    }
+}
+
+#[test]
+fn a_flight_certificate_that_is_not_one_fails_the_check() {
+    let compose = Compose::load();
+    let service = compose.herald_services()["flight-streamer"];
+    let mut invocation = compose.invocation("flight-streamer", &PathMap::for_service(service));
+    let cert = tempfile::NamedTempFile::new().expect("temp file");
+    let key = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(cert.path(), "not a certificate\n").expect("write");
+    std::fs::write(key.path(), "not a key\n").expect("write");
+    for (variable, path) in [
+        ("HERALD_SERVICE__TLS__CERT_FILE", cert.path()),
+        ("HERALD_SERVICE__TLS__KEY_FILE", key.path()),
+    ] {
+        invocation
+            .environment
+            .insert(variable.into(), path.display().to_string());
+    }
+    let check = invocation.check();
+    assert!(!check.success, "{}", check.output);
+    for needle in ["service.tls.cert_file", &cert.path().display().to_string()] {
+        assert!(
+            check.output.contains(needle),
+            "no `{needle}`:\n{}",
+            check.output
+        );
+    }
 }
 
 #[test]
@@ -419,6 +555,108 @@ fn one_image_built_once_runs_every_herald_service_and_every_image_is_pinned() {
         checked.status.success(),
         "docker-compose config: {}",
         String::from_utf8_lossy(&checked.stderr)
+    );
+}
+
+/// What can be checked of the image without building it: the build stage builds every binary
+/// of the workspace from the lock file and copies those named `herald*` onto `PATH`, so each
+/// compose entrypoint must be such a binary; the build context leaves out the local build and
+/// venv; the toolchain is at least the workspace's `rust-version`.
+#[test]
+fn every_entrypoint_is_a_binary_the_image_builds() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let metadata = Command::new(cargo)
+        .args([
+            "metadata",
+            "--no-deps",
+            "--offline",
+            "--format-version",
+            "1",
+        ])
+        .current_dir(workspace_root())
+        .output()
+        .expect("cargo metadata");
+    assert!(
+        metadata.status.success(),
+        "{}",
+        String::from_utf8_lossy(&metadata.stderr)
+    );
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&metadata.stdout).expect("cargo metadata is JSON");
+    let binaries: BTreeSet<String> = metadata["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter(|t| {
+            t["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "bin"))
+        })
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect();
+
+    let dockerfile =
+        std::fs::read_to_string(workspace_root().join("Dockerfile")).expect("Dockerfile");
+    let joined = dockerfile.replace("\\\n", " ");
+    let build = joined
+        .lines()
+        .find(|l| l.trim_start().starts_with("RUN cargo build"))
+        .expect("the build stage runs cargo build");
+    for flag in ["--release", "--locked", "--workspace", "--bins"] {
+        assert!(
+            build.contains(flag),
+            "the image's build lacks {flag}: {build}"
+        );
+    }
+    assert!(
+        build.contains("-name 'herald*'")
+            && joined.contains("COPY --from=build /out/ /usr/local/bin/"),
+        "the image copies the herald* binaries onto PATH: {build}"
+    );
+
+    let compose = Compose::load();
+    for (name, service) in compose.herald_services() {
+        let program = strings(&service["entrypoint"])
+            .first()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            program.starts_with("herald") && binaries.contains(&program),
+            "{name}: the entrypoint {program} is not a workspace binary the image copies \
+             (binaries: {binaries:?})"
+        );
+    }
+
+    let ignored = std::fs::read_to_string(workspace_root().join(".dockerignore"))
+        .expect(".dockerignore keeps the local build out of the context");
+    for path in ["target", ".venv"] {
+        assert!(
+            ignored.lines().any(|l| l.trim() == path),
+            ".dockerignore lacks {path}"
+        );
+    }
+
+    let toolchain = Dockerfile::load()
+        .from
+        .into_iter()
+        .find(|from| from.starts_with("rust:"))
+        .expect("the build stage is a rust image");
+    let version = |text: &str| -> (u32, u32) {
+        let mut parts = text
+            .split(['.', '-'])
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    };
+    let wanted = std::fs::read_to_string(workspace_root().join("Cargo.toml"))
+        .expect("Cargo.toml")
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .map(|v| v.trim_matches('"').to_owned())
+        .expect("the workspace's rust-version");
+    assert!(
+        version(&toolchain["rust:".len()..]) >= version(&wanted),
+        "{toolchain} is older than rust-version {wanted}"
     );
 }
 

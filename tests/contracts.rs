@@ -609,6 +609,28 @@ fn the_readme_subject_map_names_every_stream_with_its_subjects() {
         ),
         template(subjects::events_of("ENTITY"), &[("ENTITY", "<Entity>")]),
         template(
+            subjects::keyed_event("ENTITY", Op::Insert, "KEY"),
+            &[
+                ("ENTITY", "<Entity>"),
+                ("insert", "<op>"),
+                (&subjects::key_token("KEY"), "<key>"),
+            ],
+        ),
+        format!(
+            "{}.<partition>",
+            template(
+                subjects::keyed_event("ENTITY", Op::Insert, "KEY"),
+                &[
+                    ("ENTITY", "<Entity>"),
+                    ("insert", "<op>"),
+                    (&subjects::key_token("KEY"), "<key>"),
+                ],
+            )
+        ),
+        subjects::EVENTS_KEYED.to_owned(),
+        streams::PARTITIONS_METADATA.to_owned(),
+        format!("{}", subjects::key_token("42")),
+        template(
             subjects::action("KIND", "OBSERVER"),
             &[("KIND", "<kind>"), ("OBSERVER", "<observer>")],
         ),
@@ -692,4 +714,15 @@ fn the_readme_states_the_schema_version_dead_letter_reason_herald_uses() {
         readme().contains(&reason),
         "contracts/README.md should quote the dead-letter reason `{reason}`"
     );
+}
+
+#[test]
+fn the_readme_documents_the_partition_headers() {
+    let readme = readme();
+    for name in [headers::PARTITION, headers::LEASE_REVISION] {
+        assert!(
+            readme.contains(&format!("| `{name}` |")),
+            "contracts/README.md has no header row for `{name}`"
+        );
+    }
 }

@@ -322,7 +322,7 @@ impl Stack {
     async fn order_inserts(&self, keys: &[&str]) -> BTreeMap<String, EntityEvent> {
         eventually_async("the orders' events", WAIT, || async {
             let found: BTreeMap<String, EntityEvent> = self
-                .stored(streams::EVENTS.name, "herald.events.Order.insert")
+                .stored(streams::EVENTS.name, "herald.events.Order.insert.>")
                 .await
                 .iter()
                 .map(|m| decode::<EntityEvent>(&m.payload).expect("an EntityEvent"))

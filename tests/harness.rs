@@ -89,3 +89,86 @@ async fn postgres_recovers_committed_rows_after_a_crash() {
     pg.restart();
     assert_eq!(psql(pg.port(), "select count(*) from t"), "1");
 }
+
+#[tokio::test]
+async fn an_r3_stream_on_the_cluster_survives_a_node_killed_and_restarted() {
+    use herald_test_support::{NatsCluster, eventually_async};
+    let mut cluster = NatsCluster::start_with_service_users();
+    let admin = async_nats::ConnectOptions::with_user_and_password(
+        "cli".into(),
+        herald_test_support::service_password("cli"),
+    )
+    .connect(cluster.addresses())
+    .await
+    .expect("connect as the admin user");
+    let js = async_nats::jetstream::new(admin);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "HERALD_EVENTS".into(),
+        subjects: vec!["herald.events.>".into()],
+        num_replicas: 3,
+        ..Default::default()
+    })
+    .await
+    .expect("create an R3 stream");
+    let publish = |n: u32| {
+        let js = js.clone();
+        async move {
+            // While a node is down, the client fails over and the stream re-elects a leader;
+            // a publish may time out meanwhile, and is sent again with the same Msg-Id.
+            eventually_async("a publish to be stored", Duration::from_secs(60), || {
+                let js = js.clone();
+                async move {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Nats-Msg-Id", format!("m{n}").as_str());
+                    js.publish_with_headers("herald.events.T.insert", headers, "x".into())
+                        .await
+                        .ok()?
+                        .await
+                        .ok()
+                }
+            })
+            .await
+        }
+    };
+    for n in 0..10 {
+        publish(n).await;
+    }
+    for node in 0..cluster.len() {
+        cluster.kill(node);
+        assert!(!cluster.is_running(node));
+        for n in 10 * (node as u32 + 1)..10 * (node as u32 + 2) {
+            publish(n).await;
+        }
+        cluster.restart(node);
+    }
+    let expected = 10 * (cluster.len() as u64 + 1);
+    let mut stream = js.get_stream("HERALD_EVENTS").await.expect("stream");
+    let info = stream.info().await.expect("info").clone();
+    assert_eq!(info.state.messages, expected, "{}", cluster.logs());
+    let replicas = info.cluster.expect("clustered").replicas;
+    assert_eq!(replicas.len(), 2, "a leader and two replicas");
+    // Every node, the restarted ones included, serves the whole stream once caught up.
+    for node in 0..cluster.len() {
+        let client = async_nats::ConnectOptions::with_user_and_password(
+            "cli".into(),
+            herald_test_support::service_password("cli"),
+        )
+        .connect(cluster.node_url(node))
+        .await
+        .expect("connect to one node");
+        let js = async_nats::jetstream::new(client);
+        eventually_async(
+            "every node to see the stream",
+            Duration::from_secs(30),
+            || {
+                let js = js.clone();
+                async move {
+                    let mut stream = js.get_stream("HERALD_EVENTS").await.ok()?;
+                    let messages = stream.info().await.ok()?.state.messages;
+                    (messages == expected).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+}

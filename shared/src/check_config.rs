@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::config::{ConfigError, ENV_PREFIX};
+use crate::config::{ConfigError, ENV_PREFIX, Files};
 
 /// What a masked secret prints as.
 pub const MASK: &str = "********";
@@ -58,8 +58,13 @@ pub enum CheckError {
 }
 
 /// Prints the outcome of a configuration load for `--check-config` and exits: 0 with the
-/// effective settings when `loaded` is valid, 1 with every bad key when it is not.
-pub fn report_and_exit<T: Serialize>(file: Option<&Path>, loaded: &Result<T, ConfigError>) -> ! {
+/// effective settings when `loaded` is valid and every file it names (`files`, checked when it
+/// loaded) loads, 1 with every bad key, a bad file's key included, when not.
+pub fn report_and_exit<T: Serialize>(
+    file: Option<&Path>,
+    loaded: &Result<T, ConfigError>,
+    files: Option<Files>,
+) -> ! {
     let service = std::env::args_os()
         .next()
         .and_then(|arg0| {
@@ -75,6 +80,12 @@ pub fn report_and_exit<T: Serialize>(file: Option<&Path>, loaded: &Result<T, Con
             std::process::exit(1);
         }
     };
+    let files = files.unwrap_or_default();
+    let checked = files.checked.clone();
+    if let Err(invalid) = files.problems.into_result() {
+        eprintln!("{service} --check-config: a file the settings name is bad: {invalid}");
+        std::process::exit(1);
+    }
     match settings {
         Ok(settings) => {
             let environment = Environment::of(std::env::vars());
@@ -89,6 +100,9 @@ pub fn report_and_exit<T: Serialize>(file: Option<&Path>, loaded: &Result<T, Con
                 environment.read.join(", ")
             };
             println!("# environment read: {read}");
+            for (key, path) in &checked {
+                println!("# file loaded: {key} = {}", path.display());
+            }
             if !environment.unread.is_empty() {
                 println!("# environment not read: {}", environment.unread.join(", "));
             }

@@ -47,6 +47,52 @@ fn render(problems: &[Problem]) -> String {
 /// at the first.
 pub trait Validate {
     fn validate(&self, problems: &mut Problems);
+
+    /// Loads every file these settings name that the service reads at start (an observers file,
+    /// a schema file, keys, certificates), with the loader the start uses, and pushes a problem
+    /// under the setting's key for each bad one. Only `--check-config` calls it: a real start
+    /// loads the files itself and refuses the same way.
+    fn check_files(&self, _files: &mut Files) {}
+}
+
+/// The files `Validate::check_files` loaded, and what was wrong with them.
+#[derive(Debug, Default)]
+pub struct Files {
+    /// Each file loaded: the setting's full key and the path, in order.
+    pub checked: Vec<(String, PathBuf)>,
+    pub problems: Problems,
+}
+
+impl Files {
+    /// Records that the file `path`, named by `key`, was loaded, and its problems if `loaded`
+    /// failed. One problem per line of the error, so each names the key.
+    pub fn loaded<T, E: std::fmt::Display>(
+        &mut self,
+        key: &str,
+        path: &Path,
+        loaded: Result<T, E>,
+    ) -> Option<T> {
+        let mut full = self.problems.prefix.join(".");
+        if !full.is_empty() {
+            full.push('.');
+        }
+        full.push_str(key);
+        self.checked.push((full, path.to_owned()));
+        match loaded {
+            Ok(value) => Some(value),
+            Err(e) => {
+                self.problems.push(key, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// Checks `section`'s files with every key prefixed by `name.`.
+    pub fn section(&mut self, name: &str, section: &impl Validate) {
+        self.problems.prefix.push(name.to_owned());
+        section.check_files(self);
+        self.problems.prefix.pop();
+    }
 }
 
 /// Collects problems, with a key prefix for nested sections.
@@ -226,6 +272,14 @@ impl Default for NatsConfig {
     }
 }
 
+impl NatsConfig {
+    /// The servers in `url`, one per comma-separated entry: async-nats takes a list, never a
+    /// comma-separated string, and a cluster is reached (and failed over) through all of them.
+    pub fn servers(&self) -> Vec<&str> {
+        self.url.split(',').map(str::trim).collect()
+    }
+}
+
 impl Validate for NatsConfig {
     fn validate(&self, problems: &mut Problems) {
         if !self
@@ -315,6 +369,11 @@ pub struct StreamLimits {
 #[serde(deny_unknown_fields, default)]
 pub struct StreamsConfig {
     pub replicas: usize,
+    /// Partitions of HERALD_EVENTS: the stream appends `partition(N)` of entity and key to
+    /// every keyed event's subject, and each partition is dispatched by one dispatcher at a
+    /// time. Every service must agree on it (each provisions the stream); changing it means
+    /// draining the dispatchers first (README, "Scale out").
+    pub event_partitions: u32,
     /// How long JetStream remembers a Nats-Msg-Id. Redelivery after a crash must land within it
     /// for the repeat to be absorbed.
     #[serde(with = "humantime_serde")]
@@ -336,6 +395,7 @@ impl Default for StreamsConfig {
         };
         Self {
             replicas: 1,
+            event_partitions: 1,
             duplicate_window: Duration::from_secs(2 * 3600),
             events: limits(30),
             actions: limits(7),
@@ -363,6 +423,9 @@ impl Validate for StreamsConfig {
     fn validate(&self, problems: &mut Problems) {
         if !(1..=5).contains(&self.replicas) {
             problems.push("replicas", "must be between 1 and 5");
+        }
+        if !(1..=1024).contains(&self.event_partitions) {
+            problems.push("event_partitions", "must be between 1 and 1024");
         }
         if self.duplicate_window.is_zero() {
             problems.push("duplicate_window", "must be positive");

@@ -20,8 +20,13 @@
 //!
 //! `Herald-First-Failed-At` is the time of the first failed attempt. A handler that knows it
 //! (it keeps it somewhere durable, as the action worker does in Redis) says so; otherwise the
-//! settler remembers when it first retried a stream message (for as long as the process lives),
-//! and without either the dead-lettering delivery is the first failure.
+//! settler remembers when it first retried a stream message: in memory, and, when built with
+//! `remembering_first_failures` (the dispatcher), also in the JetStream KV bucket
+//! `herald_first_failures` under `<prefix>.<stream sequence>`, so the time survives a restart of
+//! the consumer. A key is written once, at the first failure, read when the
+//! message is dead-lettered, and deleted when the message is settled for good; the bucket's
+//! `FIRST_FAILURES_MAX_AGE` removes what a crash left behind. Without either, the dead-lettering
+//! delivery is the first failure.
 //!
 //! Every settled message is counted: `herald_settled_total{service, disposition}` with
 //! disposition = ack | retry | defer | dead_letter | unsettled.
@@ -66,6 +71,11 @@ use crate::subjects::DlqSource;
 /// First failures remembered at most; past it the oldest are forgotten (their dead letters then
 /// date the first failure at the dead-lettering delivery).
 const REMEMBERED_FAILURES: usize = 100_000;
+
+/// The KV bucket holding first-failure times across restarts (see the module docs).
+pub const FIRST_FAILURES_BUCKET: &str = "herald_first_failures";
+/// How long a first-failure time is kept without its message being settled.
+pub const FIRST_FAILURES_MAX_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
 
 /// A message to publish (and see stored) before the consumed one is settled.
 #[derive(Debug, Clone)]
@@ -232,6 +242,9 @@ pub struct Settler {
     service: String,
     failure_delay: Duration,
     first_failures: Mutex<BTreeMap<u64, DateTime<Utc>>>,
+    /// The key prefix in `FIRST_FAILURES_BUCKET`, when first failures are kept there.
+    durable_prefix: Option<String>,
+    durable: tokio::sync::OnceCell<jetstream::kv::Store>,
 }
 
 impl Settler {
@@ -249,7 +262,17 @@ impl Settler {
             service: service.into(),
             failure_delay,
             first_failures: Mutex::new(BTreeMap::new()),
+            durable_prefix: None,
+            durable: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// Also keeps first-failure times in `FIRST_FAILURES_BUCKET` under `<prefix>.<stream
+    /// sequence>` (`prefix` one or more KV key tokens, e.g. `dispatcher.<name>`), so a
+    /// dead letter made after a restart still names the first failure.
+    pub fn remembering_first_failures(mut self, prefix: impl Into<String>) -> Self {
+        self.durable_prefix = Some(prefix.into());
+        self
     }
 
     pub fn jetstream(&self) -> &jetstream::Context {
@@ -271,12 +294,13 @@ impl Settler {
 
     async fn carry_out(&self, message: &jetstream::Message, disposition: Disposition) -> Settled {
         let sequence = message.info().map(|i| i.stream_sequence).ok();
+        let redelivered = delivery_count(message) > 1;
         match disposition {
             Disposition::Ack { publish_first } => {
                 if let Err(reason) = self.publish_first(&publish_first).await {
                     return self.unsettled(message, reason).await;
                 }
-                self.forget(sequence);
+                self.forget(sequence, redelivered).await;
                 if let Err(e) = message.ack().await {
                     // The effect is stored; a redelivery meets it again and is absorbed.
                     tracing::warn!(error = %e, "ack failed; the message will be redelivered");
@@ -292,7 +316,7 @@ impl Settler {
                     return self.unsettled(message, reason).await;
                 }
                 if spends_attempt {
-                    self.remember_failure(sequence);
+                    self.remember_failure(sequence).await;
                 }
                 nak(message, delay).await;
                 Settled::Retrying
@@ -301,10 +325,11 @@ impl Settler {
                 if let Err(reason) = self.publish_first(&give_up.publish_first).await {
                     return self.unsettled(message, reason).await;
                 }
-                let first_failed_at = give_up
-                    .first_failed_at
-                    .or_else(|| self.recalled_failure(sequence))
-                    .unwrap_or_else(Utc::now);
+                let first_failed_at = match give_up.first_failed_at {
+                    Some(at) => Some(at),
+                    None => self.recalled_failure(sequence).await,
+                }
+                .unwrap_or_else(Utc::now);
                 let attempts = give_up.attempts.unwrap_or_else(|| delivery_count(message));
                 let letter = DeadLetter::for_message(
                     self.source,
@@ -327,7 +352,7 @@ impl Settler {
                 .await
                 {
                     Ok(()) => {
-                        self.forget(sequence);
+                        self.forget(sequence, redelivered).await;
                         if let Err(e) = message.ack_with(AckKind::Term).await {
                             // The dead letter is stored; a redelivery is dead-lettered again
                             // under the same Msg-Id and absorbed.
@@ -336,7 +361,7 @@ impl Settler {
                         Settled::DeadLettered
                     }
                     Err(e) => {
-                        self.remember_failure(sequence);
+                        self.remember_failure(sequence).await;
                         let reason = format!("the dead letter was not stored: {e}");
                         if e.is_permanent() {
                             tracing::error!(error = %e, "the DLQ refuses this dead letter; check the DLQ stream and this user's permissions");
@@ -376,24 +401,112 @@ impl Settler {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn remember_failure(&self, sequence: Option<u64>) {
+    async fn remember_failure(&self, sequence: Option<u64>) {
         let Some(sequence) = sequence else { return };
-        let mut failures = self.failures();
-        failures.entry(sequence).or_insert_with(Utc::now);
-        while failures.len() > REMEMBERED_FAILURES {
-            failures.pop_first();
+        let first = {
+            let mut failures = self.failures();
+            let first = !failures.contains_key(&sequence);
+            failures.entry(sequence).or_insert_with(Utc::now);
+            while failures.len() > REMEMBERED_FAILURES {
+                failures.pop_first();
+            }
+            first
+        };
+        if !first {
+            return;
+        }
+        let Some((store, key)) = self.durable_key(sequence).await else {
+            return;
+        };
+        let at = self
+            .failures()
+            .get(&sequence)
+            .copied()
+            .unwrap_or_else(Utc::now);
+        // `create` keeps the first time a previous process may have stored; that one is then
+        // the time remembered here too.
+        match store.create(&key, at.to_rfc3339().into()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == jetstream::kv::CreateErrorKind::AlreadyExists => {
+                if let Some(earlier) = read_time(store, &key).await {
+                    self.failures().insert(sequence, earlier);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, %key, "cannot store a first-failure time"),
         }
     }
 
-    fn recalled_failure(&self, sequence: Option<u64>) -> Option<DateTime<Utc>> {
-        self.failures().get(&sequence?).copied()
+    /// The first failure remembered here, or else the one stored by an earlier process. The
+    /// bucket is asked even at a first delivery: a re-created consumer (the dispatcher's, after
+    /// a restart) starts delivery counts again.
+    async fn recalled_failure(&self, sequence: Option<u64>) -> Option<DateTime<Utc>> {
+        let sequence = sequence?;
+        if let Some(at) = self.failures().get(&sequence).copied() {
+            return Some(at);
+        }
+        let (store, key) = self.durable_key(sequence).await?;
+        read_time(store, &key).await
     }
 
-    fn forget(&self, sequence: Option<u64>) {
-        if let Some(sequence) = sequence {
-            self.failures().remove(&sequence);
+    async fn forget(&self, sequence: Option<u64>, redelivered: bool) {
+        let Some(sequence) = sequence else { return };
+        let known = self.failures().remove(&sequence).is_some();
+        // A message settled at its first delivery never failed here: no write per ack. (One that
+        // failed before a restart re-created its consumer leaves its key to expire.)
+        if !(known || redelivered) {
+            return;
+        }
+        if let Some((store, key)) = self.durable_key(sequence).await
+            && let Err(e) = store.purge(&key).await
+        {
+            tracing::warn!(error = %e, %key, "cannot remove a first-failure time; it expires");
         }
     }
+
+    /// The bucket and key for a sequence, when first failures are kept durably and the bucket
+    /// can be reached.
+    async fn durable_key(&self, sequence: u64) -> Option<(&jetstream::kv::Store, String)> {
+        let prefix = self.durable_prefix.as_deref()?;
+        let store = self
+            .durable
+            .get_or_try_init(|| first_failures_bucket(&self.js))
+            .await
+            .map_err(|e| tracing::warn!(error = %e, "first-failure bucket unavailable"))
+            .ok()?;
+        Some((store, format!("{prefix}.{sequence}")))
+    }
+}
+
+async fn read_time(store: &jetstream::kv::Store, key: &str) -> Option<DateTime<Utc>> {
+    match store.get(key).await {
+        Ok(Some(value)) => std::str::from_utf8(&value)
+            .ok()
+            .and_then(|text| DateTime::parse_from_rfc3339(text).ok())
+            .map(|at| at.with_timezone(&Utc)),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, %key, "cannot read a first-failure time");
+            None
+        }
+    }
+}
+
+/// The first-failure bucket, created on first use.
+pub async fn first_failures_bucket(
+    js: &jetstream::Context,
+) -> Result<jetstream::kv::Store, String> {
+    if let Ok(store) = js.get_key_value(FIRST_FAILURES_BUCKET).await {
+        return Ok(store);
+    }
+    js.create_key_value(jetstream::kv::Config {
+        bucket: FIRST_FAILURES_BUCKET.to_owned(),
+        description: "When each consumed message still being retried first failed".into(),
+        history: 1,
+        max_age: FIRST_FAILURES_MAX_AGE,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())
 }
 
 /// JetStream's delivery count of the message, 1 for the first delivery.

@@ -32,6 +32,13 @@ pub const RESPONSE_SNIPPET: &str = "Herald-Response-Snippet";
 /// `herald_dlq_bodies` (`dlq::BODIES_BUCKET`). The dead letter's own body is then empty.
 pub const BODY_OBJECT: &str = "Herald-Body-Object";
 
+/// On an action request: the HERALD_EVENTS partition its event came from, `<index>/<count>`.
+pub const PARTITION: &str = "Herald-Partition";
+/// On an action request: the revision that began the dispatcher's tenure of the partition's
+/// lease. Later tenures have higher revisions, so in the actions stream a partition's
+/// revisions never go down unless two dispatchers served it at once.
+pub const LEASE_REVISION: &str = "Herald-Lease-Revision";
+
 /// The longest header value Herald writes; longer text is cut (ending in `…`).
 pub const MAX_VALUE_LEN: usize = 4096;
 

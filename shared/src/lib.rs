@@ -14,12 +14,15 @@ pub mod headers;
 pub mod messages;
 pub mod nats;
 pub mod publish;
+#[cfg(feature = "redis")]
+pub mod redis_persistence;
 pub mod retry;
 pub mod service;
 pub mod shutdown;
 pub mod streams;
 pub mod subjects;
 pub mod telemetry;
+pub mod tls;
 pub mod traceparent;
 
 pub use messages::{

@@ -38,7 +38,8 @@ impl Nats {
 }
 
 pub async fn connect(config: &NatsConfig, service: &str) -> Result<Nats, ConnectError> {
-    let attempt = || connect_options(config, service).connect(config.url.as_str());
+    let servers = config.servers();
+    let attempt = || connect_options(config, service).connect(servers.as_slice());
     let client = attempt
         .retry(
             ExponentialBuilder::default()
@@ -63,6 +64,8 @@ pub async fn connect(config: &NatsConfig, service: &str) -> Result<Nats, Connect
 /// complaints) before connecting; a caller replacing the event callback should pass server
 /// errors on to `publish::note_server_error`.
 pub fn connect_options(config: &NatsConfig, name: &str) -> async_nats::ConnectOptions {
+    // A `tls://` connection builds a rustls configuration with the process default provider.
+    crate::tls::install_crypto_provider();
     let options = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(5))

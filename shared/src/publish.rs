@@ -84,6 +84,35 @@ pub fn classify(subject: &str, error: &jetstream::context::PublishError) -> Publ
     }
 }
 
+/// What a publisher holding one message should do about a failed publish of it. Permanent
+/// failures (`classify`) are set aside at once; a refusal the server answered with (an API error
+/// `classify` does not know to be permanent, or a permission complaint) is the message's own and
+/// worth a few tries before it is set aside; anything else is an outage that every message would
+/// meet, to be waited out without reordering.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    SetAside(PublishFailure),
+    Refused(PublishFailure),
+    Outage(PublishFailure),
+}
+
+/// Sorts a failed publish of one message to `subject` for a publisher that sets messages aside
+/// (the gateway relay, the job outbox): one place that says which failures are whose.
+pub fn verdict(subject: &str, error: &jetstream::context::PublishError) -> Verdict {
+    let failure = classify(subject, error);
+    match failure {
+        PublishFailure::TooLarge(_) => Verdict::SetAside(failure),
+        PublishFailure::PermissionDenied(_) => Verdict::Refused(failure),
+        PublishFailure::NoStream(_) => Verdict::Outage(failure),
+        PublishFailure::Transient(_) => match error.kind() {
+            PublishErrorKind::Other
+            | PublishErrorKind::WrongLastMessageId
+            | PublishErrorKind::WrongLastSequence => Verdict::Refused(failure),
+            _ => Verdict::Outage(failure),
+        },
+    }
+}
+
 fn api_error_code(error: &jetstream::context::PublishError) -> Option<u64> {
     let mut source = std::error::Error::source(error);
     while let Some(inner) = source {
@@ -194,6 +223,38 @@ mod tests {
         for (kind, class) in table {
             let error = jetstream::context::PublishError::new(kind);
             assert_eq!(classify("herald.x", &error).class(), class, "{kind:?}");
+        }
+    }
+
+    fn api_error(code: u64) -> jetstream::context::PublishError {
+        let api: jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 400, "err_code": code, "description": "refused"
+        }))
+        .expect("an API error");
+        jetstream::context::PublishError::with_source(PublishErrorKind::Other, api)
+    }
+
+    #[test]
+    fn size_refusals_are_set_aside_at_once_other_answers_refused_outages_waited_out() {
+        let set_aside = |v: &Verdict| matches!(v, Verdict::SetAside(_));
+        let refused = |v: &Verdict| matches!(v, Verdict::Refused(_));
+        let outage = |v: &Verdict| matches!(v, Verdict::Outage(_));
+        assert!(set_aside(&verdict("herald.x", &api_error(10054))));
+        assert!(set_aside(&verdict("herald.x", &api_error(10097))));
+        let too_big = jetstream::context::PublishError::new(PublishErrorKind::MaxPayloadExceeded);
+        assert!(set_aside(&verdict("herald.x", &too_big)));
+        assert!(refused(&verdict("herald.x", &api_error(10077))));
+        let sequence = jetstream::context::PublishError::new(PublishErrorKind::WrongLastSequence);
+        assert!(refused(&verdict("herald.x", &sequence)));
+        assert!(outage(&verdict("herald.x", &api_error(10059))));
+        for kind in [
+            PublishErrorKind::TimedOut,
+            PublishErrorKind::BrokenPipe,
+            PublishErrorKind::MaxAckPending,
+            PublishErrorKind::StreamNotFound,
+        ] {
+            let error = jetstream::context::PublishError::new(kind);
+            assert!(outage(&verdict("herald.x", &error)), "{kind:?}");
         }
     }
 }

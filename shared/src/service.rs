@@ -11,7 +11,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Readiness};
-use crate::config::{AdminConfig, NatsConfig, Problems, StreamsConfig, TelemetryConfig, Validate};
+use crate::config::{
+    AdminConfig, Files, NatsConfig, Problems, StreamsConfig, TelemetryConfig, Validate,
+};
 use crate::nats::{self, Nats};
 use crate::streams::{self, StreamSpec};
 
@@ -48,15 +50,28 @@ impl<S: Validate> Validate for ServiceConfig<S> {
         problems.section("streams", &self.streams);
         problems.section("service", &self.service);
     }
+
+    fn check_files(&self, files: &mut Files) {
+        files.section("service", &self.service);
+    }
 }
 
 impl<S: DeserializeOwned + Serialize + Validate + Default> ServiceConfig<S> {
     /// Loads the file named on the command line (if any) with environment overrides. With
-    /// `--check-config` it reports the result and exits instead of returning.
+    /// `--check-config` it also loads the files the settings name, reports the result and exits
+    /// instead of returning.
+    ///
+    /// Every service starts here, so the process's TLS crypto provider is installed here too.
     pub fn load(args: &ServiceArgs) -> Result<Self, crate::config::ConfigError> {
-        let loaded = crate::config::load(args.config.as_deref());
+        crate::tls::install_crypto_provider();
+        let loaded: Result<Self, _> = crate::config::load(args.config.as_deref());
         if args.check_config {
-            crate::check_config::report_and_exit(args.config.as_deref(), &loaded);
+            let files = loaded.as_ref().ok().map(|config: &Self| {
+                let mut files = Files::default();
+                config.check_files(&mut files);
+                files
+            });
+            crate::check_config::report_and_exit(args.config.as_deref(), &loaded, files);
         }
         loaded
     }

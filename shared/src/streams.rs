@@ -54,9 +54,48 @@ pub struct ProvisionError {
     pub source: jetstream::context::CreateStreamError,
 }
 
+/// The stream metadata key recording HERALD_EVENTS' partition count, which the dispatcher reads
+/// from the stream itself so it never disagrees with what the stream writes.
+pub const PARTITIONS_METADATA: &str = "herald.event_partitions";
+
+/// HERALD_EVENTS' subject transform: a keyed event `herald.events.<Entity>.<op>.<key>` gets the
+/// partition of its entity and key token appended, NATS's deterministic `partition(N, ...)`
+/// (FNV-1a of the tokens, modulo N), so every event of one key lands in one partition.
+pub fn partition_transform(partitions: u32) -> stream::SubjectTransform {
+    stream::SubjectTransform {
+        source: crate::subjects::EVENTS_KEYED.to_owned(),
+        destination: format!(
+            "herald.events.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{wildcard(3)}}}}.{{{{partition({partitions},1,3)}}}}"
+        ),
+    }
+}
+
+/// The partition count a HERALD_EVENTS stream was provisioned with (1 for a stream from before
+/// partitioning, which has no transform).
+pub fn event_partitions(config: &stream::Config) -> u32 {
+    config
+        .metadata
+        .get(PARTITIONS_METADATA)
+        .and_then(|n| n.parse().ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(1)
+}
+
 /// The JetStream configuration of one stream.
 pub fn stream_config(spec: &StreamSpec, config: &StreamsConfig) -> stream::Config {
     let limits = config.limits(spec.name);
+    let (subject_transform, metadata) = if spec.name == EVENTS_STREAM {
+        (
+            Some(partition_transform(config.event_partitions)),
+            [(
+                PARTITIONS_METADATA.to_owned(),
+                config.event_partitions.to_string(),
+            )]
+            .into(),
+        )
+    } else {
+        (None, Default::default())
+    };
     stream::Config {
         name: spec.name.to_owned(),
         description: Some(spec.description.to_owned()),
@@ -70,6 +109,8 @@ pub fn stream_config(spec: &StreamSpec, config: &StreamsConfig) -> stream::Confi
         max_bytes: limits.max_bytes,
         // Direct get lets the CLI and Flight read single messages cheaply.
         allow_direct: true,
+        subject_transform,
+        metadata,
         ..Default::default()
     }
 }

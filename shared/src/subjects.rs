@@ -73,6 +73,42 @@ pub fn event(entity: &str, op: Op) -> Result<String, InvalidToken> {
     ))
 }
 
+/// `herald.events.<Entity>.<op>.<key>`: what the relay publishes, `<key>` being `key_token` of
+/// the event's primary key. HERALD_EVENTS appends the partition token on arrival (its subject
+/// transform), so the event is stored as `herald.events.<Entity>.<op>.<key>.<partition>`.
+pub fn keyed_event(entity: &str, op: Op, key: &str) -> Result<String, InvalidToken> {
+    Ok(format!("{}.{}", event(entity, op)?, key_token(key)))
+}
+
+/// The subject token standing for a primary key: the first 16 hex digits of the SHA-256 of
+/// the key's text. A key may hold any character (dots and wildcards included), so it never
+/// appears in a subject itself; its digest is a valid token, the same for every event of the
+/// key, which is what partitioning by key needs.
+pub fn key_token(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(key.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The event subjects HERALD_EVENTS partitions on arrival: entity, op and key token.
+pub const EVENTS_KEYED: &str = "herald.events.*.*.*";
+
+/// Events published without a key token (`herald.events.<Entity>.<op>`, the form before
+/// partitioning). Stored as sent; partition 0 serves them, so none is ever left unread.
+pub const EVENTS_UNKEYED: &str = "herald.events.*.*";
+
+/// Every stored event of one partition: `herald.events.*.*.*.<partition>`.
+pub fn events_of_partition(partition: u32) -> String {
+    format!("herald.events.*.*.*.{partition}")
+}
+
+/// The consumer filters for every stored event of one entity and op: the keyed and partitioned
+/// form (`herald.events.<Entity>.<op>.>`) and the form without a key token.
+pub fn events_of_op(entity: &str, op: Op) -> Result<[String; 2], InvalidToken> {
+    let unkeyed = event(entity, op)?;
+    Ok([format!("{unkeyed}.>"), unkeyed])
+}
+
 /// `herald.events.<Entity>.>`: every event of one entity.
 pub fn events_of(entity: &str) -> Result<String, InvalidToken> {
     Ok(format!("herald.events.{}.>", token("an entity", entity)?))
@@ -190,6 +226,20 @@ mod tests {
             Ok("herald.jobs.status.default")
         );
         assert_eq!(DlqSource::Actions.subject(), "herald.dlq.actions");
+    }
+
+    #[test]
+    fn keyed_events_carry_a_stable_digest_of_the_key() {
+        let subject = keyed_event("Order", Op::Insert, "a.b *>").expect("valid");
+        let token = key_token("a.b *>");
+        assert_eq!(subject, format!("herald.events.Order.insert.{token}"));
+        assert_eq!(token.len(), 16);
+        assert!(token.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(token, key_token("a.b *>"), "the same key, the same token");
+        assert_ne!(token, key_token("a.b *?"));
+        // Fixed by the contract: other languages compute the same token.
+        assert_eq!(key_token("42"), "73475cb40a568e8d");
+        assert_eq!(events_of_partition(3), "herald.events.*.*.*.3");
     }
 
     #[test]

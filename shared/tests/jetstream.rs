@@ -157,3 +157,103 @@ async fn dead_lettering_a_consumed_message_terminates_it() {
     let mut dlq_stream = js.get_stream(DLQ_STREAM).await.expect("dlq");
     assert_eq!(dlq_stream.info().await.expect("info").state.messages, 1);
 }
+
+#[tokio::test]
+async fn keyed_events_are_stored_with_the_partition_of_their_key() {
+    use herald_shared::messages::Op;
+    use herald_shared::subjects;
+    let nats = NatsServer::start();
+    let js = nats.jetstream().await;
+    let config = StreamsConfig {
+        event_partitions: 4,
+        ..StreamsConfig::default()
+    };
+    streams::ensure(&js, &config, &[streams::EVENTS])
+        .await
+        .expect("create");
+    let mut stream = js.get_stream(streams::EVENTS.name).await.expect("stream");
+    let info = stream.info().await.expect("info");
+    assert_eq!(streams::event_partitions(&info.config), 4);
+    let keys: Vec<String> = (0..40).map(|k| format!("order-{k}")).collect();
+    for key in keys.iter().chain(keys.iter()) {
+        js.publish(
+            subjects::keyed_event("Order", Op::Update, key).expect("subject"),
+            key.clone().into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    }
+    // An event without a key token is stored as sent.
+    js.publish("herald.events.Order.insert", "legacy".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let reader = stream
+        .create_consumer(pull::Config {
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let mut messages = reader.messages().await.expect("messages");
+    let mut partition_of = std::collections::HashMap::new();
+    let mut used = std::collections::HashSet::new();
+    for _ in 0..keys.len() * 2 {
+        let message = messages.next().await.expect("message").expect("message");
+        let key = String::from_utf8(message.payload.to_vec()).expect("text");
+        let tokens: Vec<&str> = message.subject.split('.').collect();
+        assert_eq!(tokens.len(), 6, "{}", message.subject);
+        assert_eq!(tokens[4], subjects::key_token(&key));
+        let partition: u32 = tokens[5].parse().expect("a partition number");
+        assert!(partition < 4);
+        used.insert(partition);
+        // Every event of one key lands in the same partition.
+        assert_eq!(*partition_of.entry(key).or_insert(partition), partition);
+    }
+    assert_eq!(used.len(), 4, "40 keys spread over all 4 partitions");
+    let legacy = messages.next().await.expect("message").expect("message");
+    assert_eq!(legacy.subject.as_str(), "herald.events.Order.insert");
+}
+
+#[tokio::test]
+async fn a_comma_separated_url_reaches_the_cluster_and_survives_a_node_loss() {
+    use herald_test_support::NatsCluster;
+    let mut cluster = NatsCluster::start();
+    let config = herald_shared::config::NatsConfig {
+        url: cluster.url(),
+        ..Default::default()
+    };
+    let nats = herald_shared::nats::connect(&config, "test")
+        .await
+        .expect("a cluster URL connects");
+    let streams_config = StreamsConfig {
+        replicas: 3,
+        ..StreamsConfig::default()
+    };
+    streams::ensure(&nats.jetstream, &streams_config, &[streams::EVENTS])
+        .await
+        .expect("an R3 stream");
+    let connected = nats.client.server_info().port;
+    let index = (0..cluster.len())
+        .find(|i| cluster.node_url(*i).ends_with(&format!(":{connected}")))
+        .expect("connected to one of the nodes");
+    cluster.kill(index);
+    herald_test_support::eventually_async(
+        "a publish through the surviving nodes",
+        Duration::from_secs(60),
+        || {
+            let js = nats.jetstream.clone();
+            async move {
+                js.publish("herald.events.Order.insert", "{}".into())
+                    .await
+                    .ok()?
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
+}

@@ -56,3 +56,11 @@ pub fn service_password(user: &str) -> String {
         .unwrap_or_else(|| panic!("the line after user {user} is not its password: {line}"))
         .to_owned()
 }
+
+impl crate::NatsCluster {
+    /// A 3-node cluster whose every node enforces `nats/auth.conf`, as `NatsServer`'s
+    /// `start_with_service_users` does for one server.
+    pub fn start_with_service_users() -> Self {
+        Self::start_with(&format!("include \"{}\"", auth_conf_include_path()))
+    }
+}

@@ -1,4 +1,4 @@
-//! The one test harness: real nats-server (2.15, JetStream), PostgreSQL, Redis and an
+//! The one test harness: real nats-server (2.15, JetStream; one server or a 3-node cluster), PostgreSQL, Redis and an
 //! OpenSearch-compatible server (osmem-server), each started
 //! by the test itself on a free loopback port with a temporary data directory, so tests are
 //! isolated from each other and from the machine's own services, and can kill (-9) and restart
@@ -8,6 +8,7 @@
 
 mod auth;
 mod binaries;
+mod cluster;
 mod nats;
 mod opensearch;
 mod postgres;
@@ -16,6 +17,7 @@ mod redis;
 mod wait;
 
 pub use auth::service_password;
+pub use cluster::{CLUSTER_SIZE, NatsCluster};
 pub use nats::NatsServer;
 pub use opensearch::{OpenSearchServer, osmem_server as osmem_server_binary};
 pub use postgres::Postgres;

@@ -287,6 +287,30 @@ impl Dedup {
     }
 
     /// Answers when Redis does; for readiness and for resuming after an outage.
+    /// How the Redis holding the done marks persists them (`herald_shared::redis_persistence`).
+    pub async fn persistence(&self) -> herald_shared::redis_persistence::Persistence {
+        herald_shared::redis_persistence::check(&mut self.redis.clone()).await
+    }
+
+    /// Waits until Redis answers (or `stop`), then reports once what a Redis crash would cost:
+    /// a lost done mark lets a delivered action run again.
+    pub async fn report_persistence(&self, stop: &tokio_util::sync::CancellationToken) {
+        loop {
+            if self.ping().await.is_ok() {
+                let persistence = self.persistence().await;
+                herald_shared::redis_persistence::report(
+                    &persistence,
+                    "done marks (a delivered action whose mark is lost may run again)",
+                );
+                return;
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
     pub async fn ping(&self) -> Result<(), DedupError> {
         redis::cmd("PING")
             .query_async::<String>(&mut self.redis.clone())

@@ -12,9 +12,11 @@ use futures::future::BoxFuture;
 use herald_shared::ActionRequest;
 use lettre::message::Mailbox;
 use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::{Deserialize, Serialize};
 
+use crate::ca::ExtraRoots;
 use crate::error::ActionError;
 use crate::kind::{self, ActionKind, Success};
 use crate::template;
@@ -86,18 +88,27 @@ pub struct Email {
 }
 
 impl Email {
-    pub fn new(settings: SmtpSettings) -> Result<Self, lettre::transport::smtp::Error> {
-        let mut builder = match settings.security {
-            SmtpSecurity::None => {
-                AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&settings.host)
+    /// A transport to `settings`' relay; over TLS it trusts the public roots, plus `extra`
+    /// (`service.ca_file`) when given.
+    pub fn new(
+        settings: SmtpSettings,
+        extra: Option<&ExtraRoots>,
+    ) -> Result<Self, lettre::transport::smtp::Error> {
+        let tls = || {
+            let mut parameters = TlsParameters::builder(settings.host.clone());
+            if let Some(extra) = extra {
+                parameters = parameters.add_root_certificate(extra.smtp.clone());
             }
-            SmtpSecurity::Starttls => {
-                AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&settings.host)?
-            }
-            SmtpSecurity::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&settings.host)?,
-        }
-        .port(settings.port)
-        .timeout(Some(settings.timeout));
+            parameters.build_rustls()
+        };
+        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&settings.host)
+            .tls(match settings.security {
+                SmtpSecurity::None => Tls::None,
+                SmtpSecurity::Starttls => Tls::Required(tls()?),
+                SmtpSecurity::Tls => Tls::Wrapper(tls()?),
+            })
+            .port(settings.port)
+            .timeout(Some(settings.timeout));
         if let (Some(user), Some(password)) = (&settings.username, &settings.password) {
             builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
         }

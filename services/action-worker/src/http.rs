@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use url::Url;
 
+use crate::ca::ExtraRoots;
 use crate::error::{ActionError, Failure, is_transient_status};
 use crate::kind::Success;
 use crate::ssrf::SsrfGuard;
@@ -24,11 +25,15 @@ pub struct Http {
 }
 
 impl Http {
-    pub fn new(guard: SsrfGuard) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
+    /// A client trusting the platform's roots, plus `extra` (`service.ca_file`) when given.
+    pub fn new(guard: SsrfGuard, extra: Option<&ExtraRoots>) -> Result<Self, reqwest::Error> {
+        let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("herald-action-worker/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .user_agent(concat!("herald-action-worker/", env!("CARGO_PKG_VERSION")));
+        if let Some(extra) = extra {
+            builder = builder.tls_certs_merge(extra.http.iter().cloned());
+        }
+        let client = builder.build()?;
         Ok(Self { client, guard })
     }
 

@@ -18,6 +18,7 @@
 //! `herald_settled_total{service,disposition}` and `herald_publications_dropped_total`.
 
 pub mod breaker;
+pub mod ca;
 pub mod dedup;
 pub mod email;
 pub mod error;
@@ -58,6 +59,8 @@ pub enum RunError {
     Ssrf(#[from] ssrf::BadAllowEntry),
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Ca(#[from] ca::CaError),
     #[error("SMTP transport: {0}")]
     Smtp(#[from] lettre::transport::smtp::Error),
     #[error(transparent)]
@@ -66,14 +69,15 @@ pub enum RunError {
 
 /// The built-in kinds, configured from the settings.
 pub fn registry(settings: &Settings, jetstream: &jetstream::Context) -> Result<Registry, RunError> {
-    let http = http::Http::new(SsrfGuard::new(&settings.ssrf_allow)?)?;
+    let roots = ca::ExtraRoots::from_setting(settings.ca_file.as_deref())?;
+    let http = http::Http::new(SsrfGuard::new(&settings.ssrf_allow)?, roots.as_ref())?;
     Ok(Registry::default()
         .with(webhook::Webhook::new(
             http.clone(),
             settings.webhook_secrets.clone(),
         ))
         .with(slack::Slack::new(http))
-        .with(email::Email::new(settings.smtp.clone())?)
+        .with(email::Email::new(settings.smtp.clone(), roots.as_ref())?)
         .with(job::Job::new(jetstream.clone())))
 }
 

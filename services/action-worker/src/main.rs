@@ -13,6 +13,9 @@ async fn main() -> anyhow::Result<()> {
 
     let nats = service::connect(&config, "action-worker", &STREAMS).await?;
     let dedup = herald_action_worker::dedup(&config.service)?;
+    let checked = dedup.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move { checked.report_persistence(&stop).await });
     let redis = dedup.clone();
     let readiness = Readiness::new().nats(&nats).check("redis", move || {
         let redis = redis.clone();

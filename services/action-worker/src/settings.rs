@@ -2,12 +2,14 @@
 //! with every default in one place and validation that names every bad key.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use herald_shared::config::{Problems, Validate};
+use herald_shared::config::{Files, Problems, Validate};
 use serde::{Deserialize, Serialize};
 
 use crate::breaker::BreakerSettings;
+use crate::ca::ExtraRoots;
 use crate::dedup::DedupSettings;
 use crate::email::SmtpSettings;
 use crate::ssrf::SsrfGuard;
@@ -54,6 +56,9 @@ pub struct Settings {
     /// Observer name → `whsec_` secret for signing its webhooks.
     pub webhook_secrets: HashMap<String, String>,
     pub smtp: SmtpSettings,
+    /// A PEM bundle of CA certificates trusted besides the public roots, for webhooks and Slack
+    /// over HTTPS and for SMTP over TLS or STARTTLS (receivers behind a private CA).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -74,6 +79,7 @@ impl Default for Settings {
             ssrf_allow: Vec::new(),
             webhook_secrets: HashMap::new(),
             smtp: SmtpSettings::default(),
+            ca_file: None,
         }
     }
 }
@@ -176,6 +182,12 @@ impl Validate for Settings {
         }
         if self.smtp.from.parse::<lettre::message::Mailbox>().is_err() {
             problems.push("smtp.from", "must be an email address");
+        }
+    }
+
+    fn check_files(&self, files: &mut Files) {
+        if let Some(path) = &self.ca_file {
+            files.loaded("ca_file", path, ExtraRoots::load(path));
         }
     }
 }

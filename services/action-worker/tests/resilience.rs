@@ -341,3 +341,237 @@ async fn a_slow_receiver_does_not_stall_other_destinations() {
         "the slow receiver still holds both of its requests"
     );
 }
+
+/// The action worker tells, like the job worker, whether its Redis would keep the done marks
+/// through a crash: the check is the shared one (`herald_shared::redis_persistence`).
+#[tokio::test]
+async fn the_worker_can_tell_whether_redis_persists_its_done_marks() {
+    use herald_shared::redis_persistence::Persistence;
+    let plain = herald_test_support::RedisServer::start();
+    let aof = herald_test_support::RedisServer::start_with_aof();
+    let dedup = |url: String| {
+        let settings = common::settings(&url);
+        herald_action_worker::dedup(&settings).expect("dedup client")
+    };
+    assert_eq!(
+        dedup(plain.url()).persistence().await,
+        Persistence::SnapshotsOnly
+    );
+    let durable = dedup(aof.url()).persistence().await;
+    assert_eq!(
+        durable,
+        Persistence::AppendOnly {
+            fsync: Some("always".into())
+        }
+    );
+    assert!(durable.is_durable());
+    // Reporting waits for Redis to answer, then returns.
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::time::timeout(WAIT, dedup(aof.url()).report_persistence(&stop))
+        .await
+        .expect("reported once Redis answered");
+}
+
+/// How a receiver is down during the outage.
+#[derive(Debug, Clone, Copy)]
+enum Down {
+    /// Nothing listens on its port: connection refused.
+    Refused,
+    /// It accepts and never answers: every attempt runs into the action's timeout.
+    Hanging,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((sorted.len() as f64) * p).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Two webhook receivers get actions side by side for 40 s; one is down for 30 s of it. The
+/// healthy one keeps receiving during the outage, promptly (its p99 stays far below the
+/// outage, which it would exceed if its actions waited behind the down host's), the down one
+/// receives every one of its actions once it is back, and nothing is lost.
+async fn one_receiver_down_for_thirty_seconds(down: Down) {
+    use std::collections::{BTreeSet, HashMap};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+
+    const OUTAGE: Duration = Duration::from_secs(30);
+    const BEFORE: Duration = Duration::from_secs(5);
+    const AFTER: Duration = Duration::from_secs(5);
+    const EVERY: Duration = Duration::from_millis(100);
+    let mut app = App::start().await;
+    let healthy = Sink::start(|_| Reply::status(204)).await;
+    let is_down = Arc::new(AtomicBool::new(false));
+    let flag = is_down.clone();
+    let sick = Sink::start(move |_| {
+        if flag.load(Ordering::SeqCst) {
+            Reply::hang()
+        } else {
+            Reply::status(204)
+        }
+    })
+    .await;
+    let sick_address = sick.address;
+    let mut settings = app.settings();
+    settings.concurrency = 16;
+    settings.per_destination_concurrency = 4;
+    settings.breaker.cool_down = Duration::from_secs(2);
+    app.spawn_worker(settings);
+    let policy = herald_shared::RetryPolicy {
+        max_attempts: 200,
+        initial_delay_ms: 250,
+        max_delay_ms: 2000,
+        multiplier: 2.0,
+        jitter: false,
+    };
+
+    let started = Instant::now();
+    let mut published: HashMap<String, Instant> = HashMap::new();
+    let (mut to_healthy, mut to_sick) = (Vec::new(), Vec::new());
+    let (mut down_at, mut up_at) = (None, None);
+    let mut restored: Option<Sink> = None;
+    while started.elapsed() < BEFORE + OUTAGE + AFTER {
+        let elapsed = started.elapsed();
+        if down_at.is_none() && elapsed >= BEFORE {
+            match down {
+                Down::Hanging => is_down.store(true, Ordering::SeqCst),
+                Down::Refused => sick.stop(),
+            }
+            down_at = Some(Instant::now());
+        }
+        if up_at.is_none() && elapsed >= BEFORE + OUTAGE {
+            up_at = Some(Instant::now());
+            match down {
+                Down::Hanging => is_down.store(false, Ordering::SeqCst),
+                Down::Refused => {
+                    restored = Some(Sink::start_on(sick_address, |_| Reply::status(204)).await);
+                }
+            }
+        }
+        for (url, sent) in [
+            (healthy.url("/healthy"), &mut to_healthy),
+            (format!("http://{sick_address}/sick"), &mut to_sick),
+        ] {
+            let request = action("webhook", "orders", json!({"url": url}), policy.clone());
+            published.insert(request.id.clone(), Instant::now());
+            app.publish(&request).await;
+            sent.push(request.id);
+        }
+        tokio::time::sleep(EVERY).await;
+    }
+    let (down_at, up_at) = (down_at.expect("went down"), up_at.expect("came back"));
+    let sick_sinks: Vec<&Sink> = match &restored {
+        Some(restored) => vec![&sick, restored],
+        None => vec![&sick],
+    };
+
+    // Successful deliveries: every receipt at the healthy sink; at the sick one, those it
+    // answered (a hanging receiver's receipts during the outage never were).
+    let delivered_of = |sinks: &[&Sink], hung: Option<(Instant, Instant)>| {
+        let mut first: HashMap<String, Instant> = HashMap::new();
+        let mut receipts = 0;
+        for r in sinks.iter().flat_map(|sink| sink.received()) {
+            if hung.is_some_and(|(from, to)| r.at >= from && r.at < to) {
+                continue;
+            }
+            if let Some(id) = r.header("webhook-id") {
+                receipts += 1;
+                first.entry(id).or_insert(r.at);
+            }
+        }
+        (first, receipts)
+    };
+    let hung = matches!(down, Down::Hanging).then_some((down_at, up_at));
+    let all_in = herald_test_support::eventually(
+        "every action at its receiver",
+        Duration::from_secs(90),
+        || {
+            let (h, _) = delivered_of(&[&healthy], None);
+            let (s, _) = delivered_of(&sick_sinks, hung);
+            (to_healthy.iter().all(|id| h.contains_key(id))
+                && to_sick.iter().all(|id| s.contains_key(id)))
+            .then_some(())
+        },
+    );
+    all_in.await;
+    wait_settled(&app).await;
+    let (healthy_first, healthy_receipts) = delivered_of(&[&healthy], None);
+    let (sick_first, sick_receipts) = delivered_of(&sick_sinks, hung);
+    let dead = app.dead_letters().await.len();
+
+    let mut during = Vec::new();
+    let mut outside = Vec::new();
+    for id in &to_healthy {
+        let sent = published[id];
+        let latency = healthy_first[id].saturating_duration_since(sent);
+        if sent >= down_at && sent < up_at {
+            during.push(latency);
+        } else {
+            outside.push(latency);
+        }
+    }
+    during.sort();
+    outside.sort();
+    let early_sick = to_sick
+        .iter()
+        .filter(|id| {
+            let sent = published[*id];
+            sent >= down_at && sent < up_at && sick_first[*id] < up_at
+        })
+        .count();
+    let unique = |ids: &[String]| ids.iter().collect::<BTreeSet<_>>().len();
+    println!(
+        "receiver {down:?} for {OUTAGE:?}: healthy sent {}, delivered {}, duplicates {}, \
+         dead-lettered 0, lost 0; down one sent {}, delivered {}, duplicates {}, lost 0; \
+         dead letters in all {dead}",
+        to_healthy.len(),
+        unique(&to_healthy),
+        healthy_receipts - healthy_first.len(),
+        to_sick.len(),
+        unique(&to_sick),
+        sick_receipts - sick_first.len(),
+    );
+    println!(
+        "healthy receiver latency during the outage: p50 {:?} p99 {:?} ({} actions); \
+         outside it: p50 {:?} p99 {:?} ({} actions)",
+        percentile(&during, 0.50),
+        percentile(&during, 0.99),
+        during.len(),
+        percentile(&outside, 0.50),
+        percentile(&outside, 0.99),
+        outside.len(),
+    );
+    assert_eq!(
+        dead, 0,
+        "an outage of 30 s is no reason to give up on anything"
+    );
+    assert!(
+        during.len() > 100,
+        "the healthy receiver got actions during the outage"
+    );
+    // Generous for a loaded machine, yet a healthy action waiting behind the down host's
+    // (30 s of retries) would blow it.
+    assert!(
+        percentile(&during, 0.99) < Duration::from_secs(8),
+        "the healthy receiver waited behind the down one: p99 {:?}",
+        percentile(&during, 0.99)
+    );
+    assert_eq!(
+        early_sick, 0,
+        "a down receiver's action reported delivered before it was back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_refusing_connections_for_thirty_seconds_never_delays_a_healthy_one() {
+    one_receiver_down_for_thirty_seconds(Down::Refused).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_hanging_for_thirty_seconds_never_delays_a_healthy_one() {
+    one_receiver_down_for_thirty_seconds(Down::Hanging).await;
+}

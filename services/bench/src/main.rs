@@ -86,7 +86,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .graphql(r#"mutation { createCustomer(input: {email: "bench@shop.test", name: "Bench"}) { id } }"#)
         .await?["createCustomer"]["id"]
         .clone();
-    let events = SubjectCount::new(&stack.js, EVENTS_STREAM, "herald.events.Order.insert").await?;
+    let events =
+        SubjectCount::new(&stack.js, EVENTS_STREAM, "herald.events.Order.insert.>").await?;
     let actions = SubjectCount::new(
         &stack.js,
         ACTIONS_STREAM,

@@ -121,7 +121,7 @@ async fn connect(config: &NatsConfig) -> Result<Nats, ConnectionError> {
                 eprintln!("herald: the NATS server says: {complaint}");
             }
         })
-        .connect(config.url.as_str())
+        .connect(config.servers().as_slice())
         .await
         .map_err(|source| ConnectionError::Connect {
             url: config.url.clone(),

@@ -30,6 +30,7 @@ use herald_shared::subjects::{DLQ_ALL, DLQ_STREAM, DlqSource};
 use serde::Serialize;
 
 use crate::connection::Session;
+use crate::progress::Progress;
 use crate::render;
 use crate::replay_filter::ReplayFilter;
 
@@ -471,7 +472,9 @@ async fn replay_all(
 ) -> Result<(), DlqError> {
     // A replay that fails again is dead-lettered again, behind this point: stopping at the last
     // sequence stored at the start keeps the command from chasing its own tail.
-    let last = stream.get_info().await?.state.last_sequence;
+    let state = stream.get_info().await?.state;
+    let (first, last) = (state.first_sequence, state.last_sequence);
+    let progress = Progress::bar(last.saturating_sub(first) + 1, "DLQ entries scanned");
     let mut reader = Reader {
         stream,
         filter: filter(source),
@@ -482,22 +485,27 @@ async fn replay_all(
         if entry.seq() > last {
             break;
         }
+        progress.set_position(entry.seq().saturating_sub(first) + 1);
         if !selected(selection, &entry) {
             continue;
         }
         total += 1;
         if selection.dry_run {
             writeln!(out, "would replay {}", would_replay(&entry))?;
+            progress.tally(format!("{total} would be replayed"));
             continue;
         }
         match replay(js, stream, &entry).await {
             Ok(replayed) => writeln!(out, "{replayed}")?,
             Err(e) => {
                 failed += 1;
-                eprintln!("DLQ {}: {e}", entry.seq());
+                progress.warn(&format!("DLQ {}: {e}", entry.seq()));
             }
         }
+        progress.tally(format!("{} replayed, {failed} failed", total - failed));
     }
+    progress.set_position(last.saturating_sub(first) + 1);
+    progress.finish();
     if total == 0 {
         writeln!(out, "no dead letters to replay")?;
     }

@@ -5,15 +5,16 @@
 //! Batches are written as they arrive (memory stays at about one batch, whatever the table's
 //! size); the file is written beside its destination and renamed into place only once the
 //! export is complete, so an interrupted export never leaves a truncated file behind.
-//! Progress (rows, MB, rows/s) goes to stderr when it is a terminal.
+//! Progress (rows, MB, rows/s) is a spinner on stderr when it is a terminal (`progress`).
 
 use std::fs::File;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use std::sync::Arc;
 
+use crate::progress::Progress;
 use arrow::array::{ArrayRef, TimestampMicrosecondArray};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
@@ -178,7 +179,7 @@ pub async fn run(
         message,
     };
     let file = File::create(&partial).map_err(|e| write_error(e.to_string()))?;
-    let progress = std::io::stderr().is_terminal();
+    let progress = Progress::spinner("rows");
     let started = Instant::now();
     let (mut rows, mut bytes) = (0usize, 0usize);
     let mut writer: Option<Writer> = None;
@@ -208,17 +209,10 @@ pub async fn run(
         }
         rows += batch.num_rows();
         bytes += batch.get_array_memory_size();
-        if progress {
-            let rate = rows as f64 / started.elapsed().as_secs_f64().max(1e-3);
-            eprint!(
-                "\r{rows} rows, {:.1} MB, {rate:.0} rows/s   ",
-                bytes as f64 / 1e6
-            );
-        }
+        progress.set_position(rows as u64);
+        progress.tally(format!("{:.1} MB", bytes as f64 / 1e6));
     };
-    if progress {
-        eprintln!();
-    }
+    progress.finish();
     let finished = result.and_then(|()| {
         // An empty export still gets a file with the schema, when one was sent.
         let writer = match (writer, file.take(), stream.schema()) {

@@ -18,6 +18,7 @@ pub mod export;
 pub mod jobs;
 pub mod observers;
 pub mod pattern;
+pub mod progress;
 pub mod render;
 pub mod replay_filter;
 pub mod schema;

@@ -26,6 +26,7 @@ use herald_shared::subjects::{self, ACTIONS_STREAM};
 
 use crate::checkpoint::rfc3339;
 use crate::connection::{ConnectionArgs, ConnectionError, Session};
+use crate::progress::Progress;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ObserversCommand {
@@ -141,7 +142,20 @@ pub async fn run(
                 });
             };
             let session = Session::open(connection).await?;
-            let report = backfill::run(session.jetstream(), found, since).await?;
+            let mut bar: Option<Progress> = None;
+            let report =
+                backfill::run_with_progress(session.jetstream(), found, since, |done, total| {
+                    let bar = bar.get_or_insert_with(|| Progress::bar(total, "events"));
+                    bar.set_position(done.events);
+                    bar.tally(format!(
+                        "{} matched, {} requests",
+                        done.matched, done.requests
+                    ));
+                })
+                .await?;
+            if let Some(bar) = &bar {
+                bar.finish();
+            }
             writeln!(
                 out,
                 "backfilled {observer} since {}: {} events read, {} matched, {} requests \

@@ -246,7 +246,8 @@ async fn a_backfill_runs_only_the_named_observer_and_repeating_it_stores_nothing
         &since,
     ];
 
-    let out = succeed(&nats.url(), &backfill).await;
+    let (out, err) = succeed_with_stderr(&nats.url(), &backfill).await;
+    assert_eq!(err, "", "not a terminal: no progress bar");
     assert_eq!(
         out.trim(),
         format!(
@@ -258,7 +259,9 @@ async fn a_backfill_runs_only_the_named_observer_and_repeating_it_stores_nothing
     assert_eq!(stored_for(&js, "every_order").await, 0);
     assert_eq!(stored_for(&js, "new_users").await, 0);
 
-    succeed(&nats.url(), &backfill).await;
+    let shown = on_a_terminal(&nats.url(), &backfill).await;
+    assert!(shown.contains("10/10 events"), "{shown:?}");
+    assert!(shown.contains("5 matched, 10 requests"), "{shown:?}");
     assert_eq!(stored_for(&js, "big_orders").await, 10);
 
     let unknown = fail(

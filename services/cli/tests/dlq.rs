@@ -237,12 +237,13 @@ async fn replay_all_replays_every_dead_letter_of_one_source_only() {
     )
     .await;
 
-    let out = succeed(
+    let (out, err) = succeed_with_stderr(
         &nats.url(),
         &["dlq", "replay", "--all", "--source", "actions"],
     )
     .await;
     assert_eq!(out.lines().count(), 2, "{out}");
+    assert_eq!(err, "", "not a terminal: no progress bar");
     assert_eq!(messages_in(&js, ACTIONS_STREAM).await, 2);
     let left = json_lines(&succeed(&nats.url(), &["dlq", "list", "--json"]).await);
     assert_eq!(left.len(), 1, "{left:?}");
@@ -414,4 +415,41 @@ async fn purging_removes_the_bodies_stored_apart_too() {
         "{out}"
     );
     assert!(herald_shared::dlq::load_body(&js, "j1:dlq").await.is_err());
+}
+
+#[tokio::test]
+async fn on_a_terminal_replay_all_shows_a_progress_bar_with_the_tally() {
+    let nats = NatsServer::start();
+    let js = provisioned(&nats).await;
+    for (i, msg_id) in ["a1", "a2", "a3"].into_iter().enumerate() {
+        dead_letter(
+            &js,
+            DlqSource::Actions,
+            &format!("herald.actions.slack.obs{i}"),
+            msg_id,
+            "slack answered 500",
+            "{}",
+            None,
+        )
+        .await;
+    }
+    dead_letter(
+        &js,
+        DlqSource::Jobs,
+        "herald.jobs.submit.default",
+        "j1",
+        "no handler",
+        "{}",
+        None,
+    )
+    .await;
+
+    let shown = on_a_terminal(
+        &nats.url(),
+        &["dlq", "replay", "--all", "--source", "actions"],
+    )
+    .await;
+    assert!(shown.contains("4/4 DLQ entries scanned"), "{shown:?}");
+    assert!(shown.contains("3 replayed, 0 failed"), "{shown:?}");
+    assert_eq!(messages_in(&js, ACTIONS_STREAM).await, 3);
 }

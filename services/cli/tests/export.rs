@@ -123,6 +123,10 @@ async fn export_writes_parquet_arrow_and_csv_with_every_row_typed() {
         );
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(stdout.contains("exported 500 rows of orders"), "{stdout}");
+        assert!(
+            output.stderr.is_empty(),
+            "not a terminal: no progress shown"
+        );
     }
 
     let parquet = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(

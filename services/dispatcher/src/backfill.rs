@@ -50,6 +50,17 @@ pub async fn run(
     observer: &Observer,
     since: DateTime<Utc>,
 ) -> Result<BackfillReport, BackfillError> {
+    run_with_progress(js, observer, since, |_, _| {}).await
+}
+
+/// `run`, telling `progress` after each event what has been done so far and how many events
+/// there are to read in all (those stored for the entity since `since` when it started).
+pub async fn run_with_progress(
+    js: &jetstream::Context,
+    observer: &Observer,
+    since: DateTime<Utc>,
+    mut progress: impl FnMut(&BackfillReport, u64),
+) -> Result<BackfillReport, BackfillError> {
     let mut stream = js.get_stream(EVENTS_STREAM).await.map_err(stream_error)?;
     let last = stream
         .info()
@@ -106,11 +117,13 @@ pub async fn run(
             report.requests += round.len() as u64;
             round.clear();
         }
+        progress(&report, pending);
         if sequence == last || remaining == 0 {
             break;
         }
     }
     publish_all(js, &round, ROUND).await?;
     report.requests += round.len() as u64;
+    progress(&report, pending);
     Ok(report)
 }

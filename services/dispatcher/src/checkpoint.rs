@@ -6,8 +6,10 @@
 //! flight, rather than what is done, also steps over sequence gaps (messages removed by
 //! retention are never delivered, and would stall a "contiguous done prefix" forever).
 //!
-//! The checkpoint is persisted in the JetStream KV bucket `herald_checkpoints`, keyed by
-//! dispatcher name. It is what a lost or re-created durable consumer starts from, and what the
+//! The checkpoint is persisted in the JetStream KV bucket `herald_checkpoints`, one per
+//! partition, keyed by the partition's name (`partition::Partition`; the dispatcher's name when
+//! there is one partition). A dispatcher's checkpoint as a whole is the lowest of its
+//! partitions': every event at or below it is dispatched, whichever partition it is in. It is what a lost or re-created durable consumer starts from, and what the
 //! operator moves to rewind (`set`): that deletes the durable consumer and re-creates it at the
 //! chosen sequence or time.
 
@@ -20,6 +22,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use herald_shared::subjects::EVENTS_STREAM;
 
+use crate::partition::Partition;
 use crate::settings::DispatcherSettings;
 
 /// The KV bucket holding one checkpoint per dispatcher name.
@@ -104,24 +107,61 @@ pub struct Checkpoint {
     pub updated: Option<DateTime<Utc>>,
 }
 
-/// The checkpoint bucket, created on first use.
-pub async fn bucket(js: &jetstream::Context) -> Result<kv::Store, CheckpointError> {
+/// The checkpoint bucket, created on first use with `replicas` copies.
+pub async fn bucket(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<kv::Store, CheckpointError> {
+    if let Ok(store) = js.get_key_value(BUCKET).await {
+        return Ok(store);
+    }
     js.create_key_value(kv::Config {
         bucket: BUCKET.to_owned(),
-        description: "Per-dispatcher checkpoint: every event at or below it is dispatched".into(),
+        description:
+            "Per-partition checkpoint: every event of the partition at or below it is dispatched"
+                .into(),
         history: 5,
+        num_replicas: replicas,
         ..Default::default()
     })
     .await
     .map_err(unavailable)
 }
 
-/// `herald checkpoint show`: the stored checkpoint of one dispatcher, if any.
+/// How many partitions HERALD_EVENTS has (the stream's own record of it).
+pub async fn partitions(js: &jetstream::Context) -> Result<u32, CheckpointError> {
+    let mut stream = js.get_stream(EVENTS_STREAM).await.map_err(unavailable)?;
+    let info = stream.info().await.map_err(unavailable)?;
+    Ok(herald_shared::streams::event_partitions(&info.config))
+}
+
+/// `herald checkpoint show`: the stored checkpoint of one dispatcher, if any: the lowest of its
+/// partitions' (none while a partition has none).
 pub async fn show(
     js: &jetstream::Context,
     name: &str,
 ) -> Result<Option<Checkpoint>, CheckpointError> {
-    let store = bucket(js).await?;
+    let mut lowest: Option<Checkpoint> = None;
+    for partition in Partition::all(name, partitions(js).await?) {
+        let Some(checkpoint) = show_one(js, &partition.name).await? else {
+            return Ok(None);
+        };
+        if lowest
+            .as_ref()
+            .is_none_or(|l| checkpoint.sequence < l.sequence)
+        {
+            lowest = Some(checkpoint);
+        }
+    }
+    Ok(lowest)
+}
+
+/// The stored checkpoint of one partition, by its name.
+pub async fn show_one(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<Option<Checkpoint>, CheckpointError> {
+    let store = bucket(js, 1).await?;
     let Some(entry) = store.entry(name).await.map_err(unavailable)? else {
         return Ok(None);
     };
@@ -176,12 +216,14 @@ impl std::str::FromStr for Target {
 /// dispatcher would have created.
 pub fn consumer_config(
     name: &str,
+    filters: &[String],
     deliver_policy: consumer::DeliverPolicy,
     ack_wait: Duration,
     max_ack_pending: i64,
 ) -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(name.to_owned()),
+        filter_subjects: filters.to_vec(),
         description: Some("herald dispatcher: events to observer actions".into()),
         deliver_policy,
         ack_policy: consumer::AckPolicy::Explicit,
@@ -194,15 +236,30 @@ pub fn consumer_config(
     }
 }
 
-/// `herald checkpoint set <seq|time>`: re-creates the durable consumer so dispatch starts again
-/// at `target`, and stores the new checkpoint. The consumer keeps its ack_wait and
-/// max_ack_pending (the defaults when there was none). Meant to run while the dispatcher is
-/// stopped; a running one re-binds to the new consumer. Returns the new checkpoint.
+/// `herald checkpoint set <seq|time>`: re-creates the durable consumer of every partition so
+/// dispatch starts again at `target`, and stores the new checkpoints. Each consumer keeps its
+/// ack_wait and max_ack_pending (the defaults when there was none). Meant to run while the
+/// dispatcher is stopped; a running one re-binds to the new consumers. Returns the new
+/// checkpoint (the lowest of the partitions').
 pub async fn set(
     js: &jetstream::Context,
     name: &str,
     target: Target,
 ) -> Result<u64, CheckpointError> {
+    let mut lowest = u64::MAX;
+    for partition in Partition::all(name, partitions(js).await?) {
+        lowest = lowest.min(set_one(js, &partition, target).await?);
+    }
+    Ok(lowest)
+}
+
+/// `set` for one partition.
+pub async fn set_one(
+    js: &jetstream::Context,
+    partition: &Partition,
+    target: Target,
+) -> Result<u64, CheckpointError> {
+    let name = partition.name.as_str();
     let stream = js.get_stream(EVENTS_STREAM).await.map_err(unavailable)?;
     let deliver_policy = match target {
         Target::Sequence(start_sequence) => {
@@ -232,6 +289,7 @@ pub async fn set(
     let mut created: consumer::PullConsumer = stream
         .create_consumer(consumer_config(
             name,
+            &partition.filters,
             deliver_policy,
             ack_wait,
             max_ack_pending,
@@ -242,7 +300,7 @@ pub async fn set(
     // before its start as already delivered, which is exactly the new checkpoint.
     let info = created.info().await.map_err(|e| consumer_error(&e))?;
     let sequence = info.delivered.stream_sequence;
-    save(&bucket(js).await?, name, sequence).await?;
+    save(&bucket(js, 1).await?, name, sequence).await?;
     Ok(sequence)
 }
 

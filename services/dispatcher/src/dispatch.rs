@@ -50,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{self, Tracker};
 use crate::observers::{ObserverSet, Observers};
+use crate::partition::Partition;
 use crate::settings::DispatcherSettings;
 
 /// Names the dispatcher in dead letters.
@@ -83,6 +84,9 @@ pub struct Dispatcher {
     pub js: jetstream::Context,
     pub settings: DispatcherSettings,
     pub observers: Arc<Observers>,
+    /// Copies of the lease and checkpoint buckets when this dispatcher creates them (the
+    /// streams' replicas).
+    pub replicas: usize,
     /// Events taken from the stream since start (redeliveries included).
     pub events: AtomicU64,
     settler: Settler,
@@ -222,6 +226,22 @@ pub async fn publish_each(
     results
 }
 
+/// What every request of one partition's tenure carries, so that who published it is on
+/// record: `Herald-Partition` (`<index>/<count>`) and `Herald-Lease-Revision` (the tenure).
+struct Stamp {
+    partition: String,
+    tenure: String,
+    /// Lanes of all partitions together, which share the acks in flight.
+    lanes: usize,
+}
+
+impl Stamp {
+    fn apply(&self, headers: &mut HeaderMap) {
+        headers::insert_safe(headers, headers::PARTITION, &self.partition);
+        headers::insert_safe(headers, headers::LEASE_REVISION, &self.tenure);
+    }
+}
+
 /// Whether a lane may go on dispatching.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Lane {
@@ -248,12 +268,16 @@ impl Dispatcher {
         js: jetstream::Context,
         settings: DispatcherSettings,
         observers: Arc<Observers>,
+        replicas: usize,
     ) -> Self {
-        let settler = Settler::new(js.clone(), DlqSource::Events, SERVICE, settings.retry_delay);
+        // First failures outlive a restart (a dead letter names the real first failure).
+        let settler = Settler::new(js.clone(), DlqSource::Events, SERVICE, settings.retry_delay)
+            .remembering_first_failures(format!("dispatcher.{}", settings.name));
         Self {
             js,
             settings,
             observers,
+            replicas,
             events: AtomicU64::new(0),
             settler,
         }
@@ -267,13 +291,16 @@ impl Dispatcher {
     /// mid-batch: JetStream would redeliver them only after ack_wait, AFTER newer events of the
     /// same keys. So the consumer is re-created at its ack floor: everything past the floor comes
     /// again in stream order, and what was already published is absorbed by Msg-Id.
-    async fn consumer(&self) -> Result<consumer::PullConsumer, DispatchError> {
+    async fn consumer(
+        &self,
+        partition: &Partition,
+    ) -> Result<consumer::PullConsumer, DispatchError> {
         let stream = self
             .js
             .get_stream(EVENTS_STREAM)
             .await
             .map_err(consumer_error)?;
-        let name = &self.settings.name;
+        let name = &partition.name;
         let start_after = match stream.consumer_info(name).await {
             Ok(info) if info.num_ack_pending == 0 => {
                 return stream.get_consumer(name).await.map_err(consumer_error);
@@ -287,7 +314,9 @@ impl Dispatcher {
                 stream.delete_consumer(name).await.map_err(consumer_error)?;
                 Some(info.ack_floor.stream_sequence)
             }
-            Err(_) => checkpoint::show(&self.js, name).await?.map(|c| c.sequence),
+            Err(_) => checkpoint::show_one(&self.js, name)
+                .await?
+                .map(|c| c.sequence),
         };
         let deliver_policy = match start_after {
             Some(sequence) => consumer::DeliverPolicy::ByStartSequence {
@@ -298,6 +327,7 @@ impl Dispatcher {
         stream
             .create_consumer(checkpoint::consumer_config(
                 name,
+                &partition.filters,
                 deliver_policy,
                 self.settings.ack_wait,
                 self.settings.max_ack_pending(),
@@ -306,24 +336,41 @@ impl Dispatcher {
             .map_err(consumer_error)
     }
 
-    /// Dispatches until `stop`; returns after every event taken has been acked (or, when its
-    /// actions could not be stored, NAKed) and the checkpoint saved.
-    pub async fn consume(self: &Arc<Self>, stop: &CancellationToken) -> Result<(), DispatchError> {
-        let mut consumer = self.consumer().await?;
+    /// Dispatches one partition, holding the lease of tenure `tenure`, until `stop`; returns
+    /// after every event taken has been acked (or, when its actions could not be stored,
+    /// NAKed) and the partition's checkpoint saved.
+    pub async fn consume(
+        self: &Arc<Self>,
+        partition: &Partition,
+        tenure: u64,
+        stop: &CancellationToken,
+    ) -> Result<(), DispatchError> {
+        let mut consumer = self.consumer(partition).await?;
         let info = consumer.info().await.map_err(consumer_error)?;
         let tracker = Arc::new(Tracker::new(info.ack_floor.stream_sequence));
-        let store = checkpoint::bucket(&self.js).await?;
+        let store = checkpoint::bucket(&self.js, self.replicas).await?;
+        let stamp = Arc::new(Stamp {
+            partition: format!("{}/{}", partition.index, partition.count),
+            tenure: tenure.to_string(),
+            lanes: self.settings.lanes * partition.count as usize,
+        });
 
         let mut lanes = JoinSet::new();
         let mut senders = Vec::with_capacity(self.settings.lanes);
         for _ in 0..self.settings.lanes {
             let (tx, rx) = mpsc::channel(self.settings.batch);
             senders.push(tx);
-            lanes.spawn(Arc::clone(self).lane(rx, Arc::clone(&tracker), stop.clone()));
+            lanes.spawn(Arc::clone(self).lane(
+                rx,
+                Arc::clone(&tracker),
+                Arc::clone(&stamp),
+                stop.clone(),
+            ));
         }
         let saving = CancellationToken::new();
         let saver = tokio::spawn(Arc::clone(self).save_periodically(
             store.clone(),
+            partition.name.clone(),
             Arc::clone(&tracker),
             saving.clone(),
         ));
@@ -336,7 +383,7 @@ impl Dispatcher {
         if let Err(e) = saver.await {
             tracing::warn!(error = %e, "checkpoint saver ended abnormally");
         }
-        checkpoint::save(&store, &self.settings.name, tracker.checkpoint()).await?;
+        checkpoint::save(&store, &partition.name, tracker.checkpoint()).await?;
         read
     }
 
@@ -407,16 +454,31 @@ impl Dispatcher {
         }
     }
 
-    /// The event in a message, or why it cannot be dispatched.
+    /// The event in a message, or why it cannot be dispatched. The subject must agree with the
+    /// body: `herald.events.<Entity>.<op>`, optionally followed by the key's token and the
+    /// partition (a key token of another key would put the event in the wrong partition, and
+    /// so out of order with its key's other events).
     fn decode(&self, message: &jetstream::Message) -> Result<EntityEvent, String> {
         let event: EntityEvent = messages::decode(&message.payload).map_err(|e| e.to_string())?;
-        match subjects::event(&event.entity, event.op) {
-            Ok(expected) if expected == message.subject.as_str() => Ok(event),
-            Ok(expected) => Err(format!(
-                "event published on {} but its body says {expected}",
+        let expected = subjects::event(&event.entity, event.op).map_err(|e| e.to_string())?;
+        let key_token = subjects::key_token(&event.key);
+        let agrees = match message.subject.strip_prefix(expected.as_str()) {
+            Some("") => true,
+            Some(rest) => {
+                let mut tail = rest.strip_prefix('.').unwrap_or("-").split('.');
+                tail.next() == Some(key_token.as_str())
+                    && tail.next().is_none_or(|p| p.parse::<u32>().is_ok())
+                    && tail.next().is_none()
+            }
+            None => false,
+        };
+        if agrees {
+            Ok(event)
+        } else {
+            Err(format!(
+                "event published on {} but its body says {expected}.{key_token}",
                 message.subject
-            )),
-            Err(e) => Err(e.to_string()),
+            ))
         }
     }
 
@@ -428,6 +490,7 @@ impl Dispatcher {
         self: Arc<Self>,
         mut queue: mpsc::Receiver<Work>,
         tracker: Arc<Tracker>,
+        stamp: Arc<Stamp>,
         stop: CancellationToken,
     ) {
         let mut batch = Vec::with_capacity(self.settings.batch);
@@ -439,7 +502,7 @@ impl Dispatcher {
                     nak(&work.message, self.settings.retry_delay).await;
                 }
             } else {
-                halted = self.dispatch(&batch, &tracker, &stop).await == Lane::Halted;
+                halted = self.dispatch(&batch, &tracker, &stamp, &stop).await == Lane::Halted;
             }
             batch.clear();
         }
@@ -447,7 +510,13 @@ impl Dispatcher {
 
     /// Dispatches one batch; `Lane::Halted` when told to stop while JetStream still refused it,
     /// the batch then being NAKed.
-    async fn dispatch(&self, batch: &[Work], tracker: &Tracker, stop: &CancellationToken) -> Lane {
+    async fn dispatch(
+        &self,
+        batch: &[Work],
+        tracker: &Tracker,
+        stamp: &Stamp,
+        stop: &CancellationToken,
+    ) -> Lane {
         // One snapshot for the whole batch, whatever reloads happen meanwhile.
         let observers = self.observers.snapshot();
         let mut outgoing = Vec::new();
@@ -457,16 +526,17 @@ impl Dispatcher {
             telemetry::adopt_context(&span, work.message.headers.as_ref());
             let _entered = span.enter();
             let plan = plan(&observers, &work.event);
-            outgoing.extend(
-                plan.requests
-                    .into_iter()
-                    .map(|(subject, request)| (index, Outgoing::new(subject, request))),
-            );
+            outgoing.extend(plan.requests.into_iter().map(|(subject, request)| {
+                let mut out = Outgoing::new(subject, request);
+                stamp.apply(&mut out.headers);
+                (index, out)
+            }));
             failures.push(plan.failures);
         }
         let mut delay = self.settings.retry_delay;
-        // Every lane may be publishing at once; together they stay within ACKS_IN_FLIGHT.
-        let window = ACKS_IN_FLIGHT / self.settings.lanes;
+        // Every lane of every partition this process may serve can be publishing at once;
+        // together they stay within ACKS_IN_FLIGHT.
+        let window = (ACKS_IN_FLIGHT / stamp.lanes).max(1);
         let mut pending: Vec<&(usize, Outgoing)> = outgoing.iter().collect();
         loop {
             let sent: Vec<&Outgoing> = pending.iter().map(|(_, out)| out).collect();
@@ -524,6 +594,7 @@ impl Dispatcher {
     async fn save_periodically(
         self: Arc<Self>,
         store: jetstream::kv::Store,
+        name: String,
         tracker: Arc<Tracker>,
         stop: CancellationToken,
     ) {
@@ -535,7 +606,7 @@ impl Dispatcher {
             }
             let current = tracker.checkpoint();
             if saved != Some(current) {
-                match checkpoint::save(&store, &self.settings.name, current).await {
+                match checkpoint::save(&store, &name, current).await {
                     Ok(()) => saved = Some(current),
                     Err(e) => tracing::warn!(error = %e, "cannot save the checkpoint; will retry"),
                 }
@@ -544,7 +615,8 @@ impl Dispatcher {
                 && let Ok(info) = stream.info().await
             {
                 let lag = info.state.last_sequence.saturating_sub(current);
-                metrics::gauge!("herald_dispatcher_lag").set(lag as f64);
+                metrics::gauge!("herald_dispatcher_lag", "consumer" => name.clone())
+                    .set(lag as f64);
             }
         }
     }

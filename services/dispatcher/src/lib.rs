@@ -2,9 +2,10 @@
 //! file and publishes one ActionRequest per matching observer action to HERALD_ACTIONS, acking
 //! an event only once all its requests are stored.
 //!
-//! `run` is the whole service: it waits for the leader lease (replicas are active/standby, see
-//! `lease`), dispatches while it holds it, and on shutdown finishes what is in flight, saves the
-//! checkpoint and hands the lease over.
+//! `run` is the whole service: HERALD_EVENTS is split into partitions by key, and the
+//! processes sharing a name share the partitions, each served by one process at a time through
+//! a lease (`partition`, `lease`). On shutdown a process finishes what is in flight, saves its
+//! partitions' checkpoints and hands their leases over.
 
 pub mod backfill;
 pub mod checkpoint;
@@ -12,6 +13,7 @@ pub mod condition;
 pub mod dispatch;
 pub mod lease;
 pub mod observers;
+pub mod partition;
 pub mod settings;
 
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use std::sync::atomic::Ordering;
 
 use async_nats::jetstream;
 use herald_shared::streams::{self, StreamSpec};
+use herald_shared::subjects::EVENTS_STREAM;
 use tokio_util::sync::CancellationToken;
 
 pub use dispatch::Dispatcher;
@@ -32,6 +35,8 @@ pub const STREAMS: [StreamSpec; 3] = [streams::EVENTS, streams::ACTIONS, streams
 pub enum RunError {
     #[error(transparent)]
     Lease(#[from] lease::LeaseError),
+    #[error("events stream unavailable: {0}")]
+    Stream(String),
 }
 
 /// What a run did, reported when it ends.
@@ -41,48 +46,32 @@ pub struct Summary {
     pub events: u64,
 }
 
-/// Runs the dispatcher until `shutdown`.
+/// Runs the dispatcher until `shutdown`. The partition count and the replicas of the lease and
+/// checkpoint buckets come from HERALD_EVENTS itself, so they never disagree with the stream.
 pub async fn run(
     js: jetstream::Context,
     settings: DispatcherSettings,
     observers: Arc<Observers>,
     shutdown: CancellationToken,
 ) -> Result<Summary, RunError> {
-    let dispatcher = Arc::new(Dispatcher::new(js, settings, observers));
-    let settings = &dispatcher.settings;
-    // Each turn holds the lease once: until shutdown (then it is released at once for a
-    // standby) or until it is lost (then this replica stands by again).
-    while let Some(lease) = lease::acquire(
-        &dispatcher.js,
-        &settings.name,
-        settings.lease_ttl,
-        &shutdown,
-    )
-    .await?
-    {
-        let stop = shutdown.child_token();
-        let holder = tokio::spawn(lease.hold(stop.clone()));
-        while !stop.is_cancelled() {
-            if let Err(e) = dispatcher.consume(&stop).await {
-                tracing::warn!(error = %e, "dispatch interrupted; binding to the consumer again");
-                tokio::select! {
-                    _ = stop.cancelled() => {}
-                    _ = tokio::time::sleep(settings.retry_delay) => {}
-                }
-            }
-        }
-        match holder.await {
-            Ok(lease) if shutdown.is_cancelled() => {
-                lease.release().await;
-                break;
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "lease holder ended abnormally"),
-        }
-        if shutdown.is_cancelled() {
-            break;
-        }
-    }
+    let mut stream = js
+        .get_stream(EVENTS_STREAM)
+        .await
+        .map_err(|e| RunError::Stream(e.to_string()))?;
+    let config = stream
+        .info()
+        .await
+        .map_err(|e| RunError::Stream(e.to_string()))?
+        .config
+        .clone();
+    let count = streams::event_partitions(&config);
+    let dispatcher = Arc::new(Dispatcher::new(
+        js,
+        settings,
+        observers,
+        config.num_replicas.max(1),
+    ));
+    partition::serve(Arc::clone(&dispatcher), count, shutdown).await?;
     Ok(Summary {
         events: dispatcher.events.load(Ordering::Relaxed),
     })

@@ -4,14 +4,16 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use herald_shared::config::{Problems, Validate};
+use herald_shared::config::{Files, Problems, Validate};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DispatcherSettings {
-    /// Names the durable consumer, the checkpoint and the leader lease: replicas sharing a name
-    /// are one dispatcher (one active, the others on standby).
+    /// Names the durable consumers, checkpoints and leases: processes sharing a name are one
+    /// dispatcher and share HERALD_EVENTS' partitions (`streams.event_partitions`), each
+    /// partition served by one of them at a time. With one partition, one is active and the
+    /// others stand by.
     pub name: String,
     /// The observers file.
     pub observers: PathBuf,
@@ -29,7 +31,8 @@ pub struct DispatcherSettings {
     /// How often the checkpoint is saved (and always on shutdown).
     #[serde(with = "humantime_serde")]
     pub checkpoint_interval: Duration,
-    /// How long the leader lease lives without renewal; a standby replica takes over after it.
+    /// How long a partition's lease lives without renewal; another process takes the partition
+    /// over after it.
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
 }
@@ -84,5 +87,13 @@ impl Validate for DispatcherSettings {
         if self.lease_ttl < Duration::from_secs(1) {
             problems.push("lease_ttl", "must be at least 1s");
         }
+    }
+
+    fn check_files(&self, files: &mut Files) {
+        files.loaded(
+            "observers",
+            &self.observers,
+            crate::ObserverSet::load(&self.observers),
+        );
     }
 }

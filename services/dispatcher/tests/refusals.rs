@@ -246,3 +246,60 @@ async fn a_lane_stopped_while_refused_never_acks_a_later_event_of_the_same_key()
     let mut actions_stream = js.get_stream(ACTIONS_STREAM).await.expect("actions");
     assert_eq!(actions_stream.info().await.expect("info").state.messages, 1);
 }
+
+/// `Herald-First-Failed-At` names the first failure even when the dispatcher that saw it was
+/// restarted before the event could be dead-lettered: the time is kept in the
+/// `herald_first_failures` bucket, and removed once the dead letter is stored.
+#[tokio::test]
+async fn the_first_failure_time_survives_a_dispatcher_restart() {
+    let nats = NatsServer::start();
+    let js = jetstream(&nats).await;
+    js.delete_stream(DLQ_STREAM).await.expect("DLQ gone");
+    let file = write_file(ANY_ORDER);
+    let app = App::spawn(&js, settings("dispatcher", file.path())).await;
+    publish_raw(&js, "herald.events.Order.insert", b"{not json").await;
+
+    let kv = herald_shared::consume::first_failures_bucket(&js)
+        .await
+        .expect("first-failure bucket");
+    let key = "dispatcher.dispatcher.1";
+    let stored = eventually_async("the first failure stored", WAIT, || async {
+        let value = kv.get(key).await.ok()??;
+        let text = String::from_utf8(value.to_vec()).ok()?;
+        chrono::DateTime::parse_from_rfc3339(&text).ok()
+    })
+    .await;
+    // More failed deliveries, then a restart well after the first failure.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    app.stop().await;
+    let restarted_at = chrono::Utc::now();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let app = App::spawn(&js, settings("dispatcher", file.path())).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    streams::ensure(&js, &StreamsConfig::default(), &[streams::DLQ])
+        .await
+        .expect("DLQ back");
+
+    let letter = eventually_async("the dead letter", WAIT, || async {
+        let letters = dead_letters(&js).await;
+        let (_, headers, _) = letters.first()?;
+        DeadLetterInfo::from_headers(headers.as_ref()?)
+    })
+    .await;
+    assert!(letter.error.contains("malformed JSON"), "{}", letter.error);
+    let first_failed_at = letter.first_failed_at.expect("Herald-First-Failed-At");
+    assert!(
+        first_failed_at < restarted_at,
+        "first failed at {first_failed_at} although the restart was at {restarted_at}"
+    );
+    assert_eq!(
+        first_failed_at.timestamp_millis(),
+        stored.timestamp_millis(),
+        "the stored first failure"
+    );
+    eventually_async("the first-failure time removed", WAIT, || async {
+        kv.get(key).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    app.stop().await;
+}

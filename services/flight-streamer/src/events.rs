@@ -66,11 +66,11 @@ fn filters(types: &EntityTypes, ticket: &EventsTicket) -> Result<Vec<String>, Ev
     if ticket.ops.is_empty() {
         return Ok(vec![subjects::events_of(&types.entity).map_err(bad)?]);
     }
-    ticket
-        .ops
-        .iter()
-        .map(|op| subjects::event(&types.entity, *op).map_err(bad))
-        .collect()
+    let mut filters = Vec::with_capacity(ticket.ops.len() * 2);
+    for op in &ticket.ops {
+        filters.extend(subjects::events_of_op(&types.entity, *op).map_err(bad)?);
+    }
+    Ok(filters)
 }
 
 fn deliver_policy(ticket: &EventsTicket) -> Result<DeliverPolicy, EventsError> {

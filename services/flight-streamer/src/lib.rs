@@ -59,6 +59,12 @@ pub enum FlightError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the TLS certificate {cert} and key {key} cannot serve: {message}")]
+    TlsIdentity {
+        cert: String,
+        key: String,
+        message: String,
+    },
     #[error("cannot serve Flight: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("cannot listen on {address}: {source}")]
@@ -108,6 +114,33 @@ impl Running {
     }
 }
 
+/// The gRPC server, over TLS when `settings.tls` names a certificate and key: both are read and
+/// parsed here, so a bad pair refuses the start (and `--check-config`) naming the file.
+pub fn server_builder(settings: &FlightSettings) -> Result<tonic::transport::Server, FlightError> {
+    let builder = tonic::transport::Server::builder();
+    let Some(tls) = &settings.tls else {
+        return Ok(builder);
+    };
+    let read = |what, path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| FlightError::Tls {
+            what,
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let identity = tonic::transport::Identity::from_pem(
+        read("certificate", &tls.cert_file)?,
+        read("key", &tls.key_file)?,
+    );
+    builder
+        .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+        .map_err(|source| FlightError::TlsIdentity {
+            cert: tls.cert_file.display().to_string(),
+            key: tls.key_file.display().to_string(),
+            message: source.to_string(),
+        })
+}
+
 /// Checks the schema file against the database, then serves Flight until `shutdown`.
 pub async fn start(
     settings: FlightSettings,
@@ -129,26 +162,7 @@ pub async fn start(
         address: settings.listen,
         source,
     })?;
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &settings.tls {
-        // The workspace links both of rustls' providers (ring for tonic, aws-lc-rs for reqwest),
-        // so rustls cannot pick one by itself; tonic was built for ring. Already installed (by an
-        // earlier start in the same process) is fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let read = |what, path: &std::path::Path| {
-            std::fs::read(path).map_err(|source| FlightError::Tls {
-                what,
-                path: path.display().to_string(),
-                source,
-            })
-        };
-        let identity = tonic::transport::Identity::from_pem(
-            read("certificate", &tls.cert_file)?,
-            read("key", &tls.key_file)?,
-        );
-        builder =
-            builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
-    }
+    let builder = server_builder(&settings)?;
     let max_message = settings.max_message_bytes;
     let flight = service::Flight::new(
         nats.jetstream.clone(),

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use herald_shared::config::{Problems, Validate};
+use herald_shared::config::{Files, Problems, Validate};
 use serde::{Deserialize, Serialize};
 
 /// The gRPC message limit tonic applies by default on both ends (4 MiB).
@@ -114,6 +114,17 @@ impl Validate for FlightSettings {
                     problems.push(key, format!("{} is not a readable file", path.display()));
                 }
             }
+        }
+    }
+
+    fn check_files(&self, files: &mut Files) {
+        files.loaded(
+            "schema_file",
+            &self.schema_file,
+            herald_gateway::schema::SchemaFile::load(&self.schema_file),
+        );
+        if let Some(tls) = &self.tls {
+            files.loaded("tls.cert_file", &tls.cert_file, crate::server_builder(self));
         }
     }
 }

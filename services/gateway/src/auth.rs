@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use axum::http::HeaderMap;
-use herald_shared::config::{Problems, Validate};
+use herald_shared::config::{Files, Problems, Validate};
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
@@ -70,6 +70,12 @@ impl Validate for AuthSettings {
                     format!("`{actor}` is the actor of no API key"),
                 );
             }
+        }
+    }
+
+    fn check_files(&self, files: &mut Files) {
+        if let Some(path) = &self.jwt_rs256_jwks_file {
+            files.loaded("jwt_rs256_jwks_file", path, Authenticator::new(self));
         }
     }
 }

@@ -16,11 +16,12 @@
 //! - Per-key order survives a failed publish: a batch goes out in waves, each holding at most one
 //!   event per key, and a key whose event failed sends nothing more until the next pass.
 //! - An event that cannot be published (larger than the server's max payload with its headers
-//!   counted, or an entity name that is no subject token) never blocks the outbox: it moves to
+//!   counted, larger than the stream's maximum message or header size (JetStream errors 10054
+//!   and 10097), or an entity name that is no subject token) never blocks the outbox: it moves to
 //!   `herald_outbox_failed` with its reason, after a small notice naming it is stored in
 //!   `herald.dlq.events`.
-//! - An event the server refuses (a stream limit, a rejected header) is tried `max_attempts`
-//!   times with growing pauses, recorded in `herald_outbox_attempts`; while it waits, only its
+//! - An event the server refuses otherwise (another stream limit, a permission complaint;
+//!   sorted by `herald_shared::publish::verdict`) is tried `max_attempts` times with growing pauses, recorded in `herald_outbox_attempts`; while it waits, only its
 //!   own key waits (claiming skips held keys), then it is moved aside like the above. Timeouts
 //!   and lost connections are outages, not the row's fault: they are retried without counting.
 //! - Header values come from outside (SQL `set_config`, an HTTP header): a `traceparent` that is
@@ -33,11 +34,12 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
+use async_nats::jetstream::context::{PublishAckFuture, PublishError};
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use herald_shared::dlq::{self, DeadLetter};
+use herald_shared::publish::{self, Verdict};
 use herald_shared::subjects::{self, DlqSource};
 use herald_shared::{EntityEvent, Op, SCHEMA_VERSION, headers, telemetry, traceparent};
 use serde::{Deserialize, Serialize};
@@ -411,7 +413,8 @@ impl Relay {
             .op
             .parse()
             .map_err(|e: String| unpublishable(raw_subject.clone(), e, 0))?;
-        let subject = subjects::event(&row.entity, op)
+        // The key token lets HERALD_EVENTS partition by key, so dispatchers share the work.
+        let subject = subjects::keyed_event(&row.entity, op, &row.key)
             .map_err(|e| unpublishable(raw_subject.clone(), e.to_string(), 0))?;
         let event = EntityEvent {
             id: row.id,
@@ -594,18 +597,6 @@ fn header_bytes(headers: &HeaderMap) -> usize {
     "NATS/1.0\r\n".len() + lines + 2
 }
 
-/// Whether a failed publish is the row's fault (the server answered and refused it) rather than
-/// an outage that every row would meet.
-fn refused(error: &PublishError) -> bool {
-    !matches!(
-        error.kind(),
-        PublishErrorKind::TimedOut
-            | PublishErrorKind::BrokenPipe
-            | PublishErrorKind::MaxAckPending
-            | PublishErrorKind::StreamNotFound
-    )
-}
-
 /// A non-zero span id derived from the event id's random bits.
 fn span_id_for(id: Uuid) -> u64 {
     let bytes = id.as_bytes();
@@ -631,22 +622,35 @@ struct BatchOutcome {
 }
 
 impl BatchOutcome {
+    /// Sorts a failed publish (`publish::verdict`): a message the server can never store is set
+    /// aside at once, a refusal holds the row's key for a retry (set aside after
+    /// `relay.max_attempts`), an outage ends the pass.
     fn fail(&mut self, row: OutboxRow, subject: String, error: PublishError) {
-        if refused(&error) {
-            self.refused.push(Refused {
+        let attempts = row.attempts.max(0) as u32 + 1;
+        match publish::verdict(&subject, &error) {
+            Verdict::SetAside(failure) => self.unpublishable.push(Unpublishable {
+                row_seq: row.seq,
+                id: row.id,
+                subject,
+                reason: failure.to_string(),
+                size: 0,
+                attempts,
+            }),
+            Verdict::Refused(failure) => self.refused.push(Refused {
                 seq: row.seq,
                 id: row.id,
                 entity: row.entity,
                 key: row.key,
                 subject,
-                attempts: row.attempts.max(0) as u32 + 1,
-                reason: error.to_string(),
-            });
-        } else {
-            self.error.get_or_insert(RelayError::Publish {
-                id: row.id,
-                reason: error.to_string(),
-            });
+                attempts,
+                reason: failure.to_string(),
+            }),
+            Verdict::Outage(failure) => {
+                self.error.get_or_insert(RelayError::Publish {
+                    id: row.id,
+                    reason: failure.to_string(),
+                });
+            }
         }
     }
 }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use herald_shared::config::{Problems, Validate};
+use herald_shared::config::{Files, Problems, Validate};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::AuthSettings;
@@ -156,6 +156,15 @@ impl Validate for GatewaySettings {
         problems.section("limits", &self.limits);
         problems.section("auth", &self.auth);
         problems.section("relay", &self.relay);
+    }
+
+    fn check_files(&self, files: &mut Files) {
+        files.loaded(
+            "schema_file",
+            &self.schema_file,
+            crate::schema::SchemaFile::load(&self.schema_file),
+        );
+        files.section("auth", &self.auth);
     }
 }
 

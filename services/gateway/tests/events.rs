@@ -55,7 +55,15 @@ async fn a_change_made_straight_in_sql_becomes_exactly_one_event() {
     for (s, e) in stored.iter().zip(&events) {
         assert_eq!(s.header(headers::MSG_ID), Some(e.id.to_string()));
         assert_eq!(e.id.get_version_num(), 7, "event ids are UUIDv7");
-        assert_eq!(s.subject, format!("herald.events.Customer.{}", e.op));
+        assert_eq!(
+            s.subject,
+            format!(
+                "herald.events.Customer.{}.{}.0",
+                e.op,
+                herald_shared::subjects::key_token(&e.key)
+            ),
+            "keyed, and partitioned by the stream"
+        );
         assert_eq!(e.entity, "Customer");
         assert_eq!(e.key, "1");
         assert_eq!(e.actor, None, "nobody is named for a plain SQL change");
@@ -324,9 +332,13 @@ async fn an_event_above_the_nats_max_payload_is_set_aside_without_blocking_later
         letters[0].header(headers::ORIGINAL_MSG_ID),
         Some(failed_id.to_string())
     );
+    // The subject it was to be published on, key token included, so a replay is partitioned.
     assert_eq!(
-        letters[0].header(headers::ORIGINAL_SUBJECT).as_deref(),
-        Some("herald.events.Order.insert")
+        letters[0].header(headers::ORIGINAL_SUBJECT),
+        Some(format!(
+            "herald.events.Order.insert.{}",
+            herald_shared::subjects::key_token("1")
+        ))
     );
     herald_test_support::eventually_async("an empty outbox", Duration::from_secs(10), || async {
         (outbox_depth(&world).await == 0).then_some(())

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use async_nats::jetstream::stream::Config as StreamConfig;
+use async_nats::jetstream::stream::{Config as StreamConfig, DiscardPolicy};
 use common::World;
 use herald_gateway::relay::RelaySettings;
 use herald_shared::headers;
@@ -127,13 +127,47 @@ async fn an_over_long_http_traceparent_is_dropped_not_carried() {
     gateway.stop().await;
 }
 
-/// 500 rows of one key that the server refuses sit at the head of the outbox. The other keys'
-/// events arrive while that key is still held; the refused rows move aside after bounded tries,
-/// and once the limit is lifted the key's remaining events follow in order.
+/// At most `limit` messages per subject (entity and op) on the events stream, refusing new ones
+/// (JetStream error 10077): a refusal that is no size limit. `None` lifts it.
+async fn limit_per_subject(world: &World, limit: Option<i64>) {
+    let mut stream = world
+        .nats
+        .jetstream
+        .get_stream(EVENTS_STREAM)
+        .await
+        .expect("events stream");
+    let current = stream.info().await.expect("stream info").config.clone();
+    let config = match limit {
+        Some(n) => StreamConfig {
+            max_messages_per_subject: n,
+            discard: DiscardPolicy::New,
+            discard_new_per_subject: true,
+            ..current
+        },
+        None => StreamConfig {
+            max_messages_per_subject: -1,
+            discard: DiscardPolicy::Old,
+            discard_new_per_subject: false,
+            ..current
+        },
+    };
+    world
+        .nats
+        .jetstream
+        .update_stream(config)
+        .await
+        .expect("update the events stream");
+}
+
+/// 470 rows of one key that the server refuses (a per-subject limit, not a size) sit at the head
+/// of the outbox. The other keys' events arrive while that key is still held; the refused rows
+/// move aside after bounded tries, and once the limit is lifted the key's remaining events follow
+/// in order.
 #[tokio::test]
 async fn five_hundred_refused_rows_of_one_key_hold_only_that_key() {
     let world = World::start().await;
-    set_max_message_size(&world, 4096).await;
+    // Room for the 20 customer inserts and 30 of the order's updates.
+    limit_per_subject(&world, Some(30)).await;
     let mut settings = world.settings();
     settings.relay = RelaySettings {
         poll_interval: Duration::from_millis(100),
@@ -146,7 +180,7 @@ async fn five_hundred_refused_rows_of_one_key_hold_only_that_key() {
         "INSERT INTO orders (id, status) VALUES (1, 'new');
          DO $$ BEGIN
            FOR i IN 1..500 LOOP
-             UPDATE orders SET note = repeat('x', 3000) || i WHERE id = 1;
+             UPDATE orders SET note = 'n' || i WHERE id = 1;
            END LOOP;
          END $$;
          INSERT INTO customers (id, name) SELECT i, 'c' || i FROM generate_series(1, 20) AS i;",
@@ -184,7 +218,7 @@ async fn five_hundred_refused_rows_of_one_key_hold_only_that_key() {
             .expect("read attempts")
         })
         .await;
-    assert!(error.contains("size"), "{error}");
+    assert!(error.contains("maximum messages"), "{error}");
     eventually_async(
         "a refused row moved aside after its tries",
         Duration::from_secs(20),
@@ -192,7 +226,7 @@ async fn five_hundred_refused_rows_of_one_key_hold_only_that_key() {
     )
     .await;
 
-    set_max_message_size(&world, -1).await;
+    limit_per_subject(&world, None).await;
     eventually_async("an empty outbox", Duration::from_secs(30), || async {
         (outbox_len(&world, "herald_outbox").await == 0).then_some(())
     })
@@ -215,7 +249,7 @@ async fn five_hundred_refused_rows_of_one_key_hold_only_that_key() {
         .filter_map(|e| {
             e.data.as_ref()?["note"]
                 .as_str()?
-                .trim_start_matches('x')
+                .trim_start_matches('n')
                 .parse()
                 .ok()
         })
@@ -235,6 +269,91 @@ async fn five_hundred_refused_rows_of_one_key_hold_only_that_key() {
         .count();
     assert_eq!(notices, failed, "one dead letter per row set aside");
     assert_eq!(outbox_len(&world, "herald_outbox_attempts").await, 0);
+    gateway.stop().await;
+}
+
+/// Rows larger than the stream's maximum message size (JetStream error 10054) can never be
+/// stored there: each is set aside at its first refusal (no retries held against its key), the
+/// other keys flow, and the key's later events go on once they fit.
+#[tokio::test]
+async fn rows_too_large_for_the_stream_are_set_aside_at_once() {
+    let world = World::start().await;
+    set_max_message_size(&world, 4096).await;
+    let mut settings = world.settings();
+    settings.relay = RelaySettings {
+        poll_interval: Duration::from_millis(100),
+        retry_delay: Duration::from_secs(3600),
+        max_attempts: 3,
+        ..Default::default()
+    };
+    let gateway = world.gateway_with(settings).await;
+    sqlx::raw_sql(
+        "INSERT INTO orders (id, status) VALUES (1, 'new');
+         DO $$ BEGIN
+           FOR i IN 1..50 LOOP
+             UPDATE orders SET note = repeat('x', 5000) || i WHERE id = 1;
+           END LOOP;
+         END $$;
+         INSERT INTO customers (id, name) SELECT i, 'c' || i FROM generate_series(1, 20) AS i;
+         UPDATE orders SET note = 'small' WHERE id = 1;
+         UPDATE orders SET status = 'paid' WHERE id = 1;",
+    )
+    .execute(&world.db)
+    .await
+    .expect("write the rows");
+
+    // With a one-hour pause between tries, only setting aside at once empties the outbox.
+    eventually_async("an empty outbox", Duration::from_secs(60), || async {
+        (outbox_len(&world, "herald_outbox").await == 0).then_some(())
+    })
+    .await;
+    // The 50 large updates, and the one that shrinks the note (its `before` is still large).
+    assert_eq!(outbox_len(&world, "herald_outbox_failed").await, 51);
+    assert_eq!(
+        outbox_len(&world, "herald_outbox_attempts").await,
+        0,
+        "no size refusal was held for a retry"
+    );
+    let reasons: Vec<String> = sqlx::query_scalar("SELECT reason FROM herald_outbox_failed")
+        .fetch_all(&world.db)
+        .await
+        .expect("read reasons");
+    assert!(
+        reasons.iter().all(|r| r.contains("too large")),
+        "{reasons:?}"
+    );
+    let events = world.events().await;
+    let customers = events
+        .iter()
+        .filter(|s| s.subject.starts_with("herald.events.Customer."))
+        .count();
+    assert_eq!(customers, 20);
+    let notes: Vec<Option<String>> = events
+        .iter()
+        .filter(|s| s.subject.starts_with("herald.events.Order."))
+        .map(|s| {
+            let event = s.event();
+            event
+                .data
+                .as_ref()
+                .and_then(|d| d["note"].as_str().map(str::to_owned))
+        })
+        .collect();
+    assert_eq!(
+        notes,
+        vec![None, Some("small".to_owned())],
+        "the insert, then the update that fits"
+    );
+    let notices = world
+        .dead_letters()
+        .await
+        .iter()
+        .filter(|l| {
+            l.header(headers::ERROR)
+                .is_some_and(|e| e.contains("too large"))
+        })
+        .count();
+    assert_eq!(notices, 51, "one dead letter per row set aside");
     gateway.stop().await;
 }
 

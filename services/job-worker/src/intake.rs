@@ -7,16 +7,16 @@
 //! and a repeat of the same replay is absorbed by its Msg-Id. Undecodable submissions, and job
 //! ids that could not travel in a header or a Redis key, go
 //! to `herald.dlq.jobs` with the reason; while Redis is unreachable submissions are NAKed with a
-//! delay and come back.
+//! delay and come back. Every submission is settled by the shared `herald_shared::consume::
+//! Settler`, like the dispatcher's events and the action worker's actions.
 
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, AckKind, consumer::pull};
-use chrono::Utc;
+use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use herald_shared::dlq::{self, DeadLetter};
+use herald_shared::consume::{Disposition, Settler};
 use herald_shared::subjects::{self, DlqSource, JOBS_STREAM, JOBS_SUBMIT_ALL};
 use herald_shared::{JobRequest, headers, messages, telemetry};
 use tokio_util::sync::CancellationToken;
@@ -80,12 +80,18 @@ impl Intake {
         consumer: jetstream::consumer::Consumer<pull::Config>,
         stop: CancellationToken,
     ) -> Result<(), IntakeError> {
+        let settler = Settler::new(
+            self.jetstream.clone(),
+            DlqSource::Jobs,
+            SERVICE,
+            REDIS_DOWN_DELAY,
+        );
         let mut messages = consumer.messages().await?;
         let mut in_flight = FuturesUnordered::new();
         let result = loop {
             tokio::select! {
                 message = messages.next(), if in_flight.len() < IN_FLIGHT => match message {
-                    Some(Ok(message)) => in_flight.push(self.handle(message)),
+                    Some(Ok(message)) => in_flight.push(self.handle(&settler, message)),
                     Some(Err(e)) => tracing::warn!(error = %e, "pulling submissions failed"),
                     None => {
                         tracing::warn!("submission stream ended; pulling again");
@@ -104,50 +110,54 @@ impl Intake {
         result
     }
 
-    async fn handle(&self, message: jetstream::Message) {
+    /// Stores one submission and settles it through the shared `Settler`: acked once stored (or
+    /// found stored), put back while Redis is unreachable, dead-lettered when it can never be a
+    /// job.
+    async fn handle(&self, settler: &Settler, message: jetstream::Message) {
         let span = tracing::info_span!("job intake", subject = %message.subject);
         telemetry::adopt_context(&span, message.headers.as_ref());
         async {
-            let job = match self.check(&message) {
-                Ok(job) => job,
-                Err(reason) => return self.dead_letter(&message, reason).await,
-            };
-            let mut carried = HeaderMap::new();
-            telemetry::inject_context(&mut carried);
-            let traceparent = telemetry::traceparent(Some(&carried)).unwrap_or_default();
-            let request = String::from_utf8_lossy(&message.payload);
-            let stored = match replay_of(&message) {
-                Some(replay) => {
-                    self.queue
-                        .store_replay(&job, &request, &traceparent, &replay)
-                        .await
-                }
-                None => self.queue.store(&job, &request, &traceparent).await,
-            };
-            match stored {
-                Ok(stored) => {
-                    if stored {
-                        metrics::counter!("herald_jobs_submitted_total", "queue" => job.queue.clone())
-                            .increment(1);
-                        self.pool.wake(&job.queue);
-                    } else {
-                        tracing::debug!(id = %job.id, "duplicate submission absorbed");
-                    }
-                    if let Err(e) = message.ack().await {
-                        // Redelivered later and absorbed as a duplicate.
-                        tracing::warn!(error = %e, "cannot ack a stored submission");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot store a submission; it will come back");
-                    if let Err(e) = message.ack_with(AckKind::Nak(Some(REDIS_DOWN_DELAY))).await {
-                        tracing::warn!(error = %e, "cannot NAK a submission");
-                    }
-                }
-            }
+            let disposition = self.decide(&message).await;
+            settler.settle(&message, disposition).await;
         }
         .instrument(span)
         .await;
+    }
+
+    async fn decide(&self, message: &jetstream::Message) -> Disposition {
+        let job = match self.check(message) {
+            Ok(job) => job,
+            Err(reason) => return Disposition::dead_letter(reason),
+        };
+        let mut carried = HeaderMap::new();
+        telemetry::inject_context(&mut carried);
+        let traceparent = telemetry::traceparent(Some(&carried)).unwrap_or_default();
+        let request = String::from_utf8_lossy(&message.payload);
+        let stored = match replay_of(message) {
+            Some(replay) => {
+                self.queue
+                    .store_replay(&job, &request, &traceparent, &replay)
+                    .await
+            }
+            None => self.queue.store(&job, &request, &traceparent).await,
+        };
+        match stored {
+            Ok(true) => {
+                metrics::counter!("herald_jobs_submitted_total", "queue" => job.queue.clone())
+                    .increment(1);
+                self.pool.wake(&job.queue);
+                Disposition::ack()
+            }
+            Ok(false) => {
+                tracing::debug!(id = %job.id, "duplicate submission absorbed");
+                Disposition::ack()
+            }
+            Err(e) => {
+                // Not tried: Redis is away, which is no fault of the submission.
+                tracing::warn!(error = %e, "cannot store a submission; it will come back");
+                Disposition::defer(REDIS_DOWN_DELAY)
+            }
+        }
     }
 
     /// The submission, or why it cannot be a job.
@@ -172,18 +182,6 @@ impl Intake {
             return Err(format!("bad retry policy: {}", text.join("; ")));
         }
         Ok(job)
-    }
-
-    async fn dead_letter(&self, message: &jetstream::Message, reason: String) {
-        let attempts = message.info().map(|i| i.delivered as u32).unwrap_or(1);
-        let letter =
-            DeadLetter::for_message(DlqSource::Jobs, message, reason, attempts, Utc::now());
-        if let Err(e) = dlq::dead_letter_message(&self.jetstream, message, &letter, SERVICE).await {
-            tracing::warn!(error = %e, "cannot dead-letter a submission; it will come back");
-            if let Err(e) = message.ack_with(AckKind::Nak(Some(REDIS_DOWN_DELAY))).await {
-                tracing::warn!(error = %e, "cannot NAK a submission");
-            }
-        }
     }
 }
 

@@ -16,7 +16,6 @@ pub mod control;
 pub mod handler;
 pub mod intake;
 pub mod outbox;
-pub mod persistence;
 pub mod pool;
 pub mod queue;
 pub mod reaper;

@@ -18,7 +18,7 @@ async fn main() -> anyhow::Result<()> {
     let queue = Queue::connect(&config.service)
         .await
         .with_context(|| format!("cannot connect to Redis at {}", config.service.redis_url))?;
-    herald_job_worker::persistence::report(&queue.persistence().await);
+    herald_shared::redis_persistence::report(&queue.persistence().await, "acked jobs");
     let readiness = Readiness::new().nats(&nats).check("redis", {
         let queue = queue.clone();
         move || {

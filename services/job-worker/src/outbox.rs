@@ -9,7 +9,8 @@
 //! the same entries at once; Msg-Id de-duplication makes that harmless.
 //!
 //! An entry that can never be published (fields the scripts never write, a result above the NATS
-//! max payload, a job id that is no header value, or one the server refused `MAX_REFUSALS` times)
+//! max payload or the stream's message size, a job id that is no header value, or one the server
+//! refused otherwise `MAX_REFUSALS` times; `herald_shared::publish::verdict` sorts the failures)
 //! is set aside: a small notice goes to `herald.dlq.jobs`, then the entry moves to
 //! `P:outbox:parked` with its reason, and the entries behind it go on. An outage (a timeout, a
 //! lost connection) is waited out instead, without reordering anything.
@@ -19,12 +20,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
+use async_nats::jetstream::context::{PublishAckFuture, PublishError};
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use chrono::{DateTime, TimeZone, Utc};
 use herald_shared::dlq::{self, DeadLetter};
-use herald_shared::publish::PublishFailure;
+use herald_shared::publish::{self, PublishFailure, Verdict};
 use herald_shared::subjects::{self, DlqSource};
 use herald_shared::{JobState, JobStatus, SCHEMA_VERSION, headers, telemetry, traceparent};
 use tokio::sync::Mutex;
@@ -44,8 +45,12 @@ const MAX_REFUSALS: u32 = 5;
 pub enum OutboxError {
     #[error(transparent)]
     Queue(#[from] QueueError),
-    #[error("publishing a job status failed: {0}")]
-    Publish(#[from] PublishError),
+    #[error("publishing a job status on {subject} failed: {error}")]
+    Publish {
+        subject: String,
+        #[source]
+        error: PublishError,
+    },
     #[error(transparent)]
     Dlq(#[from] dlq::DlqError),
     /// An entry that cannot be published as written; set aside so it cannot block every later
@@ -97,13 +102,10 @@ impl From<OutboxError> for Failure {
                 PublishFailure::NoStream(_) | PublishFailure::Transient(_) => Failure::Outage(e),
             },
             OutboxError::Dlq(dlq::DlqError::Body(_)) => Failure::Outage(e),
-            OutboxError::Publish(p) => match p.kind() {
-                PublishErrorKind::MaxPayloadExceeded => Failure::Permanent(p.to_string()),
-                PublishErrorKind::TimedOut
-                | PublishErrorKind::BrokenPipe
-                | PublishErrorKind::MaxAckPending
-                | PublishErrorKind::StreamNotFound => Failure::Outage(e),
-                _ => Failure::Refused(p.to_string()),
+            OutboxError::Publish { subject, error } => match publish::verdict(subject, error) {
+                Verdict::SetAside(failure) => Failure::Permanent(failure.to_string()),
+                Verdict::Refused(failure) => Failure::Refused(failure.to_string()),
+                Verdict::Outage(_) => Failure::Outage(e),
             },
             OutboxError::Queue(_) | OutboxError::Refused { .. } => Failure::Outage(e),
         }
@@ -171,12 +173,13 @@ impl Outbox {
             return Ok(0);
         }
         let mut done: Vec<String> = Vec::with_capacity(entries.len());
-        let mut acks: Vec<(&OutboxEntry, PublishAckFuture)> = Vec::with_capacity(entries.len());
+        let mut acks: Vec<(&OutboxEntry, String, PublishAckFuture)> =
+            Vec::with_capacity(entries.len());
         for entry in &entries {
             let published = match entry.fields.get("kind").map(String::as_str) {
                 Some("status") => match self.send_status(entry).await {
-                    Ok(ack) => {
-                        acks.push((entry, ack));
+                    Ok((subject, ack)) => {
+                        acks.push((entry, subject, ack));
                         continue;
                     }
                     Err(e) => Err(e),
@@ -205,13 +208,16 @@ impl Outbox {
     /// Awaits the pending status acks in order.
     async fn settle(
         &self,
-        acks: &mut Vec<(&OutboxEntry, PublishAckFuture)>,
+        acks: &mut Vec<(&OutboxEntry, String, PublishAckFuture)>,
         done: &mut Vec<String>,
     ) -> Result<(), OutboxError> {
-        for (entry, ack) in acks.drain(..) {
+        for (entry, subject, ack) in acks.drain(..) {
             match ack.await {
                 Ok(_) => done.push(entry.id.clone()),
-                Err(e) => self.failed(entry, OutboxError::from(e).into()).await?,
+                Err(error) => {
+                    let failure = OutboxError::Publish { subject, error };
+                    self.failed(entry, failure.into()).await?;
+                }
             }
         }
         Ok(())
@@ -283,7 +289,10 @@ impl Outbox {
         Ok(())
     }
 
-    async fn send_status(&self, entry: &OutboxEntry) -> Result<PublishAckFuture, OutboxError> {
+    async fn send_status(
+        &self,
+        entry: &OutboxEntry,
+    ) -> Result<(String, PublishAckFuture), OutboxError> {
         let status = status_of(entry)?;
         let subject =
             subjects::job_status(&status.queue).map_err(|e| unusable(entry, e.to_string()))?;
@@ -293,15 +302,19 @@ impl Outbox {
             return Err(unusable(entry, "the job id cannot be a header value"));
         }
         let headers = traced_headers(&entry.fields, &msg_id);
-        self.jetstream
+        match self
+            .jetstream
             .send_publish(
-                subject,
+                subject.clone(),
                 PublishMessage::build()
                     .payload(Bytes::from(body))
                     .headers(headers),
             )
             .await
-            .map_err(OutboxError::from)
+        {
+            Ok(ack) => Ok((subject, ack)),
+            Err(error) => Err(OutboxError::Publish { subject, error }),
+        }
     }
 
     async fn dead_letter(&self, entry: &OutboxEntry) -> Result<(), OutboxError> {

@@ -479,8 +479,8 @@ impl Queue {
     }
 
     /// How the Redis in use persists writes.
-    pub async fn persistence(&self) -> crate::persistence::Persistence {
-        crate::persistence::check(&mut self.redis.clone()).await
+    pub async fn persistence(&self) -> herald_shared::redis_persistence::Persistence {
+        herald_shared::redis_persistence::check(&mut self.redis.clone()).await
     }
 
     pub async fn ping(&self) -> Result<(), QueueError> {

@@ -280,3 +280,87 @@ async fn a_job_id_that_cannot_travel_in_a_header_is_dead_lettered_at_intake() {
     assert_eq!(handler.runs("line\nbreak"), 0);
     worker.stop().await;
 }
+
+/// A status event larger than the jobs stream's maximum message size (JetStream error 10054, a
+/// refusal no retry can change) is set aside at its first refusal, not after `MAX_REFUSALS`
+/// tries, and the events behind it flow.
+#[tokio::test]
+async fn a_status_too_large_for_the_stream_is_set_aside_at_once() {
+    let servers = Servers::start().await;
+    let events = Events::record(&servers.jetstream).await;
+    let settings = settings(&servers.redis.url());
+    let handler = TestHandler::new(|job, _| {
+        async move {
+            if job.id == "big" {
+                Ok(json!("x".repeat(8192)))
+            } else {
+                Ok(json!("ok"))
+            }
+        }
+        .boxed()
+    });
+    let worker = Worker::start(
+        &servers,
+        settings.clone(),
+        Registry::new().register("test", handler),
+    )
+    .await;
+    let mut stream = servers
+        .jetstream
+        .get_stream(subjects::JOBS_STREAM)
+        .await
+        .expect("jobs stream");
+    let config = jetstream::stream::Config {
+        max_message_size: 4096,
+        ..stream.info().await.expect("stream info").config.clone()
+    };
+    servers
+        .jetstream
+        .update_stream(config)
+        .await
+        .expect("limit the jobs stream");
+    submit(
+        &servers.jetstream,
+        &job("big", "default", "test", json!({})),
+    )
+    .await;
+    submit(
+        &servers.jetstream,
+        &job("fine", "default", "test", json!({})),
+    )
+    .await;
+    events.wait_for("fine", JobState::Succeeded).await;
+    events.wait_for("big", JobState::Running).await;
+
+    let client = redis::Client::open(servers.redis.url()).expect("redis url");
+    let redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    let reason: String = eventually_async("the big status parked", WAIT, || async {
+        let reply: redis::streams::StreamRangeReply = redis::AsyncCommands::xrange_all(
+            &mut redis.clone(),
+            format!("{}:outbox:parked", settings.key_prefix),
+        )
+        .await
+        .ok()?;
+        reply
+            .ids
+            .into_iter()
+            .find_map(|e| redis::from_redis_value::<String>(e.map.get("reason")?.clone()).ok())
+    })
+    .await;
+    assert!(reason.contains("too large"), "{reason}");
+    assert!(
+        !reason.contains("refused"),
+        "set aside at once, not after repeated refusals: {reason}"
+    );
+    assert!(
+        !events
+            .of("big")
+            .iter()
+            .any(|s| s.state == JobState::Succeeded),
+        "the oversize status was never stored"
+    );
+    worker.stop().await;
+}

@@ -136,7 +136,7 @@ async fn a_job_whose_lease_expires_on_its_last_attempt_goes_dead_with_a_dead_let
 
 #[tokio::test]
 async fn the_worker_can_tell_whether_redis_persists_acked_jobs() {
-    use herald_job_worker::persistence::Persistence;
+    use herald_shared::redis_persistence::Persistence;
     let plain = RedisServer::start();
     let aof = RedisServer::start_with_aof();
     let settings = |url: String| Settings {

@@ -5,6 +5,9 @@
 // Each test binary uses a different part of the harness.
 #![allow(dead_code)]
 
+pub mod smtp;
+pub mod tls;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -280,10 +283,32 @@ type Responder = Arc<dyn Fn(usize) -> Reply + Send + Sync>;
 pub struct Sink {
     pub address: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
+    stop: CancellationToken,
 }
 
 impl Sink {
     pub async fn start(respond: impl Fn(usize) -> Reply + Send + Sync + 'static) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind sink");
+        Self::serve(listener, respond)
+    }
+
+    /// A sink on a given address (a receiver coming back where it was).
+    pub async fn start_on(
+        address: SocketAddr,
+        respond: impl Fn(usize) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .expect("bind sink on its old address");
+        Self::serve(listener, respond)
+    }
+
+    fn serve(
+        listener: tokio::net::TcpListener,
+        respond: impl Fn(usize) -> Reply + Send + Sync + 'static,
+    ) -> Self {
         let received: Arc<Mutex<Vec<Received>>> = Arc::default();
         let respond: Responder = Arc::new(respond);
         let state = (received.clone(), respond);
@@ -321,14 +346,24 @@ impl Sink {
                 },
             )
             .with_state(state);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind sink");
         let address = listener.local_addr().expect("sink address");
+        let stop = CancellationToken::new();
+        let stopped = stop.clone().cancelled_owned();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await;
         });
-        Self { address, received }
+        Self {
+            address,
+            received,
+            stop,
+        }
+    }
+
+    /// Stops listening and closes idle connections: from now on, connecting is refused.
+    pub fn stop(&self) {
+        self.stop.cancel();
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -47,6 +47,52 @@ pub async fn succeed(url: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Runs `herald <args>` and returns stdout and stderr, failing the test if it failed.
+pub async fn succeed_with_stderr(url: &str, args: &[&str]) -> (String, String) {
+    let output = run(url, args).await;
+    assert!(
+        output.status.success(),
+        "herald {args:?} failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Runs `herald <args>` on a pseudo-terminal (util-linux `script`), as a person at a terminal
+/// would, and returns everything it wrote there, stdout and stderr together.
+pub async fn on_a_terminal(url: &str, args: &[&str]) -> String {
+    let line = std::iter::once(HERALD)
+        .chain(["--nats-url", url])
+        .chain(args.iter().copied())
+        .map(|word| format!("'{word}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut command = tokio::process::Command::new("script");
+    for (name, _) in std::env::vars() {
+        if name.starts_with("HERALD_") {
+            command.env_remove(name);
+        }
+    }
+    let output = command
+        .args(["--quiet", "--return", "--command", &line, "/dev/null"])
+        .env("TERM", "xterm")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("run `script` (util-linux) for herald {args:?}: {e}"));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "herald {args:?} on a terminal failed:\n{text}"
+    );
+    text
+}
+
 /// Runs `herald <args>`, expects it to fail, and returns its stderr.
 pub async fn fail(url: &str, args: &[&str]) -> String {
     let output = run(url, args).await;

@@ -36,20 +36,26 @@ pub fn settings(name: &str, observers: &Path) -> DispatcherSettings {
 
 /// A JetStream context with the dispatcher's streams provisioned.
 pub async fn jetstream(nats: &NatsServer) -> jetstream::Context {
+    jetstream_with(nats, &StreamsConfig::default()).await
+}
+
+/// A JetStream context with the dispatcher's streams provisioned as `streams` says.
+pub async fn jetstream_with(nats: &NatsServer, streams: &StreamsConfig) -> jetstream::Context {
+    jetstream_at(&nats.url(), streams).await
+}
+
+/// The same against any server or cluster `url` (comma-separated for a cluster).
+pub async fn jetstream_at(url: &str, streams: &StreamsConfig) -> jetstream::Context {
     let config = NatsConfig {
-        url: nats.url(),
+        url: url.to_owned(),
         ..Default::default()
     };
     let connection = herald_shared::nats::connect(&config, "dispatcher-test")
         .await
         .expect("connect");
-    streams::ensure(
-        &connection.jetstream,
-        &StreamsConfig::default(),
-        &herald_dispatcher::STREAMS,
-    )
-    .await
-    .expect("provision streams");
+    streams::ensure(&connection.jetstream, streams, &herald_dispatcher::STREAMS)
+        .await
+        .expect("provision streams");
     connection.jetstream
 }
 
@@ -112,6 +118,20 @@ pub fn event(entity: &str, op: Op, key: &str, data: serde_json::Value) -> Entity
 
 pub async fn publish_event(js: &jetstream::Context, event: &EntityEvent) -> u64 {
     let subject = herald_shared::subjects::event(&event.entity, event.op).expect("valid subject");
+    let mut h = HeaderMap::new();
+    h.insert(headers::MSG_ID, event.id.to_string().as_str());
+    js.publish_with_headers(subject, h, serde_json::to_vec(event).expect("json").into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored")
+        .sequence
+}
+
+/// Publishes as the relay does: on the keyed subject, which HERALD_EVENTS partitions.
+pub async fn publish_keyed_event(js: &jetstream::Context, event: &EntityEvent) -> u64 {
+    let subject = herald_shared::subjects::keyed_event(&event.entity, event.op, &event.key)
+        .expect("valid subject");
     let mut h = HeaderMap::new();
     h.insert(headers::MSG_ID, event.id.to_string().as_str());
     js.publish_with_headers(subject, h, serde_json::to_vec(event).expect("json").into())

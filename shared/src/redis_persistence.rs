@@ -1,11 +1,13 @@
-//! What a Redis restart would keep. Intake acks a submission once Redis has stored it, so the
-//! promise holds only as far as Redis persists: with AOF and `appendfsync always` an acked job
-//! survives a crash of Redis or of the machine; with `everysec` it survives a Redis crash but an
-//! OS crash or power loss may lose about the last second; without AOF a restart loses what was
-//! stored since the last snapshot, or everything. Checked once at start and reported.
+//! What a Redis restart would keep, for the services that keep state in Redis (the job worker's
+//! queue, the action worker's dedup marks and first-failure times). Enabled by the `redis`
+//! feature.
 //!
-//! Lives here because `shared` has no Redis client; the action worker's dedup marks would use
-//! the same check.
+//! Intake acks a submission once Redis has stored it, and the action worker acks an action once
+//! its `done` mark is written, so the promise holds only as far as Redis persists: with AOF and
+//! `appendfsync always` an acked write survives a crash of Redis or of the machine; with
+//! `everysec` it survives a Redis crash but an OS crash or power loss may lose about the last
+//! second; without AOF a restart loses what was stored since the last snapshot, or everything.
+//! Each service checks once at start and reports it (`report`).
 
 use redis::aio::ConnectionLike;
 
@@ -64,7 +66,8 @@ pub async fn check(redis: &mut impl ConnectionLike) -> Persistence {
 }
 
 /// Logs what a crash would cost: a warning unless acked writes survive a machine crash.
-pub fn report(persistence: &Persistence) {
+/// `stored` names what would be lost, in the plural ("acked jobs", "done marks").
+pub fn report(persistence: &Persistence, stored: &str) {
     match persistence {
         p if p.is_durable() => {
             tracing::info!("Redis persists every write (AOF, appendfsync always)")
@@ -72,18 +75,18 @@ pub fn report(persistence: &Persistence) {
         Persistence::AppendOnly { fsync: Some(fsync) } => tracing::warn!(
             appendfsync = %fsync,
             "Redis AOF is not fsynced on every write: an OS crash or power loss can lose about the \
-             last second of acked jobs (set appendfsync always)"
+             last second of {stored} (set appendfsync always)"
         ),
         Persistence::AppendOnly { fsync: None } => tracing::warn!(
             "Redis AOF is on, but CONFIG is disabled so its fsync policy is unknown; the promise \
              needs appendfsync always"
         ),
         Persistence::SnapshotsOnly => tracing::warn!(
-            "Redis has no AOF: a Redis restart loses acked jobs stored since the last snapshot \
+            "Redis has no AOF: a Redis restart loses the {stored} stored since the last snapshot \
              (set appendonly yes, appendfsync always)"
         ),
         Persistence::Unknown(why) => {
-            tracing::warn!(%why, "cannot tell whether Redis persists acked jobs")
+            tracing::warn!(%why, "cannot tell whether Redis persists {stored}")
         }
     }
 }
