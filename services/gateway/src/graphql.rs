@@ -188,6 +188,23 @@ fn is_decimal(text: &str) -> bool {
         && fraction.chars().all(|c| c.is_ascii_digit())
 }
 
+/// The query root fields a compiled plan can answer (`plan.rs`), named as `build` names them.
+pub fn read_roots(catalog: &Catalog) -> crate::plan::ReadRoots {
+    use crate::plan::ReadKind;
+    let mut roots = crate::plan::ReadRoots::new();
+    for entity in catalog.entities.values() {
+        let single = lower_first(&entity.name);
+        for (field, kind) in [
+            (single.clone(), ReadKind::ByKey),
+            (format!("{single}List"), ReadKind::List),
+            (format!("{single}Aggregate"), ReadKind::Aggregate),
+        ] {
+            roots.insert(field, (entity.name.clone(), entity.key.name.clone(), kind));
+        }
+    }
+    roots
+}
+
 /// Builds the schema for `catalog`.
 pub fn build(
     pool: PgPool,
@@ -400,6 +417,7 @@ async fn resolve_root(
         .unwrap_or(Caller::Anonymous);
     let claim = |name: &str| caller.claim(name);
     let compiler = Compiler::new(&backend.catalog, &backend.limits).with_access(Access {
+        anonymous: caller == Caller::Anonymous,
         roles: caller.roles(),
         claim: &claim,
     });

@@ -20,9 +20,12 @@ use tracing::Instrument;
 
 use crate::auth::{Authenticator, Caller};
 use crate::graphql::RequestContext;
+use crate::plan::Plans;
 
 pub struct Http {
     pub schema: Schema,
+    /// Compiled plans (`plan.rs`), unless `graphql.compiled_plans` is 0.
+    pub plans: Option<Arc<Plans>>,
     pub auth: Authenticator,
     pub max_body_bytes: usize,
     /// Serve the GraphiQL page (`graphql.graphiql`).
@@ -121,6 +124,19 @@ async fn execute(http: &Http, headers: &HeaderMap, request: async_graphql::Reque
     // With no span recorded (no subscriber, or a filter above `info`), the caller's own.
     let traceparent =
         telemetry::traceparent(Some(&carried)).or_else(|| caller_trace.map(str::to_owned));
+    let probe = http.plans.as_ref().and_then(|plans| plans.probe(&request));
+    if let (Some(plans), Some(probe)) = (&http.plans, &probe)
+        && let Some(body) = plans.answer(probe, &caller).instrument(span.clone()).await
+    {
+        return (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response();
+    }
     let response = http
         .schema
         .execute(request.data(RequestContext {
@@ -130,6 +146,11 @@ async fn execute(http: &Http, headers: &HeaderMap, request: async_graphql::Reque
         }))
         .instrument(span)
         .await;
+    if let (Some(plans), Some(probe)) = (&http.plans, probe)
+        && response.is_ok()
+    {
+        plans.learn(probe);
+    }
     axum::Json(response).into_response()
 }
 

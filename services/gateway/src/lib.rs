@@ -12,6 +12,7 @@ pub mod capture;
 pub mod collect;
 pub mod graphql;
 pub mod http;
+pub mod plan;
 pub mod query;
 pub mod relay;
 pub mod schema;
@@ -74,11 +75,17 @@ pub struct Running {
     /// Where GraphQL is served.
     pub address: SocketAddr,
     pub pool: PgPool,
+    plans: Option<Arc<plan::Plans>>,
     relay: Option<Arc<supervise::TaskHealth>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Running {
+    /// Requests answered from a compiled plan (`plan.rs`) so far.
+    pub fn plan_hits(&self) -> u64 {
+        self.plans.as_ref().map_or(0, |p| p.hits())
+    }
+
     /// Ready while NATS is connected, PostgreSQL answers and the relay (if enabled) runs.
     pub fn readiness(&self, nats: &Nats) -> Readiness {
         let pool = self.pool.clone();
@@ -127,10 +134,25 @@ pub async fn start(
     let file = SchemaFile::load(&settings.schema_file)?;
     let catalog = Arc::new(schema::check(&pool, &file).await?);
     capture::install_with(&pool, &file, settings.relay.all_columns_in_events).await?;
-    let schema = graphql::build(pool.clone(), catalog, &settings.limits, &settings.graphql)
-        .map_err(|e| GatewayError::Graphql(e.to_string()))?;
+    let schema = graphql::build(
+        pool.clone(),
+        catalog.clone(),
+        &settings.limits,
+        &settings.graphql,
+    )
+    .map_err(|e| GatewayError::Graphql(e.to_string()))?;
+    let plans = plan::Plans::new(
+        pool.clone(),
+        catalog.clone(),
+        settings.limits.clone(),
+        graphql::read_roots(&catalog),
+        settings.graphql.compiled_plans,
+        settings.graphql.persisted_queries > 0,
+    )
+    .map(Arc::new);
     let app = http::router(http::Http {
         schema,
+        plans: plans.clone(),
         auth: auth::Authenticator::new(&settings.auth)?,
         max_body_bytes: settings.limits.max_body_bytes,
         graphiql: settings.graphql.graphiql,
@@ -178,6 +200,7 @@ pub async fn start(
     Ok(Running {
         address,
         pool,
+        plans,
         relay: relay_health,
         tasks,
     })

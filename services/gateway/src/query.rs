@@ -14,6 +14,8 @@ use crate::settings::Limits;
 
 /// `jsonb_build_object` takes at most 100 arguments: objects are built in chunks and joined.
 const PAIRS_PER_CALL: usize = 40;
+/// `json_build_object` objects cannot be joined, so in text mode one call holds them all.
+const PAIRS_PER_TEXT_OBJECT: usize = 50;
 
 /// A value bound to a placeholder.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,6 +64,14 @@ pub enum QueryError {
         entity: String,
         operation: Operation,
     },
+    #[error(
+        "{entity} is closed to anonymous callers: send a JWT or an API key (or grant the \
+         `anonymous` role on {entity} in the schema file)"
+    )]
+    Anonymous { entity: String },
+    /// Only in text mode: the selection has more fields than one `json_build_object` holds.
+    #[error("{0} fields in one object are too many to answer as response text")]
+    TooWide(usize),
     #[error("`{argument}` {message}")]
     BadArgument {
         argument: &'static str,
@@ -101,6 +111,8 @@ impl<'a> ListArgs<'a> {
 
 /// Who a statement runs for: their roles, and their claims for row filters.
 pub struct Access<'a> {
+    /// The caller sent no credential.
+    pub anonymous: bool,
     pub roles: Vec<&'a str>,
     pub claim: &'a dyn Fn(&str) -> Option<String>,
 }
@@ -118,6 +130,9 @@ pub struct Compiler<'a> {
     access: Option<Access<'a>>,
     params: Vec<Param>,
     aliases: usize,
+    /// Build the answer as `json` (keys in selection order, `__typename` filled in) for a
+    /// response written as it comes from the database, rather than as `jsonb` for the engine.
+    text: bool,
 }
 
 impl<'a> Compiler<'a> {
@@ -128,7 +143,20 @@ impl<'a> Compiler<'a> {
             access: None,
             params: Vec::new(),
             aliases: 0,
+            text: false,
         }
+    }
+
+    /// Answers in the response's own shape: a `json` value whose keys are the response keys in
+    /// selection order, with `__typename` filled in and JSON columns normalised, so the text
+    /// the database returns is the `data` entry as it is (see `plan.rs`).
+    pub fn as_response_text(mut self) -> Self {
+        self.text = true;
+        self
+    }
+
+    fn json(&self) -> &'static str {
+        if self.text { "json" } else { "jsonb" }
     }
 
     /// Applies the entities' permissions for this caller (without it, nothing is checked).
@@ -137,13 +165,20 @@ impl<'a> Compiler<'a> {
         self
     }
 
-    /// An entity without permissions is open (the resolver still requires a caller for
-    /// writes); with permissions, a role of the caller must grant `operation`.
+    /// An entity without permissions is open to every authenticated caller and closed to
+    /// anonymous ones; with permissions, a role of the caller must grant `operation` (an
+    /// anonymous caller's only role is `anonymous`). Anonymous access is thus off unless the
+    /// schema file grants the `anonymous` role something.
     fn reach(&self, entity: &CheckedEntity, operation: Operation) -> Result<Reach, QueryError> {
         let Some(access) = &self.access else {
             return Ok(Reach::All);
         };
         if entity.permissions.is_empty() {
+            if access.anonymous {
+                return Err(QueryError::Anonymous {
+                    entity: entity.name.clone(),
+                });
+            }
             return Ok(Reach::All);
         }
         let mut rows = Vec::new();
@@ -325,6 +360,10 @@ impl<'a> Compiler<'a> {
             if selected.field == "count" {
                 let key = self.bind(Param::Text(Some(selected.key.clone())));
                 pairs.push(format!("{key}::text, count(*)"));
+            } else if selected.field == "__typename" && self.text {
+                let key = self.bind(Param::Text(Some(selected.key.clone())));
+                let name = self.bind(Param::Text(Some(format!("{}Aggregate", entity.name))));
+                pairs.push(format!("{key}::text, {name}::text"));
             }
         }
         let condition = if conditions.is_empty() {
@@ -333,7 +372,8 @@ impl<'a> Compiler<'a> {
             conditions.join(" AND ")
         };
         let sql = format!(
-            "SELECT jsonb_build_object({}) FROM {table} {alias} WHERE {condition}",
+            "SELECT {}_build_object({}) FROM {table} {alias} WHERE {condition}",
+            self.json(),
             pairs.join(", "),
             table = quote_ident(&entity.table),
         );
@@ -400,7 +440,8 @@ impl<'a> Compiler<'a> {
         let object = self.object(entity, &alias, selection)?;
         let sql = format!(
             "WITH {alias} AS ({insert} RETURNING *) \
-             SELECT coalesce(jsonb_agg({object}), '[]'::jsonb) FROM {alias}"
+             SELECT coalesce({json}_agg({object}), '[]'::{json}) FROM {alias}",
+            json = self.json(),
         );
         Ok(self.finish(sql))
     }
@@ -571,12 +612,25 @@ impl<'a> Compiler<'a> {
     ) -> Result<String, QueryError> {
         let mut pairs = Vec::new();
         for selected in selection {
+            if selected.field == "__typename" && self.text {
+                let key = self.bind(Param::Text(Some(selected.key.clone())));
+                let name = self.bind(Param::Text(Some(entity.name.clone())));
+                pairs.push(format!("{key}::text, {name}::text"));
+                continue;
+            }
             if selected.field.starts_with("__") {
                 continue;
             }
             let key = self.bind(Param::Text(Some(selected.key.clone())));
             let value = if let Some(column) = entity.column(&selected.field) {
-                let cast = if column.answers_text() { "::text" } else { "" };
+                let cast = if column.answers_text() {
+                    "::text"
+                } else if self.text && column.base_type() == "json" {
+                    // As `jsonb` does it: duplicate keys merged, whitespace normalised.
+                    "::jsonb"
+                } else {
+                    ""
+                };
                 format!("{alias}.{}{cast}", quote_ident(&column.name))
             } else if let Some(relation) = entity.relations.get(&selected.field) {
                 let target = self.entity(&relation.entity)?;
@@ -617,7 +671,13 @@ impl<'a> Compiler<'a> {
             pairs.push(format!("{key}::text, {value}"));
         }
         if pairs.is_empty() {
-            return Ok("jsonb_build_object()".into());
+            return Ok(format!("{}_build_object()", self.json()));
+        }
+        if self.text {
+            if pairs.len() > PAIRS_PER_TEXT_OBJECT {
+                return Err(QueryError::TooWide(pairs.len()));
+            }
+            return Ok(format!("json_build_object({})", pairs.join(", ")));
         }
         Ok(pairs
             .chunks(PAIRS_PER_CALL)
@@ -660,9 +720,24 @@ impl<'a> Compiler<'a> {
         } else {
             conditions.join(" AND ")
         };
+        let page = self.alias();
+        // The page is sorted (a bounded top-N sort) and limited inside; its order columns come
+        // out beside each row so the aggregate puts the page's rows back in that order. (A
+        // window `row_number()` instead would make the inner sort a full one.)
+        let sort_columns = order
+            .iter()
+            .enumerate()
+            .map(|(i, (column, _))| format!(", {alias}.{column} AS o{i}"))
+            .collect::<String>();
+        let outer_order = order
+            .iter()
+            .enumerate()
+            .map(|(i, (_, direction))| format!("{page}.o{i} {direction} {}", nulls(direction)))
+            .collect::<Vec<_>>()
+            .join(", ");
         let order = order
             .iter()
-            .map(|(column, direction)| format!("{alias}.{column} {direction}"))
+            .map(|(column, direction)| format!("{alias}.{column} {direction} {}", nulls(direction)))
             .collect::<Vec<_>>()
             .join(", ");
         let limit = match args.limit {
@@ -693,13 +768,13 @@ impl<'a> Compiler<'a> {
         };
         let limit = self.bind(Param::Int(limit));
         let offset = self.bind(Param::Int(offset));
-        let page = self.alias();
         Ok(format!(
-            "SELECT coalesce(jsonb_agg({page}.j ORDER BY {page}.n), '[]'::jsonb) FROM \
-             (SELECT {object} AS j, row_number() OVER (ORDER BY {order}) AS n \
+            "SELECT coalesce({json}_agg({page}.j ORDER BY {outer_order}), '[]'::{json}) FROM \
+             (SELECT {object} AS j{sort_columns} \
               FROM {table} {alias} WHERE {condition} ORDER BY {order} \
               LIMIT {limit} OFFSET {offset}) {page}",
             table = quote_ident(&entity.table),
+            json = self.json(),
         ))
     }
 
@@ -736,6 +811,12 @@ impl<'a> Compiler<'a> {
 
     /// Keyset paging: the rows that sort after the row whose key is `after`, in `order`. The
     /// anchor row's values are read in the same statement, so the cursor is just a key.
+    ///
+    /// Order columns may hold NULL, which sorts last in ascending and first in descending order
+    /// (the `ORDER BY` says so explicitly): "after" on one column is therefore `> anchor OR IS
+    /// NULL` ascending and `IS NOT NULL AND (anchor IS NULL OR < anchor)` descending, and equal
+    /// prefixes compare with `IS NOT DISTINCT FROM`, so no row is skipped or repeated. A key
+    /// naming no row pages nothing.
     fn after_condition(
         &mut self,
         entity: &CheckedEntity,
@@ -744,25 +825,29 @@ impl<'a> Compiler<'a> {
         after: &Value,
     ) -> Result<String, QueryError> {
         let key = self.value_param(&entity.key, after, "after")?;
-        let anchor = |column: &str| {
-            format!(
-                "(SELECT {column} FROM {table} WHERE {key_column} = CAST({key} AS {ty}))",
-                table = quote_ident(&entity.table),
-                key_column = quote_ident(&entity.key.name),
-                ty = entity.key.base_type(),
-            )
-        };
+        let table = quote_ident(&entity.table);
+        let key_column = quote_ident(&entity.key.name);
+        let ty = entity.key.base_type();
+        let anchor_row = format!("FROM {table} WHERE {key_column} = CAST({key} AS {ty})");
+        let anchor = |column: &str| format!("(SELECT {column} {anchor_row})");
         let mut alternatives = Vec::new();
         for (i, (column, direction)) in order.iter().enumerate() {
             let mut terms: Vec<String> = order[..i]
                 .iter()
                 .map(|(c, _)| format!("{alias}.{c} IS NOT DISTINCT FROM {}", anchor(c)))
                 .collect();
-            let comparison = if *direction == "ASC" { ">" } else { "<" };
-            terms.push(format!("{alias}.{column} {comparison} {}", anchor(column)));
+            let (row, anchor) = (format!("{alias}.{column}"), anchor(column));
+            terms.push(if *direction == "ASC" {
+                format!("({anchor} IS NOT NULL AND ({row} > {anchor} OR {row} IS NULL))")
+            } else {
+                format!("({row} IS NOT NULL AND ({anchor} IS NULL OR {row} < {anchor}))")
+            });
             alternatives.push(format!("({})", terms.join(" AND ")));
         }
-        Ok(format!("({})", alternatives.join(" OR ")))
+        Ok(format!(
+            "(EXISTS (SELECT 1 {anchor_row}) AND ({}))",
+            alternatives.join(" OR ")
+        ))
     }
 
     /// A `where` object: its entries are ANDed; `and` / `or` take lists of where objects.
@@ -894,6 +979,15 @@ impl<'a> Compiler<'a> {
             )
         })?;
         Ok(self.bind(Param::Text(text)))
+    }
+}
+
+/// Where NULLs sort, spelled out because keyset paging depends on it.
+fn nulls(direction: &str) -> &'static str {
+    if direction == "ASC" {
+        "NULLS LAST"
+    } else {
+        "NULLS FIRST"
     }
 }
 
@@ -1086,6 +1180,41 @@ mod tests {
             "{}",
             statement.sql
         );
+    }
+
+    #[test]
+    fn response_text_keeps_selection_order_and_fills_in_typename() {
+        let catalog = catalog();
+        let limits = Limits::default();
+        let statement = Compiler::new(&catalog, &limits)
+            .as_response_text()
+            .list(
+                "Customer",
+                &ListArgs::default(),
+                &[selection("name"), selection("__typename"), selection("id")],
+            )
+            .expect("compiles");
+        assert!(!statement.sql.contains("jsonb"), "{}", statement.sql);
+        let texts: Vec<_> = statement
+            .params
+            .iter()
+            .filter_map(|p| match p {
+                Param::Text(Some(text)) => Some(text.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(texts, ["name", "__typename", "Customer", "id"]);
+        let wide: Vec<_> = (0..60).map(|_| selection("id")).collect();
+        let err = Compiler::new(&catalog, &limits)
+            .as_response_text()
+            .by_key("Customer", &Value::from(1), &wide)
+            .expect_err("too wide for one json object");
+        assert_eq!(err, QueryError::TooWide(60));
+        // The engine's form skips `__typename` (the engine answers it) and joins wide objects.
+        let engine = Compiler::new(&catalog, &limits)
+            .by_key("Customer", &Value::from(1), &wide)
+            .expect("compiles");
+        assert!(engine.sql.contains(" || "), "{}", engine.sql);
     }
 
     #[test]

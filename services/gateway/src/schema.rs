@@ -124,8 +124,8 @@ pub struct Entity {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub relations: BTreeMap<String, Relation>,
     /// Role → grant. When an entity declares any, only the roles listed reach it (anonymous
-    /// callers only through the `anonymous` role); when it declares none, anyone may read it
-    /// and any authenticated caller may write it.
+    /// callers only through the `anonymous` role); when it declares none, any authenticated
+    /// caller may read and write it and anonymous callers may not reach it at all.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub permissions: BTreeMap<String, Permission>,
 }

@@ -37,6 +37,9 @@ pub struct GraphqlSettings {
     pub graphiql: bool,
     /// Automatic persisted queries: documents kept by hash (0 turns them off).
     pub persisted_queries: usize,
+    /// Compiled plans kept (`plan.rs`): a query answered once without error is answered
+    /// again without the engine, its SQL compiled once per role set (0 turns them off).
+    pub compiled_plans: usize,
 }
 
 impl Default for GraphqlSettings {
@@ -45,6 +48,7 @@ impl Default for GraphqlSettings {
             introspection: true,
             graphiql: true,
             persisted_queries: 1024,
+            compiled_plans: 1024,
         }
     }
 }

@@ -42,6 +42,7 @@ fn run_client(url: &str, documents: &Value) -> Value {
         .arg(script)
         .arg(url)
         .env("GRAPHQL_JS_DIR", graphql_js())
+        .env("GRAPHQL_API_KEY", common::API_KEY)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -219,6 +220,7 @@ async fn an_automatic_persisted_query_is_registered_once_then_sent_by_hash() {
             gateway
                 .http
                 .post(&gateway.url)
+                .header("x-api-key", common::API_KEY)
                 .json(&body)
                 .send()
                 .await
@@ -239,12 +241,44 @@ async fn an_automatic_persisted_query_is_registered_once_then_sent_by_hash() {
         registered["data"],
         json!({"customerList": [{"id": 1, "name": "Ada"}]})
     );
-    let by_hash = send(json!({"extensions": extension})).await;
-    assert_eq!(by_hash["data"], registered["data"], "{by_hash}");
+    // By hash only: from the compiled plan, the engine skipped entirely.
+    for _ in 0..2 {
+        let hits = gateway.plan_hits();
+        let by_hash = send(json!({"extensions": extension})).await;
+        assert_eq!(by_hash["data"], registered["data"], "{by_hash}");
+        assert_eq!(gateway.plan_hits(), hits + 1, "answered from the plan");
+    }
     let forged = send(json!({"query": "{ orderList { id } }", "extensions": extension})).await;
     assert!(
         forged["errors"][0]["message"].is_string(),
         "a hash must match its query"
     );
+    let hits = gateway.plan_hits();
+    let by_hash = send(json!({"extensions": extension})).await;
+    assert_eq!(by_hash["data"], registered["data"], "{by_hash}");
+    assert_eq!(
+        gateway.plan_hits(),
+        hits + 1,
+        "a forged registration changes nothing"
+    );
     gateway.stop().await;
+
+    // With APQ off, a plan is no way to send a hash alone.
+    let mut settings = world.settings();
+    settings.graphql.persisted_queries = 0;
+    let off = world.gateway_with(settings).await;
+    for _ in 0..2 {
+        let (_, body) = off.post(query, json!({}), common::KEYED).await;
+        assert_eq!(body["data"], registered["data"], "{body}");
+    }
+    assert_eq!(off.plan_hits(), 1, "the text is planned");
+    let hits = off.plan_hits();
+    let (_, body) = off
+        .post_body(json!({"query": query, "extensions": extension}))
+        .await;
+    assert_eq!(body["data"], registered["data"], "the text is run: {body}");
+    let (_, body) = off.post_body(json!({"extensions": extension})).await;
+    assert!(body["errors"][0]["message"].is_string(), "{body}");
+    assert_eq!(off.plan_hits(), hits, "no plan answers a persisted query");
+    off.stop().await;
 }

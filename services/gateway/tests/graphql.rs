@@ -87,7 +87,7 @@ async fn queries_filter_order_page_and_nest_relations() {
         .post(
             "query($ids: [Int!]) { customerList(where: {id: {in: $ids}}) { id } }",
             json!({"ids": [2]}),
-            &[],
+            common::KEYED,
         )
         .await;
     assert_eq!(status, 200);
@@ -99,6 +99,7 @@ async fn queries_filter_order_page_and_nest_relations() {
             "{}?query=%7B%20customer(id%3A%203)%20%7B%20name%20%7D%20%7D",
             gateway.url
         ))
+        .header("x-api-key", API_KEY)
         .send()
         .await
         .expect("GET /graphql")
@@ -335,7 +336,7 @@ async fn limits_answer_with_clear_graphql_errors() {
         .post(
             "{ customer(id: 1) { orders { customer { orders { id } } } } }",
             json!({}),
-            &[],
+            common::KEYED,
         )
         .await;
     assert!(
@@ -350,7 +351,7 @@ async fn limits_answer_with_clear_graphql_errors() {
         .map(|i| format!("c{i}: customer(id: 1) {{ id }} "))
         .collect();
     let (_, body) = gateway
-        .post(&format!("{{ {aliases} }}"), json!({}), &[])
+        .post(&format!("{{ {aliases} }}"), json!({}), common::KEYED)
         .await;
     assert!(
         body["errors"][0]["message"]
@@ -361,7 +362,11 @@ async fn limits_answer_with_clear_graphql_errors() {
     );
 
     let (_, body) = gateway
-        .post("{ customerList(limit: 51) { id } }", json!({}), &[])
+        .post(
+            "{ customerList(limit: 51) { id } }",
+            json!({}),
+            common::KEYED,
+        )
         .await;
     assert!(
         body["errors"][0]["message"]
@@ -376,7 +381,7 @@ async fn limits_answer_with_clear_graphql_errors() {
         .post(
             &format!("{{ customer(id: 1) {{ id }} {padding} }}"),
             json!({}),
-            &[],
+            common::KEYED,
         )
         .await;
     assert_eq!(status, 413);
@@ -461,7 +466,7 @@ async fn an_sql_injection_corpus_through_every_operator_matches_nothing_and_harm
                 .post(
                     &format!("query($v: String) {{ customerList(where: {{name: {{{operator}: $v}}}}) {{ id name }} }}"),
                     json!({"v": attack}),
-                    &[],
+                    common::KEYED,
                 )
                 .await;
             assert_eq!(status, 200);
@@ -483,7 +488,7 @@ async fn an_sql_injection_corpus_through_every_operator_matches_nothing_and_harm
             .post(
                 "query($v: [String!]) { customerList(where: {name: {in: $v}}) { id } }",
                 json!({"v": [attack, "Nobody"]}),
-                &[],
+                common::KEYED,
             )
             .await;
         assert_eq!(
@@ -495,7 +500,7 @@ async fn an_sql_injection_corpus_through_every_operator_matches_nothing_and_harm
             .post(
                 "query($v: ID!) { customer(id: $v) { id } }",
                 json!({"v": attack}),
-                &[],
+                common::KEYED,
             )
             .await;
         assert!(body["data"]["customer"].is_null(), "key {attack:?}: {body}");
@@ -504,7 +509,7 @@ async fn an_sql_injection_corpus_through_every_operator_matches_nothing_and_harm
             .post(
                 "query($v: String) { orderList(where: {status: {eq: $v}, id: {gt: 0}}) { id } }",
                 json!({"v": attack}),
-                &[],
+                common::KEYED,
             )
             .await;
         assert_eq!(body["data"]["orderList"], json!([]), "{attack:?}: {body}");
@@ -513,7 +518,7 @@ async fn an_sql_injection_corpus_through_every_operator_matches_nothing_and_harm
         .post(
             "query($v: String) { customerList(where: {name: {eq: $v}}) { id } }",
             json!({"v": "Ada\u{0}"}),
-            &[],
+            common::KEYED,
         )
         .await;
     assert!(
@@ -635,13 +640,65 @@ async fn fragments_aliases_repeats_and_skip_include_answer_per_the_spec() {
             json!({"customer": {"id": 3}}),
         ),
     ];
+    // Each query twice: by the engine, then from its compiled plan; both answers must be the
+    // expected one, in the selection's key order.
+    let corpus_size = corpus.len() as u64;
     for (query, variables, expected) in corpus {
-        let (status, body) = gateway.post(query, variables, &[]).await;
-        assert_eq!(status, 200, "{query}: {body}");
-        assert!(body.get("errors").is_none(), "{query}: {body}");
-        assert_eq!(body["data"], expected, "{query}");
+        let mut orders = Vec::new();
+        for round in ["engine", "plan"] {
+            let hits = gateway.plan_hits();
+            let text = gateway
+                .http
+                .post(&gateway.url)
+                .header("x-api-key", API_KEY)
+                .json(&json!({"query": query, "variables": variables}))
+                .send()
+                .await
+                .expect("answer")
+                .text()
+                .await
+                .expect("text");
+            let body: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+            assert!(body.get("errors").is_none(), "{round}: {query}: {body}");
+            assert_eq!(body["data"], expected, "{round}: {query}");
+            assert_eq!(
+                gateway.plan_hits() - hits,
+                u64::from(round == "plan"),
+                "{round}: {query}"
+            );
+            orders.push(keys(&text));
+        }
+        assert_eq!(orders[0], orders[1], "the same key order: {query}");
     }
+    assert_eq!(gateway.plan_hits(), corpus_size);
     gateway.stop().await;
+}
+
+/// Every object key of a JSON text, in the order the text has them (a parsed value would
+/// sort them).
+fn keys(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '"' {
+            continue;
+        }
+        let mut string = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => string.extend(chars.next()),
+                '"' => break,
+                c => string.push(c),
+            }
+        }
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.peek() == Some(&':') {
+            out.push(string);
+        }
+    }
+    out
 }
 
 /// The shop schema plus a table with the awkward types: a 64-bit key, bounded strings, money.
@@ -758,7 +815,11 @@ async fn values_round_trip_exactly_overflow_is_an_error_and_database_text_stays_
     );
 
     let (_, body) = gateway
-        .post("{ account(id: \"1\") { password_hash } }", json!({}), &[])
+        .post(
+            "{ account(id: \"1\") { password_hash } }",
+            json!({}),
+            common::KEYED,
+        )
         .await;
     assert!(
         message(&body).contains("password_hash"),
@@ -791,7 +852,7 @@ async fn null_in_a_filter_operator_is_an_error_not_every_row() {
         ),
         ("{ customerList(where: {or: null}) { id } }", json!({})),
     ] {
-        let (_, body) = gateway.post(query, variables, &[]).await;
+        let (_, body) = gateway.post(query, variables, common::KEYED).await;
         assert!(message(&body).contains("null"), "{query}: {body}");
         assert!(
             body["data"]["customerList"].is_null(),
@@ -818,7 +879,7 @@ async fn list_limits_multiply_into_a_row_budget_and_aliases_are_limited() {
         .post(
             "{ customerList(limit: 1000) { orders(limit: 1000) { customer { orders(limit: 1000) { id } } } } }",
             json!({}),
-            &[],
+            common::KEYED,
         )
         .await;
     assert!(message(&body).contains("max_rows"), "{body}");
@@ -826,7 +887,7 @@ async fn list_limits_multiply_into_a_row_budget_and_aliases_are_limited() {
         .post(
             "query($n: Int) { customerList(limit: $n) { orders(limit: $n) { id } } }",
             json!({"n": 1000}),
-            &[],
+            common::KEYED,
         )
         .await;
     assert!(
@@ -843,7 +904,7 @@ async fn list_limits_multiply_into_a_row_budget_and_aliases_are_limited() {
         .post(
             "{ a: customer(id: 1) { b: id c: name d: email } }",
             json!({}),
-            &[],
+            common::KEYED,
         )
         .await;
     assert!(message(&body).contains("max_aliases"), "{body}");
@@ -851,7 +912,7 @@ async fn list_limits_multiply_into_a_row_budget_and_aliases_are_limited() {
         .post(
             "{ customer(id: 1) { id @skip(if: false) @skip(if: false) @skip(if: false) @skip(if: false) @skip(if: false) @skip(if: false) @skip(if: false) @skip(if: false) @skip(if: false) } }",
             json!({}),
-            &[],
+            common::KEYED,
         )
         .await;
     assert!(
@@ -1029,6 +1090,64 @@ async fn permissions_grant_operations_per_role_and_filter_rows_on_a_claim() {
             (30, Some(1), "new".to_owned()),
         ]
     );
+
+    // A compiled plan is no way around them: the admin's answer makes the plan, then each
+    // caller gets what its own roles and claims reach, the same as the engine answers them.
+    let cy = {
+        let claims = json!({"sub": "cy", "exp": chrono::Utc::now().timestamp() + 600,
+                            "app": {"roles": ["customer"], "customer": 3}});
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(common::JWT_SECRET.as_bytes()),
+        )
+        .expect("sign");
+        format!("Bearer {token}")
+    };
+    let planned = "{ orderList(order_by: [{id: ASC}]) { id } orderAggregate { count } }";
+    let ids = |body: &serde_json::Value| body["data"]["orderList"].clone();
+    let hits = gateway.plan_hits();
+    for _ in 0..2 {
+        let (_, admin) = gateway.post(planned, json!({}), common::KEYED).await;
+        assert_eq!(
+            ids(&admin),
+            json!([{"id": 10}, {"id": 11}, {"id": 13}, {"id": 30}])
+        );
+        assert_eq!(admin["data"]["orderAggregate"], json!({"count": 4}));
+        let (_, body) = gateway.post(planned, json!({}), &as_ada).await;
+        assert_eq!(
+            ids(&body),
+            json!([{"id": 10}, {"id": 11}, {"id": 30}]),
+            "{body}"
+        );
+        assert_eq!(
+            body["data"]["orderAggregate"],
+            json!({"count": 3}),
+            "{body}"
+        );
+        let (_, body) = gateway
+            .post(planned, json!({}), &[("authorization", cy.as_str())])
+            .await;
+        assert_eq!(ids(&body), json!([{"id": 13}]), "{body}");
+        let (_, body) = gateway.post(planned, json!({}), &[]).await;
+        assert!(
+            message(&body).contains("not permitted to read Order"),
+            "{body}"
+        );
+        let (_, body) = gateway
+            .post(
+                planned,
+                json!({}),
+                &[("authorization", &format!("Bearer {}", token("no-roles")))],
+            )
+            .await;
+        assert!(message(&body).contains("not permitted"), "{body}");
+    }
+    assert_eq!(
+        gateway.plan_hits() - hits,
+        5,
+        "the second admin, both of Ada's, both of Cy's"
+    );
     gateway.stop().await;
 }
 
@@ -1125,4 +1244,225 @@ async fn keyset_pages_aggregates_multi_row_inserts_and_upserts() {
     );
     assert_eq!(events[0].tx, events[1].tx, "the rows share one transaction");
     gateway.stop().await;
+}
+
+/// A corpus of orderings over columns full of NULLs: paging with `after` (the last key of each
+/// page) in pages of 3 gives exactly the unpaged order, which is the order NULLS LAST ascending
+/// and NULLS FIRST descending, ties broken by the key; nothing skipped, nothing repeated.
+#[tokio::test]
+async fn keyset_pages_over_nullable_order_columns_skip_and_repeat_nothing() {
+    /// id, customer_id, total, note
+    type Row = (i32, Option<i32>, Option<String>, Option<String>);
+    let world = World::start().await;
+    let gateway = world.gateway().await;
+    sqlx::raw_sql(
+        "INSERT INTO customers (id, name) VALUES (1, 'a'), (2, 'b'), (3, 'c');
+         INSERT INTO orders (id, customer_id, status, total, note)
+           SELECT g,
+                  CASE WHEN g % 4 = 0 THEN NULL ELSE 1 + g % 3 END,
+                  'new',
+                  CASE WHEN g % 3 = 0 THEN NULL ELSE (g * 7) % 5 END,
+                  CASE WHEN g % 5 < 2 THEN NULL ELSE chr(97 + (g * 3) % 4) END
+           FROM generate_series(1, 40) g;",
+    )
+    .execute(&world.db)
+    .await
+    .expect("seed");
+    let rows: Vec<Row> = sqlx::query_as("SELECT id, customer_id, total::text, note FROM orders")
+        .fetch_all(&world.db)
+        .await
+        .expect("rows");
+    // (column, direction) → the expected order of ids, computed here rather than by the server.
+    let value = |row: &Row, column: &str| match column {
+        "customer_id" => row.1.map(|v| format!("{v:08}")),
+        "total" => row.2.clone().map(|v| format!("{:>12}", v)),
+        "note" => row.3.clone(),
+        _ => unreachable!(),
+    };
+    let orderings: [&[(&str, &str)]; 6] = [
+        &[("total", "ASC")],
+        &[("total", "DESC")],
+        &[("note", "ASC"), ("total", "DESC")],
+        &[("customer_id", "DESC"), ("note", "ASC")],
+        &[("note", "DESC"), ("customer_id", "ASC"), ("total", "ASC")],
+        &[("customer_id", "ASC")],
+    ];
+    for ordering in orderings {
+        let mut expected = rows.clone();
+        expected.sort_by(|a, b| {
+            for (column, direction) in ordering {
+                let (x, y) = (value(a, column), value(b, column));
+                // NULL sorts last ascending, first descending.
+                let order = match (&x, &y) {
+                    (None, None) => std::cmp::Ordering::Equal,
+                    (None, Some(_)) => std::cmp::Ordering::Greater,
+                    (Some(_), None) => std::cmp::Ordering::Less,
+                    (Some(x), Some(y)) => x.cmp(y),
+                };
+                let order = if *direction == "DESC" {
+                    order.reverse()
+                } else {
+                    order
+                };
+                if order.is_ne() {
+                    return order;
+                }
+            }
+            a.0.cmp(&b.0)
+        });
+        let expected: Vec<i64> = expected.iter().map(|r| i64::from(r.0)).collect();
+        let order_by = ordering
+            .iter()
+            .map(|(c, d)| format!("{{{c}: {d}}}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let ids = |data: &serde_json::Value, path: &[&str]| -> Vec<i64> {
+            let mut list = data;
+            for step in path {
+                list = &list[step];
+            }
+            list.as_array()
+                .expect("a list")
+                .iter()
+                .map(|o| o["id"].as_i64().expect("an id"))
+                .collect()
+        };
+        let whole = gateway
+            .query(&format!(
+                "{{ orderList(order_by: [{order_by}], limit: 100) {{ id }} }}"
+            ))
+            .await;
+        assert_eq!(ids(&whole, &["orderList"]), expected, "unpaged {order_by}");
+        let mut paged = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page = gateway
+                .query(&format!(
+                    "{{ orderList(order_by: [{order_by}], limit: 3{after}) {{ id }} }}"
+                ))
+                .await;
+            let page = ids(&page, &["orderList"]);
+            let Some(last) = page.last() else { break };
+            after = format!(", after: {last}");
+            paged.extend(page);
+            assert!(
+                paged.len() <= expected.len(),
+                "paging repeats rows: {order_by}"
+            );
+        }
+        assert_eq!(paged, expected, "paged {order_by}");
+    }
+    // A nested list pages the same way, and an `after` naming no row pages nothing.
+    let nested = gateway
+        .query("{ customer(id: 2) { orders(order_by: [{note: DESC}, {total: ASC}], limit: 100) { id } } }")
+        .await;
+    let all: Vec<_> = nested["customer"]["orders"]
+        .as_array()
+        .expect("list")
+        .clone();
+    assert!(all.len() > 4, "{nested}");
+    let from = all[2]["id"].as_i64().expect("id");
+    let rest = gateway
+        .query(&format!(
+            "{{ customer(id: 2) {{ orders(order_by: [{{note: DESC}}, {{total: ASC}}], after: {from}) {{ id }} }} }}"
+        ))
+        .await;
+    assert_eq!(
+        rest["customer"]["orders"].as_array().expect("list")[..],
+        all[3..]
+    );
+    let none = gateway
+        .query("{ orderList(order_by: [{total: DESC}], after: 999) { id } }")
+        .await;
+    assert_eq!(none, json!({"orderList": []}));
+    gateway.stop().await;
+}
+
+/// Anonymous access is off unless the schema file grants the `anonymous` role: an entity
+/// without permissions answers authenticated callers only, and an anonymous grant opens
+/// exactly what it lists (not a relation into an entity it does not cover, not a write).
+#[tokio::test]
+async fn anonymous_callers_reach_only_what_the_schema_file_grants_the_anonymous_role() {
+    let world = World::start().await;
+    seed(&world).await;
+    let gateway = world.gateway().await;
+    for query in [
+        "{ customerList { id } }",
+        "{ customer(id: 1) { name } }",
+        "{ orderAggregate { count } }",
+    ] {
+        let (status, body) = gateway.post(query, json!({}), &[]).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            message(&body).contains("closed to anonymous callers"),
+            "{query}: {body}"
+        );
+        assert!(
+            body["data"]
+                .as_object()
+                .is_none_or(|d| d.values().all(|v| v.is_null())),
+            "{query}: no data: {body}"
+        );
+    }
+    let (_, body) = gateway
+        .post("{ customer(id: 1) { name } }", json!({}), common::KEYED)
+        .await;
+    assert_eq!(body["data"], json!({"customer": {"name": "Ada"}}), "{body}");
+    gateway.stop().await;
+
+    let path = world.dir.path().join("anonymous.toml");
+    let schema = format!(
+        "{}\n[entities.Customer.permissions.anonymous]\noperations = [\"read\"]\n\
+         [entities.Customer.permissions.staff]\noperations = [\"read\", \"insert\", \"update\", \"delete\"]\n",
+        common::SCHEMA
+    );
+    std::fs::write(&path, schema).expect("write");
+    let mut settings = world.settings();
+    settings.schema_file = path;
+    settings
+        .auth
+        .api_key_roles
+        .insert(API_KEY_ACTOR.into(), vec!["staff".into()]);
+    let open = world.gateway_with(settings).await;
+    let (_, body) = open
+        .post("{ customerList(limit: 2) { id name } }", json!({}), &[])
+        .await;
+    assert_eq!(
+        body,
+        json!({"data": {"customerList": [{"id": 1, "name": "Ada"}, {"id": 2, "name": "Bob"}]}}),
+        "the anonymous grant opens Customer reads"
+    );
+    for query in [
+        "{ customer(id: 1) { name orders { id } } }",
+        "{ orderList { id } }",
+        r#"mutation { createCustomer(input: {name: "Eve"}) { id } }"#,
+        "mutation { deleteCustomer(id: 1) { id } }",
+    ] {
+        let (_, body) = open.post(query, json!({}), &[]).await;
+        let text = message(&body);
+        assert!(
+            text.contains("closed to anonymous callers")
+                || text.contains("authenticated")
+                || text.contains("not permitted"),
+            "{query}: {body}"
+        );
+    }
+    let (_, body) = open
+        .post(
+            r#"mutation { createCustomer(input: {id: 50, name: "Eve"}) { name } }"#,
+            json!({}),
+            common::KEYED,
+        )
+        .await;
+    assert_eq!(
+        body["data"],
+        json!({"createCustomer": {"name": "Eve"}}),
+        "{body}"
+    );
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM customers")
+        .fetch_one(&world.db)
+        .await
+        .expect("count");
+    assert_eq!(count, 4, "only the keyed write happened");
+    open.stop().await;
 }

@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 pub const JWT_SECRET: &str = "a-test-secret-that-is-long-enough-for-hs256";
 pub const API_KEY: &str = "test-api-key-0123456789";
 pub const API_KEY_ACTOR: &str = "batch-importer";
+/// The headers of a request made with the API key.
+pub const KEYED: &[(&str, &str)] = &[("x-api-key", API_KEY)];
 
 pub const DDL: &str = "
 CREATE TABLE customers (id serial PRIMARY KEY, name text NOT NULL, email text);
@@ -249,9 +251,27 @@ impl Gateway {
         (status, body)
     }
 
-    /// A query as an anonymous caller; panics on GraphQL errors.
+    /// POSTs `body` as it is, with the API key; returns (status, body).
+    pub async fn post_body(&self, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let response = self
+            .http
+            .post(&self.url)
+            .header("x-api-key", API_KEY)
+            .json(&body)
+            .send()
+            .await
+            .expect("gateway answers");
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// A query as the API key's caller (anonymous callers reach only what the schema file
+    /// grants the `anonymous` role); panics on GraphQL errors.
     pub async fn query(&self, query: &str) -> serde_json::Value {
-        let (status, body) = self.post(query, serde_json::json!({}), &[]).await;
+        let (status, body) = self.post(query, serde_json::json!({}), KEYED).await;
         assert_eq!(status, 200, "{body}");
         assert!(body.get("errors").is_none(), "unexpected errors: {body}");
         body["data"].clone()
@@ -263,6 +283,11 @@ impl Gateway {
             Some(running) => running.readiness(nats).failures().await,
             None => vec!["stopped".into()],
         }
+    }
+
+    /// Requests answered from a compiled plan rather than by the engine.
+    pub fn plan_hits(&self) -> u64 {
+        self.running.as_ref().map_or(0, |r| r.plan_hits())
     }
 
     /// The pool GraphQL serves from (the relay has its own).

@@ -2,7 +2,10 @@
 // introspection query and buildClientSchema), validates the documents given on stdin against
 // it, runs the valid ones, and prints one JSON report on stdout.
 //
-// Usage: GRAPHQL_JS_DIR=<dir with node_modules/graphql> node client.mjs <url> < documents.json
+// Usage: GRAPHQL_JS_DIR=<dir with node_modules/graphql> [GRAPHQL_API_KEY=<key>] \
+//        node client.mjs <url> < documents.json
+// (the key, sent as X-Api-Key, is what a tool is configured with: the gateway has no anonymous
+// access unless its schema file grants it; introspection needs none)
 import { createRequire } from "node:module";
 
 const require = createRequire(`${process.env.GRAPHQL_JS_DIR}/package.json`);
@@ -13,7 +16,10 @@ const url = process.argv[2];
 const post = async (query, variables = {}) => {
   const response = await fetch(url, {
     method: "POST",
-    headers: { "content-type": "application/json" },
+    headers: {
+      "content-type": "application/json",
+      ...(process.env.GRAPHQL_API_KEY ? { "x-api-key": process.env.GRAPHQL_API_KEY } : {}),
+    },
     body: JSON.stringify({ query, variables }),
   });
   return response.json();
