@@ -8,6 +8,7 @@
 
 mod auth;
 mod binaries;
+pub mod contract;
 mod nats;
 mod opensearch;
 mod postgres;
