@@ -32,6 +32,18 @@ const SCHEMAS: [&str; 6] = [
     "retry-policy",
 ];
 
+/// Schemas of the services' own interfaces, checked against those services' Rust types and real
+/// answers in the services' tests: the auditor's search API (`services/auditor/tests/contract.rs`
+/// and the trail scenario) and Flight tickets (`services/flight-streamer/tests/contract.rs`).
+/// Here only their form is checked.
+const SERVICE_SCHEMAS: [&str; 5] = [
+    "audit-document",
+    "audit-search-page",
+    "audit-trail",
+    "audit-error",
+    "flight-ticket",
+];
+
 fn schema_path(name: &str) -> PathBuf {
     Path::new(CONTRACTS)
         .join("schemas")
@@ -288,7 +300,11 @@ impl Samples {
 #[test]
 fn every_schema_file_is_one_of_the_contract_messages() {
     let on_disk: BTreeSet<String> = all_schemas().into_keys().collect();
-    let expected: BTreeSet<String> = SCHEMAS.iter().map(|s| (*s).to_owned()).collect();
+    let expected: BTreeSet<String> = SCHEMAS
+        .iter()
+        .chain(&SERVICE_SCHEMAS)
+        .map(|s| (*s).to_owned())
+        .collect();
     assert_eq!(
         on_disk, expected,
         "contracts/schemas holds a schema this test does not check, or lacks one"
@@ -325,6 +341,50 @@ fn every_schema_declares_its_id_title_and_a_description_for_every_property() {
                 "{name}.{property} has no description"
             );
         }
+    }
+}
+
+#[test]
+fn every_service_schema_declares_its_id_title_and_describes_every_property() {
+    let contract = Contract::load();
+    for name in SERVICE_SCHEMAS {
+        let schema = contract.schema(name);
+        assert_eq!(
+            schema["$schema"], "https://json-schema.org/draft/2020-12/schema",
+            "{name} is not draft 2020-12"
+        );
+        let id = schema_id(schema, name);
+        assert!(
+            id.ends_with(&format!("/{name}.schema.json")),
+            "{name}: $id {id}"
+        );
+        assert!(schema["title"].is_string(), "{name} has no title");
+        assert!(
+            schema["description"].is_string(),
+            "{name} has no description"
+        );
+        // The schema itself, or each of its definitions, is an object schema whose every
+        // property is described.
+        let mut objects = vec![(name.to_owned(), schema)];
+        if let Some(defs) = schema["$defs"].as_object() {
+            objects.extend(defs.iter().map(|(d, def)| (format!("{name}#{d}"), def)));
+        }
+        let mut described = 0;
+        for (what, object) in objects {
+            let Some(properties) = object["properties"].as_object() else {
+                continue;
+            };
+            for (property, value) in properties {
+                assert!(
+                    value["description"].is_string(),
+                    "{what}.{property} has no description"
+                );
+                described += 1;
+            }
+        }
+        assert!(described > 0, "{name} describes no property");
+        // The schema compiles, with every $ref resolved.
+        let _ = contract.validator(name);
     }
 }
 

@@ -28,6 +28,15 @@
 //! `FIRST_FAILURES_MAX_AGE` removes what a crash left behind. Without either, the dead-lettering
 //! delivery is the first failure.
 //!
+//! A consumer that settles many messages at once (the auditor, after one bulk request) hands
+//! them to `Settler::settle_all`, which settles them concurrently, each exactly as `settle`
+//! would, and answers in their order.
+//!
+//! A consumer of `HERALD_DLQ` itself has nowhere to dead-letter to (a dead letter of a dead
+//! letter would come back to it): `Settler::for_dlq_consumer` makes a settler whose dead-letter
+//! disposition logs the reason at error level and terminates the message, which stays in the
+//! DLQ stream where it already is.
+//!
 //! Every settled message is counted: `herald_settled_total{service, disposition}` with
 //! disposition = ack | retry | defer | dead_letter | unsettled.
 //!
@@ -76,6 +85,8 @@ const REMEMBERED_FAILURES: usize = 100_000;
 pub const FIRST_FAILURES_BUCKET: &str = "herald_first_failures";
 /// How long a first-failure time is kept without its message being settled.
 pub const FIRST_FAILURES_MAX_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
+/// Messages `Settler::settle_all` settles at the same time.
+const SETTLE_CONCURRENCY: usize = 64;
 
 /// A message to publish (and see stored) before the consumed one is settled.
 #[derive(Debug, Clone)]
@@ -228,7 +239,8 @@ pub enum Settled {
     Acked,
     /// NAKed with the disposition's delay.
     Retrying,
-    /// The dead letter is stored and the message terminated.
+    /// The dead letter is stored and the message terminated (for a settler made with
+    /// `Settler::for_dlq_consumer`: the message, already a dead letter, is terminated).
     DeadLettered,
     /// Something the disposition needed stored was not (the reason is logged); the message was
     /// NAKed after `failure_delay` and the disposition will be decided again on redelivery.
@@ -238,7 +250,8 @@ pub enum Settled {
 /// Settles the messages of one consumer. Shared by all the consumer's tasks.
 pub struct Settler {
     js: jetstream::Context,
-    source: DlqSource,
+    /// `None` for a consumer of the DLQ itself (`for_dlq_consumer`).
+    source: Option<DlqSource>,
     service: String,
     failure_delay: Duration,
     first_failures: Mutex<BTreeMap<u64, DateTime<Utc>>>,
@@ -258,7 +271,25 @@ impl Settler {
     ) -> Self {
         Self {
             js,
-            source,
+            source: Some(source),
+            service: service.into(),
+            failure_delay,
+            first_failures: Mutex::new(BTreeMap::new()),
+            durable_prefix: None,
+            durable: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// A settler for a consumer of `HERALD_DLQ`: its dead-letter disposition publishes nothing
+    /// (the message already is a dead letter); it logs the reason and terminates the message.
+    pub fn for_dlq_consumer(
+        js: jetstream::Context,
+        service: impl Into<String>,
+        failure_delay: Duration,
+    ) -> Self {
+        Self {
+            js,
+            source: None,
             service: service.into(),
             failure_delay,
             first_failures: Mutex::new(BTreeMap::new()),
@@ -290,6 +321,24 @@ impl Settler {
         metrics::counter!("herald_settled_total", "service" => self.service.clone(), "disposition" => label)
             .increment(1);
         settled
+    }
+
+    /// Settles every message with its disposition, concurrently (a bounded number at a time),
+    /// each as `settle` would; the answers are in the order of `items`.
+    pub async fn settle_all(&self, items: Vec<(&jetstream::Message, Disposition)>) -> Vec<Settled> {
+        let mut settled = Vec::with_capacity(items.len());
+        let mut items = items.into_iter();
+        loop {
+            let chunk: Vec<_> = items
+                .by_ref()
+                .take(SETTLE_CONCURRENCY)
+                .map(|(message, disposition)| self.settle(message, disposition))
+                .collect();
+            if chunk.is_empty() {
+                return settled;
+            }
+            settled.extend(futures::future::join_all(chunk).await);
+        }
     }
 
     async fn carry_out(&self, message: &jetstream::Message, disposition: Disposition) -> Settled {
@@ -325,6 +374,14 @@ impl Settler {
                 if let Err(reason) = self.publish_first(&give_up.publish_first).await {
                     return self.unsettled(message, reason).await;
                 }
+                let Some(source) = self.source else {
+                    tracing::error!(subject = %message.subject, reason = %give_up.reason, "a dead letter cannot be handled; it stays in the DLQ stream only");
+                    self.forget(sequence, redelivered).await;
+                    if let Err(e) = message.ack_with(AckKind::Term).await {
+                        tracing::warn!(error = %e, "could not terminate a dead letter");
+                    }
+                    return Settled::DeadLettered;
+                };
                 let first_failed_at = match give_up.first_failed_at {
                     Some(at) => Some(at),
                     None => self.recalled_failure(sequence).await,
@@ -332,7 +389,7 @@ impl Settler {
                 .unwrap_or_else(Utc::now);
                 let attempts = give_up.attempts.unwrap_or_else(|| delivery_count(message));
                 let letter = DeadLetter::for_message(
-                    self.source,
+                    source,
                     message,
                     give_up.reason.as_str(),
                     attempts,

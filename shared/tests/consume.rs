@@ -293,3 +293,145 @@ async fn a_body_too_large_for_the_dead_letter_headers_is_kept_whole_in_the_bodie
         .await
         .expect("deleting twice is fine");
 }
+
+#[tokio::test]
+async fn settle_all_settles_a_whole_bulk_in_order_each_as_settle_would() {
+    let nats = NatsServer::start();
+    let js = provisioned(&nats).await;
+    let settler = Settler::new(
+        js.clone(),
+        DlqSource::Events,
+        "settle-test",
+        Duration::from_millis(100),
+    );
+    for n in 0..200 {
+        publish_event(
+            &js,
+            &format!("e-{n}"),
+            format!("{{\"n\":{n}}}").into_bytes(),
+        )
+        .await;
+    }
+    let mut messages = messages(&js).await;
+    let mut bulk = Vec::new();
+    for _ in 0..200 {
+        bulk.push(next(&mut messages).await);
+    }
+    // Every 50th is refused for good, every 10th (not 50th) comes again later, the rest are done.
+    let disposition = |n: usize| {
+        if n % 50 == 0 {
+            Disposition::dead_letter(format!("refused {n}"))
+        } else if n % 10 == 0 {
+            Disposition::retry(Duration::from_millis(200))
+        } else {
+            Disposition::ack()
+        }
+    };
+    let settled = settler
+        .settle_all(
+            bulk.iter()
+                .enumerate()
+                .map(|(n, m)| (m, disposition(n)))
+                .collect(),
+        )
+        .await;
+    assert_eq!(settled.len(), 200);
+    for (n, s) in settled.iter().enumerate() {
+        let expected = if n % 50 == 0 {
+            Settled::DeadLettered
+        } else if n % 10 == 0 {
+            Settled::Retrying
+        } else {
+            Settled::Acked
+        };
+        assert_eq!(*s, expected, "message {n}");
+    }
+    assert_eq!(
+        stored(&js, DLQ_STREAM).await,
+        4,
+        "one dead letter per refusal"
+    );
+    let mut again = Vec::new();
+    for _ in 0..16 {
+        let m = next(&mut messages).await;
+        assert_eq!(m.info().expect("info").delivered, 2);
+        again.push(m);
+    }
+    let mut redelivered: Vec<String> = again
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect();
+    redelivered.sort();
+    let mut expected: Vec<String> = (0..200)
+        .filter(|n| n % 10 == 0 && n % 50 != 0)
+        .map(|n| format!("{{\"n\":{n}}}"))
+        .collect();
+    expected.sort();
+    assert_eq!(redelivered, expected, "exactly the retried ones come again");
+    settler
+        .settle_all(again.iter().map(|m| (m, Disposition::ack())).collect())
+        .await;
+    let stream = js.get_stream(EVENTS_STREAM).await.expect("stream");
+    let info = stream.consumer_info("settle-test").await.expect("consumer");
+    assert_eq!(info.num_ack_pending, 0, "everything settled");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), messages.next())
+            .await
+            .is_err(),
+        "nothing else comes back"
+    );
+}
+
+#[tokio::test]
+async fn a_dlq_consumer_terminates_a_dead_letter_it_gives_up_on_without_a_new_one() {
+    let nats = NatsServer::start();
+    let js = provisioned(&nats).await;
+    let letter = dlq::DeadLetter {
+        source: DlqSource::Events,
+        original_subject: "herald.events.Order.insert".into(),
+        original_msg_id: "e-1".into(),
+        error: "boom".into(),
+        attempts: 1,
+        first_failed_at: Utc::now(),
+    };
+    dlq::publish(&js, &letter, "{}".into(), None, "settle-test")
+        .await
+        .expect("dead letter stored");
+    let mut messages = js
+        .get_stream(DLQ_STREAM)
+        .await
+        .expect("stream")
+        .create_consumer(pull::Config {
+            durable_name: Some("dlq-reader".into()),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: -1,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer")
+        .messages()
+        .await
+        .expect("messages");
+    let settler = Settler::for_dlq_consumer(js.clone(), "settle-test", Duration::from_millis(100));
+    let message = next(&mut messages).await;
+    assert_eq!(
+        settler
+            .settle(&message, Disposition::dead_letter("cannot index it"))
+            .await,
+        Settled::DeadLettered
+    );
+    assert_eq!(
+        stored(&js, DLQ_STREAM).await,
+        1,
+        "no dead letter of a dead letter"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), messages.next())
+            .await
+            .is_err(),
+        "terminated: it does not come back"
+    );
+    let stream = js.get_stream(DLQ_STREAM).await.expect("stream");
+    let info = stream.consumer_info("dlq-reader").await.expect("consumer");
+    assert_eq!(info.num_ack_pending, 0);
+}

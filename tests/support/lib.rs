@@ -9,6 +9,7 @@
 mod auth;
 mod binaries;
 mod cluster;
+pub mod contract;
 mod nats;
 mod opensearch;
 mod postgres;

@@ -11,17 +11,17 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, AckKind, consumer};
+use async_nats::jetstream::{self, consumer};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
+use herald_shared::consume::{self, Disposition, Settler};
 use herald_shared::streams::{self, StreamSpec};
-use herald_shared::subjects::{DLQ_ALL, EVENTS_ALL, JOBS_STATUS_ALL, OUTCOMES_ALL};
+use herald_shared::subjects::{DLQ_ALL, DlqSource, EVENTS_ALL, JOBS_STATUS_ALL, OUTCOMES_ALL};
 use tokio_util::sync::CancellationToken;
 
 use crate::bulk;
 use crate::classify::ItemVerdict;
 use crate::cluster::Cluster;
-use crate::disposition::{self, Disposition};
 use crate::document::{Document, Incoming, Kind};
 use crate::health::Health;
 use crate::settings::AuditorSettings;
@@ -54,12 +54,28 @@ pub fn consumer_name(prefix: &str, kind: Kind) -> String {
     format!("{prefix}-{part}")
 }
 
+/// Names the auditor in dead letters (`Herald-Dead-Lettered-By`) and in `herald_settled_total`.
+pub const SERVICE: &str = "auditor";
+
+/// Where a message of `kind` is dead-lettered. Dead letters themselves are not: they already
+/// are in the DLQ stream, and dead-lettering one again would feed it back to this consumer.
+pub fn dlq_source(kind: Kind) -> Option<DlqSource> {
+    match kind {
+        Kind::Event => Some(DlqSource::Events),
+        Kind::Outcome => Some(DlqSource::Actions),
+        Kind::Job => Some(DlqSource::Jobs),
+        Kind::DeadLetter => None,
+    }
+}
+
 pub struct Indexer {
     pub kind: Kind,
     pub js: jetstream::Context,
     pub cluster: Arc<Cluster>,
     pub settings: Arc<AuditorSettings>,
     pub health: Arc<Health>,
+    /// The shared settling path: acks, delayed NAKs and dead letters.
+    settler: Settler,
 }
 
 struct Pending {
@@ -68,6 +84,30 @@ struct Pending {
 }
 
 impl Indexer {
+    pub fn new(
+        kind: Kind,
+        js: jetstream::Context,
+        cluster: Arc<Cluster>,
+        settings: Arc<AuditorSettings>,
+        health: Arc<Health>,
+    ) -> Self {
+        // A disposition that could not be carried out (the DLQ unreachable) comes again after
+        // the longest retry delay.
+        let failure_delay = settings.retry_max_delay;
+        let settler = match dlq_source(kind) {
+            Some(source) => Settler::new(js.clone(), source, SERVICE, failure_delay),
+            None => Settler::for_dlq_consumer(js.clone(), SERVICE, failure_delay),
+        };
+        Self {
+            kind,
+            js,
+            cluster,
+            settings,
+            health,
+            settler,
+        }
+    }
+
     /// Indexes until `stop`, binding to the consumer again whenever it fails.
     pub async fn run(self, stop: CancellationToken) {
         while !stop.is_cancelled() {
@@ -173,24 +213,28 @@ impl Indexer {
     /// Indexes one bulk's messages, settling each, retrying what can be stored later until it
     /// is or until `stop` (then those are NAKed, to come back to whoever consumes next).
     async fn index(&self, batch: Vec<jetstream::Message>, stop: &CancellationToken) {
+        let kind = self.kind.as_str();
         let mut pending = Vec::with_capacity(batch.len());
+        let mut unreadable = Vec::new();
         for message in batch {
             match self.kind.document(&incoming(&message)) {
                 Ok(document) => pending.push(Pending { message, document }),
-                Err(reason) => {
-                    self.settle(&message, Disposition::DeadLetter { reason })
-                        .await;
-                }
+                Err(reason) => unreadable.push((message, reason)),
             }
         }
+        let refusals = unreadable
+            .iter()
+            .map(|(message, reason)| (message, self.refused(reason)))
+            .collect();
+        self.settler.settle_all(refusals).await;
         let policy = self.settings.retry_policy();
         let mut attempt = 0;
         while !pending.is_empty() {
             attempt += 1;
             let verdicts = self.send(&pending).await;
             let mut again = Vec::new();
+            let mut done = Vec::with_capacity(pending.len());
             for (item, verdict) in pending.into_iter().zip(verdicts) {
-                let kind = self.kind.as_str();
                 match verdict {
                     ItemVerdict::Stored { duplicate } => {
                         if duplicate {
@@ -200,12 +244,12 @@ impl Indexer {
                             metrics::counter!("herald_auditor_indexed_total", "kind" => kind)
                                 .increment(1);
                         }
-                        self.settle(&item.message, Disposition::Stored).await;
+                        done.push((item.message, Disposition::ack()));
                     }
                     ItemVerdict::Refused(reason) => {
                         tracing::warn!(kind, id = %item.document.id, %reason, "document refused by the cluster");
-                        self.settle(&item.message, Disposition::DeadLetter { reason })
-                            .await;
+                        let disposition = self.refused(&reason);
+                        done.push((item.message, disposition));
                     }
                     ItemVerdict::Retry(reason) => {
                         metrics::counter!("herald_auditor_failed_items_total", "kind" => kind)
@@ -215,6 +259,10 @@ impl Indexer {
                     }
                 }
             }
+            let (messages, dispositions): (Vec<_>, Vec<_>) = done.into_iter().unzip();
+            self.settler
+                .settle_all(messages.iter().zip(dispositions).collect())
+                .await;
             pending = again;
             if pending.is_empty() {
                 break;
@@ -223,16 +271,15 @@ impl Indexer {
                 .delay_after(attempt)
                 .unwrap_or(self.settings.retry_max_delay);
             if stop.is_cancelled() {
-                for item in &pending {
-                    self.settle(&item.message, Disposition::Retry { delay })
-                        .await;
-                }
+                let deferred = pending
+                    .iter()
+                    .map(|item| (&item.message, Disposition::defer(delay)))
+                    .collect();
+                self.settler.settle_all(deferred).await;
                 return;
             }
             for item in &pending {
-                if let Err(e) = item.message.ack_with(AckKind::Progress).await {
-                    tracing::warn!(error = %e, "progress ack failed; the message may be redelivered and absorbed");
-                }
+                consume::progress(&item.message).await;
             }
             tokio::select! {
                 _ = stop.cancelled() => {}
@@ -279,8 +326,12 @@ impl Indexer {
         }
     }
 
-    async fn settle(&self, message: &jetstream::Message, disposition: Disposition) {
-        disposition::settle(&self.js, self.kind, message, disposition).await;
+    /// A document that can never be stored: dead-lettered with the reason (a dead letter's
+    /// own document is only logged; the entry stays in the DLQ stream).
+    fn refused(&self, reason: &str) -> Disposition {
+        metrics::counter!("herald_auditor_refused_total", "kind" => self.kind.as_str())
+            .increment(1);
+        Disposition::dead_letter(reason)
     }
 }
 

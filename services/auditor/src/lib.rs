@@ -8,7 +8,8 @@
 //!   `<prefix>-events` on `herald.events.>`, `-outcomes` on `herald.outcomes.>`, `-jobs` on
 //!   `herald.jobs.status.>`, `-dlq` on `herald.dlq.>`. Messages go to the cluster in bulks
 //!   (`bulk`), every item's answer is judged (`classify`) and turned into an ack, a delayed
-//!   NAK or a dead letter in one place (`disposition`).
+//!   NAK or a dead letter by the shared `herald_shared::consume::Settler`, a whole bulk at a time
+//!   (`Settler::settle_all`).
 //! - `kinds::*`: how each kind of message becomes a document; `document`: the fields they share
 //!   and the monthly index names; `cluster`: the client, the distribution (Elasticsearch or
 //!   OpenSearch) and the strict index templates.
@@ -20,7 +21,6 @@ pub mod api;
 pub mod bulk;
 pub mod classify;
 pub mod cluster;
-pub mod disposition;
 pub mod document;
 pub mod health;
 pub mod indexer;
@@ -86,13 +86,13 @@ impl Auditor {
             tasks.spawn(async move { health.watch(&cluster, stop).await });
         }
         for kind in Kind::ALL {
-            let indexer = indexer::Indexer {
+            let indexer = indexer::Indexer::new(
                 kind,
-                js: js.clone(),
-                cluster: Arc::clone(&cluster),
-                settings: Arc::clone(&settings),
-                health: Arc::clone(&health),
-            };
+                js.clone(),
+                Arc::clone(&cluster),
+                Arc::clone(&settings),
+                Arc::clone(&health),
+            );
             tasks.spawn(indexer.run(shutdown.clone()));
         }
         tasks.spawn(report_lag(

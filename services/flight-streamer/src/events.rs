@@ -1,6 +1,15 @@
 //! Event tickets: entity events read from `HERALD_EVENTS` through an ordered, ephemeral
-//! consumer (no acks, in memory, gone with the stream or 30 s after its reader), so a reader
-//! never creates a durable consumer nor moves anyone's checkpoint.
+//! consumer (no acks, in memory), so a reader never creates a durable consumer nor moves
+//! anyone's checkpoint.
+//!
+//! The flight-streamer's NATS user may not delete consumers (a subject permission cannot tell
+//! its consumers from anyone else's), so a cancelled stream's consumer is removed by the server
+//! itself: it is created with an inactivity threshold of `INACTIVE_THRESHOLD`, and a pull
+//! consumer is inactive once no pull request of its reader is waiting, which is at once when
+//! the reader goes. While the reader is alive a pull request is always waiting, except while a
+//! slow client holds the producer back for longer than the threshold; the server may then
+//! remove the consumer, and the ordered consumer creates a new one from the last sequence it
+//! delivered (that one has async-nats' own 30 s threshold), so nothing is missed or repeated.
 //!
 //! A replay runs from the ticket's start to the stream's last sequence at the moment of the
 //! request, then ends. In follow mode it then tails live events; a partial batch is sent after
@@ -34,6 +43,9 @@ use crate::schema::EntityTypes;
 use crate::ticket::EventsTicket;
 
 pub const SKIPPED_EVENTS: &str = "herald_flight_skipped_events_total";
+
+/// How long the server keeps an event ticket's consumer once its reader has gone.
+pub const INACTIVE_THRESHOLD: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventsError {
@@ -163,19 +175,25 @@ pub async fn open(
         .await
         .map_err(|e| EventsError::Stream(e.to_string()))?;
     let end = stream.cached_info().state.last_sequence;
-    let mut config = pull::OrderedConfig {
+    let mut ordered = pull::OrderedConfig {
         name: Some(consumer_name()),
         deliver_policy: deliver_policy(ticket)?,
         ..Default::default()
     };
     match filters(types, ticket)?.as_slice() {
-        [one] => config.filter_subject = one.clone(),
-        many => config.filter_subjects = many.to_vec(),
+        [one] => ordered.filter_subject = one.clone(),
+        many => ordered.filter_subjects = many.to_vec(),
     }
-    let consumer = stream
+    // The consumer an ordered config makes, but with a short inactivity threshold (async-nats
+    // fixes it at 30 s for ordered consumers); then read as an ordered consumer.
+    let mut config: pull::Config = ordered.clone().into();
+    config.inactive_threshold = INACTIVE_THRESHOLD;
+    let created = stream
         .create_consumer(config)
         .await
         .map_err(|e| EventsError::Stream(e.to_string()))?;
+    let consumer =
+        jetstream::consumer::Consumer::new(ordered, created.cached_info().clone(), js.clone());
     let pending = consumer.cached_info().num_pending;
     let messages = consumer
         .messages()

@@ -5,8 +5,14 @@
 //! `schema::Kind::select`); the filter is `filter::Filter`, values bound, never spliced.
 //! When the client goes away the transaction is dropped, which rolls back and closes the
 //! cursor.
+//!
+//! `FlightInfo.total_records` of an export is `count(*)` of the same query at the time of the
+//! request, counted under a `COUNT_TIMEOUT` statement timeout; a count that does not finish in
+//! time (a very large table) is reported as -1, unknown. Rows written between the count and the
+//! read make the read differ from the count.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
@@ -77,6 +83,68 @@ pub fn plan(types: &EntityTypes, ticket: &ExportTicket) -> Result<ExportPlan, Ex
     })
 }
 
+/// The longest a `FlightInfo` waits for an export's row count.
+pub const COUNT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// PostgreSQL's `query_canceled`, which a statement timeout raises.
+const QUERY_CANCELED: &str = "57014";
+
+fn bind_all<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    params: &'q [Param],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    for param in params {
+        query = match param {
+            Param::Text(text) => query.bind(text.as_str()),
+            Param::TextArray(items) => query.bind(items.as_slice()),
+        };
+    }
+    query
+}
+
+/// A database error while running the plan: a value the cast refuses (e.g. a date out of
+/// range) is the ticket's fault, anything else the database's.
+fn refused(e: sqlx::Error) -> Status {
+    match &e {
+        sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")) => {
+            Status::invalid_argument(format!("export filter: {}", db.message()))
+        }
+        _ => Status::unavailable(format!("export failed: {e}")),
+    }
+}
+
+/// The rows the export would yield now, or -1 when counting takes longer than `timeout`.
+pub async fn count(pool: &PgPool, plan: &ExportPlan, timeout: Duration) -> Result<i64, Status> {
+    let database = |e: sqlx::Error| Status::unavailable(format!("cannot count the export: {e}"));
+    let mut tx = pool.begin().await.map_err(database)?;
+    sqlx::query("SET TRANSACTION READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .map_err(database)?;
+    let millis = timeout.as_millis().max(1);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SET LOCAL statement_timeout = {millis}"
+    )))
+    .execute(&mut *tx)
+    .await
+    .map_err(database)?;
+    // The text is built from catalogue names (quoted) and `$n` placeholders only (`plan`).
+    let sql = format!("SELECT count(*) FROM ({}) AS export", plan.sql);
+    let counted = bind_all(
+        sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(false),
+        &plan.params,
+    )
+    .fetch_one(&mut *tx)
+    .await;
+    let total = match counted {
+        Ok(row) => sqlx::Row::try_get::<i64, _>(&row, 0).map_err(database)?,
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some(QUERY_CANCELED) => -1,
+        Err(e) => return Err(refused(e)),
+    };
+    tx.rollback().await.map_err(database)?;
+    Ok(total)
+}
+
 /// Streams the export into `frames`; returns when done, on error (sent as the stream's last
 /// item) or as soon as the client has gone.
 pub async fn produce(
@@ -108,20 +176,13 @@ async fn run(
         .map_err(database)?;
     let declare = format!("DECLARE herald_export NO SCROLL CURSOR FOR {}", plan.sql);
     // The text is built from catalogue names (quoted) and `$n` placeholders only (`plan`).
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(declare)).persistent(false);
-    for param in &plan.params {
-        query = match param {
-            Param::Text(text) => query.bind(text.as_str()),
-            Param::TextArray(items) => query.bind(items.as_slice()),
-        };
-    }
-    query.execute(&mut *tx).await.map_err(|e| match &e {
-        // A value the cast refuses (e.g. a date out of range) is the ticket's fault.
-        sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("22")) => {
-            Status::invalid_argument(format!("export filter: {}", db.message()))
-        }
-        _ => database(e),
-    })?;
+    bind_all(
+        sqlx::query(sqlx::AssertSqlSafe(declare)).persistent(false),
+        &plan.params,
+    )
+    .execute(&mut *tx)
+    .await
+    .map_err(refused)?;
     let read = read_cursor(&mut tx, plan, rows_per_batch, bytes_per_batch, frames).await;
     // Read-only: nothing to commit. Rolling back at once, also when the client has gone, closes
     // the cursor now rather than when the pool next hands out the connection.

@@ -149,13 +149,13 @@ impl EntityTypes {
     }
 }
 
-/// The envelope columns, in order; `SEQ` is the index of `seq`.
+/// The envelope columns, in order; `SEQ` is the index of `seq`. Their types: `envelope_fields`.
 pub const ENVELOPE: [&str; 9] = [
     "id", "entity", "op", "key", "at", "actor", "tx", "changed", "seq",
 ];
 pub const SEQ: usize = 8;
 
-fn envelope_fields() -> Vec<Field> {
+pub fn envelope_fields() -> Vec<Field> {
     vec![
         Field::new("id", DataType::Utf8, false),
         Field::new("entity", DataType::Utf8, false),

@@ -127,8 +127,9 @@ impl Flight {
         let resolved = self.resolve(&ticket)?;
         let total = match &resolved {
             Resolved::Events(types, events) => events::count(&self.js, types, events).await?,
-            // Counting would scan the table: unknown until read.
-            Resolved::Export(_) => -1,
+            Resolved::Export(plan) => {
+                export::count(&self.pool, plan, export::COUNT_TIMEOUT).await?
+            }
         };
         FlightInfo::new()
             .try_with_schema(&resolved.schema())

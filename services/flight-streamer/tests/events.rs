@@ -447,3 +447,87 @@ async fn a_slow_reader_slows_the_producer_instead_of_growing_the_server_memory()
     }
     assert_eq!(read, total, "nothing is lost to the slowness");
 }
+
+/// The names of the flight-streamer's consumers on HERALD_EVENTS, as an operator sees them.
+async fn flight_consumers(stack: &Stack) -> Vec<String> {
+    let admin = async_nats::ConnectOptions::new()
+        .user_and_password("cli".into(), herald_test_support::service_password("cli"))
+        .connect(stack.nats.url())
+        .await
+        .expect("connect as cli");
+    let stream = async_nats::jetstream::new(admin)
+        .get_stream(herald_shared::subjects::EVENTS_STREAM)
+        .await
+        .expect("HERALD_EVENTS");
+    let names: Vec<String> = stream
+        .consumer_names()
+        .try_collect()
+        .await
+        .expect("consumer names");
+    names
+        .into_iter()
+        .filter(|n| n.starts_with("flight_"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_cancelled_follow_stream_leaves_no_consumer_on_the_server() {
+    let stack = Stack::start_with(|s| s.keepalive = Duration::from_millis(500)).await;
+    let order = stack.new_order("1.00", "new", Utc::now()).await;
+    let first = stack.publish(&order).await;
+    let mut client = stack.client().await;
+    let mut reader = Reader::open(
+        &mut client,
+        json!({"events": "Order", "follow": true}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        sequences(&[reader.next_rows(Duration::from_secs(5)).await]),
+        [first]
+    );
+    let consumers = flight_consumers(&stack).await;
+    assert_eq!(
+        consumers.len(),
+        1,
+        "one consumer for the stream: {consumers:?}"
+    );
+
+    // An idle tail outlives the inactivity threshold with the same consumer: its waiting pull
+    // request keeps it active.
+    let idle_for = herald_flight_streamer::events::INACTIVE_THRESHOLD * 2;
+    let until = tokio::time::Instant::now() + idle_for;
+    while tokio::time::Instant::now() < until {
+        let idle = reader.next().await.expect("no error").expect("goes on");
+        assert_eq!(idle.batch.num_rows(), 0);
+    }
+    assert_eq!(
+        flight_consumers(&stack).await,
+        consumers,
+        "not removed nor replaced"
+    );
+    let live = stack.new_order("2.00", "paid", Utc::now()).await;
+    let seq = stack.publish(&live).await;
+    assert_eq!(
+        sequences(&[reader.next_rows(Duration::from_secs(5)).await]),
+        [seq]
+    );
+
+    // The client cancels: the server-side consumer is gone within a bound well under the 30 s
+    // an ordered consumer would otherwise linger.
+    drop(reader);
+    drop(client);
+    let cancelled = tokio::time::Instant::now();
+    let bound = Duration::from_secs(15);
+    loop {
+        let left = flight_consumers(&stack).await;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            cancelled.elapsed() < bound,
+            "consumers {left:?} still there {:?} after the client cancelled",
+            cancelled.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

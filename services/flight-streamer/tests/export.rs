@@ -165,9 +165,47 @@ async fn the_seed_and_json_export_tickets_filter_with_bound_values_in_many_batch
         .await
         .expect("GetFlightInfo");
     assert_eq!(
-        info.total_records, -1,
-        "an export is not counted before it is read"
+        info.total_records, 10,
+        "every order, counted at the request"
     );
+    let paid =
+        json!({"export": "orders", "where": {"status": {"eq": "paid"}, "total": {"gte": 2}}})
+            .to_string();
+    let info = client
+        .get_flight_info(FlightDescriptor::new_cmd(paid))
+        .await
+        .expect("GetFlightInfo");
+    assert_eq!(info.total_records, 4, "the filter's rows");
+}
+
+#[tokio::test]
+async fn an_export_that_cannot_be_counted_in_time_reports_minus_one_and_still_reads() {
+    let stack = Stack::start().await;
+    orders(&stack, 3).await;
+    let mut client = stack.client().await;
+    // A writer holding the table: the count waits on the lock past its timeout.
+    let mut blocker = stack.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .expect("lock");
+    let started = std::time::Instant::now();
+    let info = client
+        .get_flight_info(FlightDescriptor::new_path(vec![
+            "export".into(),
+            "orders".into(),
+        ]))
+        .await
+        .expect("GetFlightInfo answers without the count");
+    assert_eq!(info.total_records, -1, "unknown, not a wrong number");
+    assert!(
+        started.elapsed() < herald_flight_streamer::export::COUNT_TIMEOUT * 20,
+        "the count gave up after its timeout, took {:?}",
+        started.elapsed()
+    );
+    blocker.rollback().await.expect("unlock");
+    let messages = Reader::open(&mut client, "export:orders").await.all().await;
+    assert_eq!(rows(&messages), 3);
 }
 
 #[tokio::test]

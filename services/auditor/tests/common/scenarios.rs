@@ -113,6 +113,37 @@ pub async fn the_trail_of_a_pipeline_run_has_every_piece(backend: Backend) {
         .search_until(&[("type", "job"), ("queue", "default")], 3)
         .await;
     stack.search_until(&[("q", "data.status:shipped")], 1).await;
+
+    // The answers are what contracts/schemas publishes: every kind in one page, the trail, and
+    // the error bodies.
+    let schemas = herald_test_support::contract::Schemas::load();
+    schemas.assert_valid("audit-trail", &trail, "a real trail");
+    let everything = stack
+        .search_until(&[("event_id", &order.id.to_string())], 7)
+        .await;
+    let page = stack
+        .search(&[("event_id", &order.id.to_string()), ("size", "3")])
+        .await;
+    assert!(page["next_cursor"].is_string(), "{page}");
+    schemas.assert_valid("audit-search-page", &page, "a real page with a next cursor");
+    let last = stack
+        .search(&[("event_id", &order.id.to_string()), ("size", "500")])
+        .await;
+    assert!(last["next_cursor"].is_null());
+    schemas.assert_valid("audit-search-page", &last, "a real last page");
+    let kinds: BTreeSet<&str> = everything
+        .iter()
+        .filter_map(|d| d["type"].as_str())
+        .collect();
+    assert_eq!(kinds.len(), 4, "every kind is checked: {kinds:?}");
+    for (status, body) in [
+        stack.get("/v1/search", &[("size", "501")]).await,
+        stack.get("/v1/trail/not-a-uuid", &[]).await,
+        stack.trail(uuid::Uuid::now_v7()).await,
+    ] {
+        assert!(status == 400 || status == 404, "{status} {body}");
+        schemas.assert_valid("audit-error", &body, "an error answer");
+    }
 }
 
 /// `create` with the message's own id: a redelivery, a replay from the DLQ, or a consumer
