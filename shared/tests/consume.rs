@@ -319,9 +319,9 @@ async fn settle_all_settles_a_whole_bulk_in_order_each_as_settle_would() {
     }
     // Every 50th is refused for good, every 10th (not 50th) comes again later, the rest are done.
     let disposition = |n: usize| {
-        if n % 50 == 0 {
+        if n.is_multiple_of(50) {
             Disposition::dead_letter(format!("refused {n}"))
-        } else if n % 10 == 0 {
+        } else if n.is_multiple_of(10) {
             Disposition::retry(Duration::from_millis(200))
         } else {
             Disposition::ack()
