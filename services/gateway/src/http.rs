@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use crate::auth::{Authenticator, Caller};
 use crate::graphql::RequestContext;
+use crate::order;
 use crate::plan::Plans;
 
 pub struct Http {
@@ -137,7 +138,15 @@ async fn execute(http: &Http, headers: &HeaderMap, request: async_graphql::Reque
         )
             .into_response();
     }
-    let response = http
+    // The engine answers fields in completion order; keep what re-orders them by the document.
+    let ordering = (!request.query.is_empty()).then(|| {
+        (
+            request.query.clone(),
+            request.operation_name.clone(),
+            request.variables.clone(),
+        )
+    });
+    let mut response = http
         .schema
         .execute(request.data(RequestContext {
             caller,
@@ -146,6 +155,12 @@ async fn execute(http: &Http, headers: &HeaderMap, request: async_graphql::Reque
         }))
         .instrument(span)
         .await;
+    if let Some((query, operation_name, variables)) = ordering
+        && let Some(selections) =
+            order::root_selections(&query, operation_name.as_deref(), &variables)
+    {
+        order::in_selection_order(&mut response.data, &selections);
+    }
     if let (Some(plans), Some(probe)) = (&http.plans, probe)
         && response.is_ok()
     {

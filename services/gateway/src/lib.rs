@@ -12,6 +12,7 @@ pub mod capture;
 pub mod collect;
 pub mod graphql;
 pub mod http;
+pub mod order;
 pub mod plan;
 pub mod query;
 pub mod relay;
