@@ -205,8 +205,27 @@ impl Stored {
 }
 
 async fn stored(js: &jetstream::Context, stream: &str) -> Vec<Stored> {
-    let mut stream = js.get_stream(stream).await.expect("stream exists");
-    let state = stream.info().await.expect("stream info").state.clone();
+    // Right after a nats-server restart the client may still be reconnecting: a request that
+    // times out then is asked again, for a while, before the test gives up.
+    let mut tries = 0;
+    let (stream, state) = loop {
+        let answer = match js.get_stream(stream).await {
+            Ok(mut handle) => match handle.info().await.map(|info| info.state.clone()) {
+                Ok(state) => Ok((handle, state)),
+                Err(e) => Err(e.to_string()),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        match answer {
+            Ok(found) => break found,
+            Err(e) if tries < 20 => {
+                tries += 1;
+                tracing::debug!(error = %e, "stream not readable yet");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("stream {stream} not readable: {e}"),
+        }
+    };
     let mut out = Vec::new();
     for seq in state.first_sequence..=state.last_sequence {
         if state.messages == 0 {
