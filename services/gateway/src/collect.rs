@@ -10,11 +10,34 @@
 use std::collections::{HashMap, HashSet};
 
 use async_graphql::parser::types::{
-    Directive, Field, FragmentDefinition, Selection as Item, SelectionSet,
+    Directive, DocumentOperations, Field, FragmentDefinition, OperationType, Selection as Item,
+    SelectionSet,
 };
-use async_graphql::{Name, Positioned, Value};
+use async_graphql::{Name, Positioned, Value, Variables};
 
+use crate::budget;
 use crate::query::Selection;
+
+/// The type and merged root selections of the operation `operation_name` picks from the
+/// document `text`, with `variables` substituted; `None` when the document cannot be read (the
+/// engine answers why).
+pub fn operation_selections(
+    text: &str,
+    operation_name: Option<&str>,
+    variables: &Variables,
+) -> Option<(OperationType, Vec<Selection>)> {
+    let document = async_graphql::parser::parse_query(text).ok()?;
+    let operation = match (&document.operations, operation_name) {
+        (DocumentOperations::Single(operation), _) => operation,
+        (DocumentOperations::Multiple(operations), Some(name)) => operations.get(name)?,
+        (DocumentOperations::Multiple(_), None) => return None,
+    };
+    let lookup = |name: &str| budget::variable(&operation.node, variables, name);
+    let selections = Collector::new(&document.fragments, &lookup)
+        .collect(&operation.node.selection_set.node)
+        .ok()?;
+    Some((operation.node.ty, selections))
+}
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CollectError {

@@ -19,6 +19,7 @@ use herald_shared::telemetry;
 use tracing::Instrument;
 
 use crate::auth::{Authenticator, Caller};
+use crate::collect;
 use crate::graphql::RequestContext;
 use crate::order;
 use crate::plan::Plans;
@@ -156,8 +157,8 @@ async fn execute(http: &Http, headers: &HeaderMap, request: async_graphql::Reque
         .instrument(span)
         .await;
     if let Some((query, operation_name, variables)) = ordering
-        && let Some(selections) =
-            order::root_selections(&query, operation_name.as_deref(), &variables)
+        && let Some((_, selections)) =
+            collect::operation_selections(&query, operation_name.as_deref(), &variables)
     {
         order::in_selection_order(&mut response.data, &selections);
     }

@@ -6,31 +6,9 @@
 //! ordered map (and the compiled-plan path, which already answers in selection order) must see
 //! one order, so the engine's answer is re-ordered against the document's collected selections.
 
-use async_graphql::parser::types::DocumentOperations;
-use async_graphql::{Value, Variables};
+use async_graphql::Value;
 
-use crate::budget;
-use crate::collect::Collector;
 use crate::query::Selection;
-
-/// The merged root selections of the operation `operation_name` picks from `query`, or `None`
-/// when the document cannot be read (the engine has already answered why).
-pub fn root_selections(
-    query: &str,
-    operation_name: Option<&str>,
-    variables: &Variables,
-) -> Option<Vec<Selection>> {
-    let document = async_graphql::parser::parse_query(query).ok()?;
-    let operation = match (&document.operations, operation_name) {
-        (DocumentOperations::Single(operation), _) => operation,
-        (DocumentOperations::Multiple(operations), Some(name)) => operations.get(name)?,
-        (DocumentOperations::Multiple(_), None) => return None,
-    };
-    let lookup = |name: &str| budget::variable(&operation.node, variables, name);
-    Collector::new(&document.fragments, &lookup)
-        .collect(&operation.node.selection_set.node)
-        .ok()
-}
 
 /// Re-orders every object in `value` to follow `selections` (keys it does not name keep their
 /// relative order after the named ones); lists are re-ordered element by element.
@@ -59,10 +37,12 @@ pub fn in_selection_order(value: &mut Value, selections: &[Selection]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collect::operation_selections;
+    use async_graphql::Variables;
 
     #[test]
     fn a_field_selected_twice_answers_in_first_appearance_order_whatever_finished_first() {
-        let selections = root_selections(
+        let (_, selections) = operation_selections(
             "{ customer(id: 3) { name } customer(id: 3) { email } list { b a } }",
             None,
             &Variables::default(),

@@ -27,14 +27,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_graphql::Value;
-use async_graphql::parser::types::{DocumentOperations, OperationType};
+use async_graphql::parser::types::OperationType;
 use lru::LruCache;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 
 use crate::auth::Caller;
-use crate::budget;
-use crate::collect::Collector;
+use crate::collect;
 use crate::query::{Access, Compiler, ListArgs, Param, QueryError, Selection, Statement};
 use crate::schema::Catalog;
 use crate::settings::Limits;
@@ -275,19 +274,11 @@ impl Plans {
     }
 
     fn plan_roots(&self, text: &str, probe: &Probe) -> Option<Vec<Root>> {
-        let document = async_graphql::parser::parse_query(text).ok()?;
-        let operation = match (&document.operations, probe.key.operation.as_deref()) {
-            (DocumentOperations::Single(operation), _) => operation,
-            (DocumentOperations::Multiple(operations), Some(name)) => operations.get(name)?,
-            (DocumentOperations::Multiple(_), None) => return None,
-        };
-        if operation.node.ty != OperationType::Query {
+        let (ty, selections) =
+            collect::operation_selections(text, probe.key.operation.as_deref(), &probe.variables)?;
+        if ty != OperationType::Query {
             return None;
         }
-        let lookup = |name: &str| budget::variable(&operation.node, &probe.variables, name);
-        let selections = Collector::new(&document.fragments, &lookup)
-            .collect(&operation.node.selection_set.node)
-            .ok()?;
         selections
             .into_iter()
             .map(|selection| {
