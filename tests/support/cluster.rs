@@ -35,9 +35,8 @@ impl NatsCluster {
     /// Three nodes whose configurations also contain `extra` (e.g. `include` of the repo's
     /// `nats/auth.conf`, see `start_with_service_users`).
     pub fn start_with(extra: &str) -> Self {
-        let ports: Vec<(u16, u16, u16)> = (0..CLUSTER_SIZE)
-            .map(|_| (crate::free_port(), crate::free_port(), crate::free_port()))
-            .collect();
+        let all = crate::free_ports(3 * CLUSTER_SIZE);
+        let ports: Vec<(u16, u16, u16)> = all.chunks(3).map(|p| (p[0], p[1], p[2])).collect();
         let routes = ports
             .iter()
             .map(|(_, route, _)| format!("\"nats-route://127.0.0.1:{route}\""))

@@ -48,3 +48,16 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("bind an ephemeral loopback port")
 }
+
+/// `count` distinct free loopback ports: each is held until all are picked, so one server's
+/// ports never collide with each other (`free_port` twice may return the same port).
+pub fn free_ports(count: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..count)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port")
+        })
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("a bound address").port())
+        .collect()
+}
