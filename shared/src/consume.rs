@@ -526,7 +526,12 @@ impl Settler {
         let prefix = self.durable_prefix.as_deref()?;
         let store = self
             .durable
-            .get_or_try_init(|| first_failures_bucket(&self.js))
+            .get_or_try_init(|| {
+                let consumed = self
+                    .source
+                    .map_or(crate::subjects::DLQ_STREAM, DlqSource::stream);
+                first_failures_bucket(&self.js, consumed)
+            })
             .await
             .map_err(|e| tracing::warn!(error = %e, "first-failure bucket unavailable"))
             .ok()?;
@@ -548,22 +553,22 @@ async fn read_time(store: &jetstream::kv::Store, key: &str) -> Option<DateTime<U
     }
 }
 
-/// The first-failure bucket, created on first use.
+/// The first-failure bucket, created on first use with as many copies as `consumed`, the
+/// stream whose messages it remembers.
 pub async fn first_failures_bucket(
     js: &jetstream::Context,
+    consumed: &str,
 ) -> Result<jetstream::kv::Store, String> {
-    if let Ok(store) = js.get_key_value(FIRST_FAILURES_BUCKET).await {
-        return Ok(store);
-    }
-    js.create_key_value(jetstream::kv::Config {
+    let config = jetstream::kv::Config {
         bucket: FIRST_FAILURES_BUCKET.to_owned(),
         description: "When each consumed message still being retried first failed".into(),
         history: 1,
         max_age: FIRST_FAILURES_MAX_AGE,
         ..Default::default()
-    })
-    .await
-    .map_err(|e| e.to_string())
+    };
+    crate::streams::key_value(js, config, consumed)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// JetStream's delivery count of the message, 1 for the first delivery.

@@ -3,9 +3,14 @@
 //! letters) asks here, so a permanent failure is never retried in place forever.
 //!
 //! Permanent: the message (payload plus headers) exceeds the server's `max_payload` or the
-//! stream's maximum message or header size; no stream listens on the subject (no responders);
-//! the connection's user may not publish on it. Everything else (timeouts, a broken connection,
-//! a store error) is transient.
+//! stream's maximum message or header size; no stream stores the subject; the connection's user
+//! may not publish on it. Everything else (timeouts, a broken connection, a store error) is
+//! transient.
+//!
+//! "No responders" alone does not prove that no stream stores the subject: on a cluster a
+//! stream answers nothing while it elects a new leader after a node loss. So a publisher that
+//! is about to give a message up as unpublishable asks JetStream first (`confirm`), and only a
+//! subject no stream is assigned to counts as missing.
 //!
 //! A publish the user is not allowed to make is not answered by JetStream at all: the server
 //! drops it and sends an asynchronous `-ERR 'Permissions Violation for Publish to "<subject>"'`,
@@ -18,7 +23,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::context::{GetStreamByNameErrorKind, PublishErrorKind};
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
@@ -84,6 +89,31 @@ pub fn classify(subject: &str, error: &jetstream::context::PublishError) -> Publ
     }
 }
 
+/// `failure` as it stands once JetStream has been asked: a `NoStream` is kept only when no stream
+/// is assigned the subject; when one is (its leader is away) or JetStream cannot say (its own
+/// leader is away), the failure is an outage to wait out.
+pub async fn confirm(js: &jetstream::Context, failure: PublishFailure) -> PublishFailure {
+    let PublishFailure::NoStream(subject) = failure else {
+        return failure;
+    };
+    match js.stream_by_subject(subject.as_str()).await {
+        Ok(stream) => PublishFailure::Transient(format!(
+            "stream {stream} stores {subject} but did not answer (electing a leader?)"
+        )),
+        Err(e)
+            if matches!(
+                e.kind(),
+                GetStreamByNameErrorKind::NotFound | GetStreamByNameErrorKind::InvalidSubject
+            ) =>
+        {
+            PublishFailure::NoStream(subject)
+        }
+        Err(e) => PublishFailure::Transient(format!(
+            "no stream answered for {subject}, and JetStream cannot say which stores it: {e}"
+        )),
+    }
+}
+
 /// What a publisher holding one message should do about a failed publish of it. Permanent
 /// failures (`classify`) are set aside at once; a refusal the server answered with (an API error
 /// `classify` does not know to be permanent, or a permission complaint) is the message's own and
@@ -124,7 +154,7 @@ fn api_error_code(error: &jetstream::context::PublishError) -> Option<u64> {
     None
 }
 
-/// Publishes and waits for the stream to store the message.
+/// Publishes and waits for the stream to store the message; a failure comes `confirm`ed.
 pub async fn publish(
     js: &jetstream::Context,
     subject: &str,
@@ -132,12 +162,14 @@ pub async fn publish(
     payload: Bytes,
 ) -> Result<PublishAck, PublishFailure> {
     let message = PublishMessage::build().payload(payload).headers(headers);
-    let fail = |e: jetstream::context::PublishError| classify(subject, &e);
-    let ack = js
-        .send_publish(subject.to_owned(), message)
-        .await
-        .map_err(fail)?;
-    ack.await.map_err(fail)
+    let stored = match js.send_publish(subject.to_owned(), message).await {
+        Ok(ack) => ack.await,
+        Err(e) => Err(e),
+    };
+    match stored {
+        Ok(ack) => Ok(ack),
+        Err(e) => Err(confirm(js, classify(subject, &e)).await),
+    }
 }
 
 fn denials() -> &'static Mutex<HashMap<String, Instant>> {

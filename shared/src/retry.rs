@@ -7,8 +7,9 @@
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -97,6 +98,31 @@ impl RetryPolicy {
     /// The same policy as a `backon` builder, for in-process retry loops.
     pub fn backoff(&self) -> ExponentialBuilder {
         self.builder()
+    }
+}
+
+/// Runs `op` until it succeeds, waiting longer after each failure (100 ms, doubling up to 5 s),
+/// for steps a service cannot go on without but that fail only while the cluster is in flux (a
+/// bucket being created by two processes at once, a stream electing a leader): ending the
+/// process over them would leave its work undone until something restarts it. `None` when
+/// `shutdown` comes first.
+pub async fn until_ok<T, E, F, Fut>(what: &str, shutdown: &CancellationToken, op: F) -> Option<T>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times();
+    let retried = op
+        .retry(backoff)
+        .notify(|e, delay| tracing::warn!(error = %e, ?delay, "{what} unavailable; trying again"));
+    tokio::select! {
+        _ = shutdown.cancelled() => None,
+        done = retried => done.ok(),
     }
 }
 

@@ -4,7 +4,9 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use backon::Retryable;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
@@ -96,16 +98,31 @@ pub enum StartError {
     Admin(#[from] std::io::Error),
 }
 
-/// Connects to NATS and makes sure the streams this service touches exist.
+/// Connects to NATS and makes sure the streams this service touches exist. Provisioning is
+/// asked again, for up to `PROVISION_PATIENCE`, while JetStream is only in flux (a cluster
+/// node lost, a leader being elected); a configuration JetStream refuses ends the start at once.
 pub async fn connect<S>(
     common: &ServiceConfig<S>,
     service: &str,
     touches: &[StreamSpec],
 ) -> Result<Nats, StartError> {
     let nats = nats::connect(&common.nats, service).await?;
-    streams::ensure(&nats.jetstream, &common.streams, touches).await?;
+    let backoff = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_total_delay(Some(PROVISION_PATIENCE))
+        .without_max_times()
+        .with_jitter();
+    (|| streams::ensure(&nats.jetstream, &common.streams, touches))
+        .retry(backoff)
+        .when(streams::ProvisionError::is_transient)
+        .notify(|e, delay| tracing::warn!(error = %e, ?delay, "cannot provision the streams yet; trying again"))
+        .await?;
     Ok(nats)
 }
+
+/// How long a starting service keeps asking JetStream to provision its streams.
+pub const PROVISION_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Starts the admin server with the given readiness checks.
 pub async fn admin<S>(

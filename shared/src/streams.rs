@@ -2,7 +2,7 @@
 //! window and retention come from `StreamsConfig`; running `ensure` again with the same config
 //! changes nothing, with a new config updates the stream in place.
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, kv, stream};
 
 use crate::config::StreamsConfig;
 use crate::subjects::{
@@ -52,6 +52,64 @@ pub struct ProvisionError {
     pub stream: &'static str,
     #[source]
     pub source: jetstream::context::CreateStreamError,
+}
+
+/// JetStream's "temporarily unavailable" answer: a cluster electing its meta leader.
+const JETSTREAM_TEMPORARILY_UNAVAILABLE: u64 = 10008;
+
+impl ProvisionError {
+    /// Whether asking again later may succeed: JetStream did not answer in time, or answered
+    /// that it is in flux. A refused configuration is not.
+    pub fn is_transient(&self) -> bool {
+        use jetstream::context::CreateStreamErrorKind as Kind;
+        match self.source.kind() {
+            Kind::TimedOut | Kind::JetStreamUnavailable => true,
+            Kind::JetStream(api) => api.error_code().0 == JETSTREAM_TEMPORARILY_UNAVAILABLE,
+            _ => false,
+        }
+    }
+}
+
+/// A KV bucket Herald keeps its place in could not be opened or created.
+#[derive(Debug, thiserror::Error)]
+#[error("bucket {bucket} unavailable: {reason}")]
+pub struct BucketError {
+    pub bucket: String,
+    pub reason: String,
+}
+
+/// Opens the KV bucket `config.bucket`, creating it first when missing with as many copies as
+/// the stream `like` has: a bucket that records progress through a stream (checkpoints, leases,
+/// first failures) must survive every node loss the stream survives, whoever creates it first.
+/// Processes starting together may race to create it; the loser opens what the winner made.
+pub async fn key_value(
+    js: &jetstream::Context,
+    mut config: kv::Config,
+    like: &str,
+) -> Result<kv::Store, BucketError> {
+    let fail = |reason: String| BucketError {
+        bucket: config.bucket.clone(),
+        reason,
+    };
+    if let Ok(store) = js.get_key_value(&config.bucket).await {
+        return Ok(store);
+    }
+    let mut stream = js.get_stream(like).await.map_err(|e| fail(e.to_string()))?;
+    let replicas = stream
+        .info()
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .config
+        .num_replicas;
+    config.num_replicas = replicas.max(1);
+    let bucket = config.bucket.clone();
+    match js.create_key_value(config).await {
+        Ok(store) => Ok(store),
+        Err(created) => js.get_key_value(&bucket).await.map_err(|_| BucketError {
+            bucket,
+            reason: created.to_string(),
+        }),
+    }
 }
 
 /// The stream metadata key recording HERALD_EVENTS' partition count, which the dispatcher reads

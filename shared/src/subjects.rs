@@ -176,6 +176,15 @@ impl DlqSource {
         }
     }
 
+    /// The stream whose messages die into this DLQ.
+    pub fn stream(self) -> &'static str {
+        match self {
+            DlqSource::Events => EVENTS_STREAM,
+            DlqSource::Actions => ACTIONS_STREAM,
+            DlqSource::Jobs => JOBS_STREAM,
+        }
+    }
+
     /// `herald.dlq.<source>`
     pub fn subject(self) -> String {
         format!("herald.dlq.{}", self.as_str())

@@ -163,7 +163,7 @@ async fn dispatcher(js: &jetstream::Context, count: u64, name: &str, observers: 
     }
     let rate = count as f64 / started.elapsed().as_secs_f64();
     shutdown.cancel();
-    run.await.expect("task").expect("run");
+    run.await.expect("task");
     rate
 }
 

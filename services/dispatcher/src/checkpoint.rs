@@ -20,6 +20,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, kv};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use herald_shared::streams;
 use herald_shared::subjects::EVENTS_STREAM;
 
 use crate::partition::Partition;
@@ -107,25 +108,19 @@ pub struct Checkpoint {
     pub updated: Option<DateTime<Utc>>,
 }
 
-/// The checkpoint bucket, created on first use with `replicas` copies.
-pub async fn bucket(
-    js: &jetstream::Context,
-    replicas: usize,
-) -> Result<kv::Store, CheckpointError> {
-    if let Ok(store) = js.get_key_value(BUCKET).await {
-        return Ok(store);
-    }
-    js.create_key_value(kv::Config {
+/// The checkpoint bucket, created on first use with as many copies as HERALD_EVENTS.
+pub async fn bucket(js: &jetstream::Context) -> Result<kv::Store, CheckpointError> {
+    let config = kv::Config {
         bucket: BUCKET.to_owned(),
         description:
             "Per-partition checkpoint: every event of the partition at or below it is dispatched"
                 .into(),
         history: 5,
-        num_replicas: replicas,
         ..Default::default()
-    })
-    .await
-    .map_err(unavailable)
+    };
+    streams::key_value(js, config, EVENTS_STREAM)
+        .await
+        .map_err(unavailable)
 }
 
 /// How many partitions HERALD_EVENTS has (the stream's own record of it).
@@ -161,7 +156,7 @@ pub async fn show_one(
     js: &jetstream::Context,
     name: &str,
 ) -> Result<Option<Checkpoint>, CheckpointError> {
-    let store = bucket(js, 1).await?;
+    let store = bucket(js).await?;
     let Some(entry) = store.entry(name).await.map_err(unavailable)? else {
         return Ok(None);
     };
@@ -300,7 +295,7 @@ pub async fn set_one(
     // before its start as already delivered, which is exactly the new checkpoint.
     let info = created.info().await.map_err(|e| consumer_error(&e))?;
     let sequence = info.delivered.stream_sequence;
-    save(&bucket(js, 1).await?, name, sequence).await?;
+    save(&bucket(js).await?, name, sequence).await?;
     Ok(sequence)
 }
 

@@ -84,9 +84,6 @@ pub struct Dispatcher {
     pub js: jetstream::Context,
     pub settings: DispatcherSettings,
     pub observers: Arc<Observers>,
-    /// Copies of the lease and checkpoint buckets when this dispatcher creates them (the
-    /// streams' replicas).
-    pub replicas: usize,
     /// Events taken from the stream since start (redeliveries included).
     pub events: AtomicU64,
     settler: Settler,
@@ -219,7 +216,12 @@ pub async fn publish_each(
                 }
             }))
             .await;
-        results.extend(stored);
+        for result in stored {
+            results.push(match result {
+                Err(e) => Err(publish::confirm(js, e).await),
+                ok => ok,
+            });
+        }
     }
     let emitted = results.iter().filter(|r| r.is_ok()).count();
     metrics::counter!("herald_dispatcher_actions_emitted_total").increment(emitted as u64);
@@ -268,7 +270,6 @@ impl Dispatcher {
         js: jetstream::Context,
         settings: DispatcherSettings,
         observers: Arc<Observers>,
-        replicas: usize,
     ) -> Self {
         // First failures outlive a restart (a dead letter names the real first failure).
         let settler = Settler::new(js.clone(), DlqSource::Events, SERVICE, settings.retry_delay)
@@ -277,7 +278,6 @@ impl Dispatcher {
             js,
             settings,
             observers,
-            replicas,
             events: AtomicU64::new(0),
             settler,
         }
@@ -348,7 +348,7 @@ impl Dispatcher {
         let mut consumer = self.consumer(partition).await?;
         let info = consumer.info().await.map_err(consumer_error)?;
         let tracker = Arc::new(Tracker::new(info.ack_floor.stream_sequence));
-        let store = checkpoint::bucket(&self.js, self.replicas).await?;
+        let store = checkpoint::bucket(&self.js).await?;
         let stamp = Arc::new(Stamp {
             partition: format!("{}/{}", partition.index, partition.count),
             tenure: tenure.to_string(),
@@ -403,6 +403,7 @@ impl Dispatcher {
             .await
             .map_err(consumer_error)?;
         let hasher = std::collections::hash_map::RandomState::new();
+        let mut last_delivery: Option<u64> = None;
         loop {
             let message = tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
@@ -414,7 +415,29 @@ impl Dispatcher {
             };
             let received = Instant::now();
             let sequence = match message.info() {
-                Ok(info) => info.stream_sequence,
+                Ok(info) => {
+                    // The consumer numbers its deliveries 1, 2, 3…: a jump means deliveries
+                    // were lost on the way (a cluster node died with them in flight, or the
+                    // consumer's new leader knew less than the old one). JetStream would send
+                    // the lost ones again only after ack_wait, behind later events of their keys;
+                    // binding again re-creates the consumer at its ack floor, in order.
+                    if let Some(last) = last_delivery
+                        && info.consumer_sequence != last + 1
+                    {
+                        tracing::warn!(
+                            last_delivery = last,
+                            delivery = info.consumer_sequence,
+                            stream_sequence = info.stream_sequence,
+                            "deliveries out of line; binding to the consumer again"
+                        );
+                        return Err(DispatchError::Consumer(format!(
+                            "delivery {} followed delivery {last}",
+                            info.consumer_sequence
+                        )));
+                    }
+                    last_delivery = Some(info.consumer_sequence);
+                    info.stream_sequence
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "a message without JetStream metadata; ignored");
                     continue;

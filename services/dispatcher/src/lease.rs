@@ -24,6 +24,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures::StreamExt;
+use herald_shared::{streams, subjects};
 use tokio_util::sync::CancellationToken;
 
 pub const BUCKET: &str = "herald_leases";
@@ -50,27 +51,20 @@ pub struct Lease {
     ttl: Duration,
 }
 
-/// The lease bucket, created on first use with `replicas` copies (as many as the streams have,
-/// so losing a cluster node loses no lease).
-pub async fn bucket(
-    js: &jetstream::Context,
-    ttl: Duration,
-    replicas: usize,
-) -> Result<kv::Store, LeaseError> {
-    if let Ok(store) = js.get_key_value(BUCKET).await {
-        return Ok(store);
-    }
-    js.create_key_value(kv::Config {
+/// The lease bucket, created on first use with as many copies as HERALD_EVENTS (so losing a
+/// cluster node loses no lease).
+pub async fn bucket(js: &jetstream::Context, ttl: Duration) -> Result<kv::Store, LeaseError> {
+    let config = kv::Config {
         bucket: BUCKET.to_owned(),
         description: "Dispatcher partition leases; an entry expires when its holder stops renewing"
             .into(),
         history: 1,
         max_age: ttl,
-        num_replicas: replicas,
         ..Default::default()
-    })
-    .await
-    .map_err(unavailable)
+    };
+    streams::key_value(js, config, subjects::EVENTS_STREAM)
+        .await
+        .map_err(unavailable)
 }
 
 /// One attempt at the lease `name`: `Some` when this process now holds it, `None` when another

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use async_nats::jetstream;
+use herald_shared::retry;
 use herald_shared::streams::{self, StreamSpec};
 use herald_shared::subjects::EVENTS_STREAM;
 use tokio_util::sync::CancellationToken;
@@ -30,14 +31,6 @@ pub use settings::DispatcherSettings;
 
 /// The streams the dispatcher reads from or writes to.
 pub const STREAMS: [StreamSpec; 3] = [streams::EVENTS, streams::ACTIONS, streams::DLQ];
-
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error(transparent)]
-    Lease(#[from] lease::LeaseError),
-    #[error("events stream unavailable: {0}")]
-    Stream(String),
-}
 
 /// What a run did, reported when it ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,28 +46,25 @@ pub async fn run(
     settings: DispatcherSettings,
     observers: Arc<Observers>,
     shutdown: CancellationToken,
-) -> Result<Summary, RunError> {
-    let mut stream = js
-        .get_stream(EVENTS_STREAM)
-        .await
-        .map_err(|e| RunError::Stream(e.to_string()))?;
-    let config = stream
-        .info()
-        .await
-        .map_err(|e| RunError::Stream(e.to_string()))?
-        .config
-        .clone();
-    let count = streams::event_partitions(&config);
-    let dispatcher = Arc::new(Dispatcher::new(
-        js,
-        settings,
-        observers,
-        config.num_replicas.max(1),
-    ));
-    partition::serve(Arc::clone(&dispatcher), count, shutdown).await?;
-    Ok(Summary {
-        events: dispatcher.events.load(Ordering::Relaxed),
+) -> Summary {
+    let config = retry::until_ok("the events stream", &shutdown, || async {
+        let mut stream = js
+            .get_stream(EVENTS_STREAM)
+            .await
+            .map_err(|e| e.to_string())?;
+        let info = stream.info().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(info.config.clone())
     })
+    .await;
+    let Some(config) = config else {
+        return Summary { events: 0 };
+    };
+    let count = streams::event_partitions(&config);
+    let dispatcher = Arc::new(Dispatcher::new(js, settings, observers));
+    partition::serve(Arc::clone(&dispatcher), count, shutdown).await;
+    Summary {
+        events: dispatcher.events.load(Ordering::Relaxed),
+    }
 }
 
 /// Reloads the observers file on every SIGHUP until `shutdown`. A bad file is logged, problem by

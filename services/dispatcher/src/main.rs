@@ -94,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = herald_shared::shutdown::on_signals();
     let reloads = herald_dispatcher::reload_on_hangup(Arc::clone(&observers), shutdown.clone())?;
     let (_, admin) = service::admin(&config, Readiness::new().nats(&nats), &shutdown).await?;
-    let summary = herald_dispatcher::run(js, settings, observers, shutdown).await?;
+    let summary = herald_dispatcher::run(js, settings, observers, shutdown).await;
     tracing::info!(events = summary.events, "dispatcher stopped");
     reloads.await?;
     admin.await?;

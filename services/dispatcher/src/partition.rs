@@ -18,12 +18,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use herald_shared::subjects;
+use herald_shared::{retry, subjects};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::Dispatcher;
-use crate::lease::{self, Lease, LeaseError};
+use crate::lease::{self, Lease};
 
 /// One partition of HERALD_EVENTS as a dispatcher serves it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,14 +82,16 @@ struct Served {
 
 /// Serves partitions of `count` until `shutdown`, taking and letting go of them as processes
 /// come and go. Returns once every served partition has finished and released its lease.
-pub async fn serve(
-    dispatcher: Arc<Dispatcher>,
-    count: u32,
-    shutdown: CancellationToken,
-) -> Result<(), LeaseError> {
+pub async fn serve(dispatcher: Arc<Dispatcher>, count: u32, shutdown: CancellationToken) {
     let settings = &dispatcher.settings;
     let ttl = settings.lease_ttl;
-    let store = lease::bucket(&dispatcher.js, ttl, dispatcher.replicas).await?;
+    let Some(store) = retry::until_ok("the lease store", &shutdown, || {
+        lease::bucket(&dispatcher.js, ttl)
+    })
+    .await
+    else {
+        return;
+    };
     let holder = uuid::Uuid::now_v7().to_string();
     let partitions = Partition::all(&settings.name, count);
     let mut served: BTreeMap<u32, Served> = BTreeMap::new();
@@ -178,7 +180,6 @@ pub async fn serve(
             tracing::warn!(error = %e, "a partition ended abnormally");
         }
     }
-    Ok(())
 }
 
 /// Dispatches one partition while its lease is held and `stop` is not cancelled, then finishes

@@ -259,9 +259,10 @@ async fn the_first_failure_time_survives_a_dispatcher_restart() {
     let app = App::spawn(&js, settings("dispatcher", file.path())).await;
     publish_raw(&js, "herald.events.Order.insert", b"{not json").await;
 
-    let kv = herald_shared::consume::first_failures_bucket(&js)
-        .await
-        .expect("first-failure bucket");
+    let kv =
+        herald_shared::consume::first_failures_bucket(&js, herald_shared::subjects::EVENTS_STREAM)
+            .await
+            .expect("first-failure bucket");
     let key = "dispatcher.dispatcher.1";
     let stored = eventually_async("the first failure stored", WAIT, || async {
         let value = kv.get(key).await.ok()??;

@@ -11,7 +11,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer};
 use chrono::Utc;
 use futures::StreamExt;
-use herald_dispatcher::{DispatcherSettings, Observers, RunError, Summary};
+use herald_dispatcher::{DispatcherSettings, Observers, Summary};
 use herald_shared::config::{NatsConfig, StreamsConfig};
 use herald_shared::subjects::{ACTIONS_STREAM, DLQ_STREAM, EVENTS_STREAM};
 use herald_shared::{ActionRequest, EntityEvent, Op, SCHEMA_VERSION, headers, streams};
@@ -63,7 +63,7 @@ pub async fn jetstream_at(url: &str, streams: &StreamsConfig) -> jetstream::Cont
 pub struct App {
     pub observers: Arc<Observers>,
     shutdown: CancellationToken,
-    task: JoinHandle<Result<Summary, RunError>>,
+    task: JoinHandle<Summary>,
 }
 
 impl App {
@@ -87,10 +87,7 @@ impl App {
     /// Graceful stop: finishes in-flight events and saves the checkpoint.
     pub async fn stop(self) -> Summary {
         self.shutdown.cancel();
-        self.task
-            .await
-            .expect("dispatcher task")
-            .expect("dispatcher ran")
+        self.task.await.expect("dispatcher task")
     }
 }
 
