@@ -695,6 +695,18 @@ fn the_readme_subject_map_names_every_stream_with_its_subjects() {
             &[("KIND", "<kind>"), ("OBSERVER", "<observer>")],
         ),
         template(subjects::actions_of_kind("KIND"), &[("KIND", "<kind>")]),
+        subjects::ACTIONS_SCHEDULED_ALL.to_owned(),
+        template(
+            Ok(
+                subjects::scheduled_action("herald.actions.KIND.OBSERVER", "ID")
+                    .expect("an action subject has a schedule subject"),
+            ),
+            &[
+                ("KIND", "<kind>"),
+                ("OBSERVER", "<observer>"),
+                (&subjects::key_token("ID"), "<token>"),
+            ],
+        ),
         template(
             subjects::outcome("KIND", "OBSERVER"),
             &[("KIND", "<kind>"), ("OBSERVER", "<observer>")],

@@ -11,7 +11,9 @@ in contracts/README.md:
   (Nats-Msg-Id `<action id>:<attempt>`, the message's `traceparent` copied), waits for the
   PubAck, and only then settles the message;
 - on a transient failure (connection error, 429, 5xx) NAKs with the delay the action's retry
-  policy gives for this attempt;
+  policy gives for this attempt (the action stays unacknowledged meanwhile and counts against
+  this consumer's max_ack_pending, which bounds how many may wait at once; the built-in worker
+  schedules a copy instead, see "Scheduled retries" in contracts/README.md);
 - on a permanent failure (another 4xx, a message it cannot read) or the last attempt, publishes
   the message to `herald.dlq.actions` with the Herald-* headers, waits for the PubAck, then TERMs.
 

@@ -25,8 +25,20 @@
 //! `herald_first_failures` under `<prefix>.<stream sequence>`, so the time survives a restart of
 //! the consumer. A key is written once, at the first failure, read when the
 //! message is dead-lettered, and deleted when the message is settled for good; the bucket's
-//! `FIRST_FAILURES_MAX_AGE` removes what a crash left behind. Without either, the dead-lettering
+//! `FIRST_FAILURES_MAX_AGE` removes what a crash left behind. A consumer re-created from its
+//! ack floor (the dispatcher's, after a restart or a lease handover) delivers a message that
+//! failed before as a first delivery again, which on its own would never look up the bucket:
+//! such a consumer calls `Settler::recall_first_failures` first, so that the keys already
+//! stored are known and deleted when their messages are settled. Without either, the dead-lettering
 //! delivery is the first failure.
+//!
+//! A retry NAKed with a delay holds its message unacknowledged until it comes back, counting
+//! against the consumer's `max_ack_pending`. A settler built `rescheduling` (the action worker)
+//! settles a retry or deferral instead by storing a scheduled copy of the message and acking the
+//! original (`schedule`), so waiting retries hold nothing; the copy carries the attempts made
+//! and the first failure, which a later retry or dead letter of it reads back. A consumer that
+//! must keep a key's messages in order (the dispatcher) keeps the NAK: a copy comes back behind
+//! later messages.
 //!
 //! A consumer that settles many messages at once (the auditor, after one bulk request) hands
 //! them to `Settler::settle_all`, which settles them concurrently, each exactly as `settle`
@@ -74,7 +86,8 @@ use serde::Serialize;
 
 use crate::dlq::{self, DeadLetter};
 use crate::headers;
-use crate::publish;
+use crate::publish::{self, PublishFailure};
+use crate::schedule::{self, ScheduleSubject};
 use crate::subjects::DlqSource;
 
 /// First failures remembered at most; past it the oldest are forgotten (their dead letters then
@@ -138,11 +151,17 @@ pub struct GiveUp {
 pub enum Disposition {
     /// Its effect is durable: acknowledge it.
     Ack { publish_first: Vec<Publication> },
-    /// Deliver it again after `delay` (NAK with delay). `spends_attempt` is false for a delivery
-    /// put back without being tried (a busy lease, an open circuit): a deferral.
+    /// Deliver it again after `delay` (NAK with delay, or a scheduled copy for a settler built
+    /// `rescheduling`). `spends_attempt` is false for a delivery put back without being tried (a
+    /// busy lease, an open circuit): a deferral.
     Retry {
         delay: Duration,
         spends_attempt: bool,
+        /// For a scheduled copy: the attempts made so far (default: those of earlier copies plus
+        /// JetStream's delivery count, less this one for a deferral).
+        attempts: Option<u32>,
+        /// For a scheduled copy: the first failure, when the handler knows it.
+        first_failed_at: Option<DateTime<Utc>>,
         publish_first: Vec<Publication>,
     },
     /// Store it in the DLQ with its reason, then terminate it.
@@ -161,6 +180,8 @@ impl Disposition {
         Self::Retry {
             delay,
             spends_attempt: true,
+            attempts: None,
+            first_failed_at: None,
             publish_first: Vec::new(),
         }
     }
@@ -170,6 +191,8 @@ impl Disposition {
         Self::Retry {
             delay,
             spends_attempt: false,
+            attempts: None,
+            first_failed_at: None,
             publish_first: Vec::new(),
         }
     }
@@ -195,18 +218,26 @@ impl Disposition {
         self
     }
 
-    /// For a dead letter: the attempts made (default: JetStream's delivery count).
-    pub fn attempts(mut self, attempts: u32) -> Self {
-        if let Self::DeadLetter(give_up) = &mut self {
-            give_up.attempts = Some(attempts);
+    /// For a dead letter or a scheduled retry: the attempts made (default: JetStream's delivery
+    /// count, plus the attempts of earlier scheduled copies).
+    pub fn attempts(mut self, made: u32) -> Self {
+        match &mut self {
+            Self::DeadLetter(give_up) => give_up.attempts = Some(made),
+            Self::Retry { attempts, .. } => *attempts = Some(made),
+            Self::Ack { .. } => {}
         }
         self
     }
 
-    /// For a dead letter: when the first attempt failed, if the handler knows.
+    /// For a dead letter or a scheduled retry: when the first attempt failed, if the handler
+    /// knows.
     pub fn first_failed_at(mut self, at: Option<DateTime<Utc>>) -> Self {
-        if let Self::DeadLetter(give_up) = &mut self {
-            give_up.first_failed_at = at.or(give_up.first_failed_at);
+        match &mut self {
+            Self::DeadLetter(give_up) => give_up.first_failed_at = at.or(give_up.first_failed_at),
+            Self::Retry {
+                first_failed_at, ..
+            } => *first_failed_at = at.or(*first_failed_at),
+            Self::Ack { .. } => {}
         }
         self
     }
@@ -258,6 +289,8 @@ pub struct Settler {
     /// The key prefix in `FIRST_FAILURES_BUCKET`, when first failures are kept there.
     durable_prefix: Option<String>,
     durable: tokio::sync::OnceCell<jetstream::kv::Store>,
+    /// Where retries' scheduled copies go, for a settler built `rescheduling`.
+    schedule: Option<ScheduleSubject>,
 }
 
 impl Settler {
@@ -277,6 +310,7 @@ impl Settler {
             first_failures: Mutex::new(BTreeMap::new()),
             durable_prefix: None,
             durable: tokio::sync::OnceCell::new(),
+            schedule: None,
         }
     }
 
@@ -295,6 +329,7 @@ impl Settler {
             first_failures: Mutex::new(BTreeMap::new()),
             durable_prefix: None,
             durable: tokio::sync::OnceCell::new(),
+            schedule: None,
         }
     }
 
@@ -303,6 +338,14 @@ impl Settler {
     /// dead letter made after a restart still names the first failure.
     pub fn remembering_first_failures(mut self, prefix: impl Into<String>) -> Self {
         self.durable_prefix = Some(prefix.into());
+        self
+    }
+
+    /// Settles retries and deferrals with a scheduled copy on `subject(original subject, copy's
+    /// Msg-Id)` and an ack, instead of a NAK (see the module docs and `schedule`). A message
+    /// whose subject `subject` does not cover, or a stream that refuses schedules, is NAKed.
+    pub fn rescheduling(mut self, subject: ScheduleSubject) -> Self {
+        self.schedule = Some(subject);
         self
     }
 
@@ -359,10 +402,41 @@ impl Settler {
             Disposition::Retry {
                 delay,
                 spends_attempt,
+                attempts,
+                first_failed_at,
                 publish_first,
             } => {
                 if let Err(reason) = self.publish_first(&publish_first).await {
                     return self.unsettled(message, reason).await;
+                }
+                if let Some(subject) = self.schedule {
+                    let attempts = attempts.unwrap_or_else(|| {
+                        schedule::prior_attempts(message)
+                            .saturating_add(delivery_count(message))
+                            .saturating_sub(u32::from(!spends_attempt))
+                    });
+                    let first_failed_at = first_failed_at
+                        .or_else(|| {
+                            schedule::Copy::of(message.headers.as_ref())
+                                .and_then(|c| c.first_failed_at)
+                        })
+                        .or_else(|| spends_attempt.then(Utc::now));
+                    match self
+                        .reschedule(message, subject, delay, attempts, first_failed_at)
+                        .await
+                    {
+                        Ok(true) => {
+                            self.forget(sequence, redelivered).await;
+                            if let Err(e) = message.ack().await {
+                                // Redelivered, it schedules a copy under the same Msg-Id,
+                                // which is absorbed.
+                                tracing::warn!(error = %e, "ack after scheduling a retry failed; the message will be redelivered");
+                            }
+                            return Settled::Retrying;
+                        }
+                        Ok(false) => {}
+                        Err(reason) => return self.unsettled(message, reason).await,
+                    }
                 }
                 if spends_attempt {
                     self.remember_failure(sequence).await;
@@ -382,12 +456,17 @@ impl Settler {
                     }
                     return Settled::DeadLettered;
                 };
+                let copy = schedule::Copy::of(message.headers.as_ref());
                 let first_failed_at = match give_up.first_failed_at {
                     Some(at) => Some(at),
                     None => self.recalled_failure(sequence).await,
                 }
+                .or_else(|| copy.as_ref().and_then(|c| c.first_failed_at))
                 .unwrap_or_else(Utc::now);
-                let attempts = give_up.attempts.unwrap_or_else(|| delivery_count(message));
+                let attempts = give_up.attempts.unwrap_or_else(|| {
+                    copy.map_or(0, |c| c.attempts)
+                        .saturating_add(delivery_count(message))
+                });
                 let letter = DeadLetter::for_message(
                     source,
                     message,
@@ -446,6 +525,41 @@ impl Settler {
         Ok(())
     }
 
+    /// Stores the scheduled copy that brings `message` back after `delay`: `Ok(true)` once
+    /// stored, `Ok(false)` when it cannot be (the subject is not covered, the stream refuses
+    /// schedules: the caller NAKs instead), `Err` for a failure worth trying again.
+    async fn reschedule(
+        &self,
+        message: &jetstream::Message,
+        subject: ScheduleSubject,
+        delay: Duration,
+        attempts: u32,
+        first_failed_at: Option<DateTime<Utc>>,
+    ) -> Result<bool, String> {
+        let at = Utc::now()
+            + chrono::Duration::from_std(delay).unwrap_or_else(|_| chrono::Duration::days(3650));
+        let Some(copy) = schedule::copy(message, subject, at, attempts, first_failed_at) else {
+            return Ok(false);
+        };
+        match publish::publish(&self.js, &copy.subject, copy.headers, copy.payload).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_permanent() => {
+                metrics::counter!("herald_retries_held_total", "service" => self.service.clone(), "class" => e.class())
+                    .increment(1);
+                if matches!(e, PublishFailure::ScheduleRefused(_)) {
+                    tracing::warn!(error = %e, "the stream refuses message schedules; this retry is a NAK and holds its message meanwhile");
+                } else {
+                    tracing::error!(subject = %copy.subject, error = %e, "a retry's scheduled copy cannot be stored; NAKed instead");
+                }
+                Ok(false)
+            }
+            Err(e) => Err(format!(
+                "scheduling the retry on {} failed: {e}",
+                copy.subject
+            )),
+        }
+    }
+
     async fn unsettled(&self, message: &jetstream::Message, reason: String) -> Settled {
         tracing::warn!(%reason, delay = ?self.failure_delay, "message not settled; it will come again");
         nak(message, self.failure_delay).await;
@@ -493,6 +607,44 @@ impl Settler {
         }
     }
 
+    /// Loads every first-failure time stored under this settler's prefix (by an earlier process,
+    /// or another holder of the same consumer), so that settling one of those messages removes
+    /// its key even at what is now its first delivery. Call it whenever the consumer is
+    /// (re-)created; without `remembering_first_failures` it does nothing.
+    pub async fn recall_first_failures(&self) {
+        let Some(prefix) = self.durable_prefix.as_deref() else {
+            return;
+        };
+        let Some((store, _)) = self.durable_key(0).await else {
+            return;
+        };
+        let mut keys = match store.keys().await {
+            Ok(keys) => keys,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list first-failure times; those left expire");
+                return;
+            }
+        };
+        let mut recalled = 0_usize;
+        while let Some(key) = futures::StreamExt::next(&mut keys).await {
+            let Ok(key) = key else { break };
+            let Some(sequence) = key
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.strip_prefix('.'))
+                .and_then(|seq| seq.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if let Some(at) = read_time(store, &key).await {
+                self.failures().entry(sequence).or_insert(at);
+                recalled += 1;
+            }
+        }
+        if recalled > 0 {
+            tracing::info!(recalled, "first-failure times recalled");
+        }
+    }
+
     /// The first failure remembered here, or else the one stored by an earlier process. The
     /// bucket is asked even at a first delivery: a re-created consumer (the dispatcher's, after
     /// a restart) starts delivery counts again.
@@ -509,7 +661,7 @@ impl Settler {
         let Some(sequence) = sequence else { return };
         let known = self.failures().remove(&sequence).is_some();
         // A message settled at its first delivery never failed here: no write per ack. (One that
-        // failed before a restart re-created its consumer leaves its key to expire.)
+        // failed before its consumer was re-created is known through `recall_first_failures`.)
         if !(known || redelivered) {
             return;
         }

@@ -37,7 +37,8 @@ const MAX_ERROR_LEN: usize = 1024;
 pub struct DeadLetter {
     pub source: DlqSource,
     pub original_subject: String,
-    /// The original Nats-Msg-Id, or `<stream>:<sequence>` when it had none.
+    /// The original Nats-Msg-Id (for a scheduled retry, its first publication's), or
+    /// `<stream>:<sequence>` when it had none.
     pub original_msg_id: String,
     pub error: String,
     pub attempts: u32,
@@ -53,15 +54,12 @@ impl DeadLetter {
         attempts: u32,
         first_failed_at: DateTime<Utc>,
     ) -> Self {
-        let msg_id = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(headers::MSG_ID))
-            .map(|v| v.as_str().to_owned());
-        let original_msg_id = msg_id.unwrap_or_else(|| match message.info() {
-            Ok(info) => format!("{}:{}", info.stream, info.stream_sequence),
-            Err(_) => format!("{}:unknown", message.subject),
-        });
+        // A scheduled retry has no Msg-Id of its own; it names its first publication's.
+        let original_msg_id =
+            crate::schedule::original_msg_id(message).unwrap_or_else(|| match message.info() {
+                Ok(info) => format!("{}:{}", info.stream, info.stream_sequence),
+                Err(_) => format!("{}:unknown", message.subject),
+            });
         Self {
             source,
             original_subject: message.subject.to_string(),

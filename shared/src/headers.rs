@@ -18,6 +18,14 @@ pub const DEAD_LETTERED_BY: &str = "Herald-Dead-Lettered-By";
 /// can tell a replay from a first delivery.
 pub const REPLAYED_FROM: &str = "Herald-Replayed-From";
 
+/// On a message schedule (ADR-51): `@at <RFC 3339 time>`, when the server is to publish it.
+pub const SCHEDULE: &str = "Nats-Schedule";
+/// On a message schedule: the subject the server publishes it on.
+pub const SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
+/// Set by the server on a message a schedule produced: the schedule's subject. An action
+/// carrying it is a scheduled retry (`schedule::Copy`).
+pub const SCHEDULER: &str = "Nats-Scheduler";
+
 /// HTTP header a job's `http` handler sends with the job id, so a receiver can absorb the repeat
 /// of a job whose worker died after the call but before recording success.
 pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";

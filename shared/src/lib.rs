@@ -17,6 +17,7 @@ pub mod publish;
 #[cfg(feature = "redis")]
 pub mod redis_persistence;
 pub mod retry;
+pub mod schedule;
 pub mod service;
 pub mod shutdown;
 pub mod streams;

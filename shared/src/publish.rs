@@ -37,6 +37,8 @@ const PERMISSION_SUBJECTS: usize = 1024;
 const MESSAGE_TOO_LARGE: u64 = 10054;
 const HEADER_TOO_LARGE: u64 = 10097;
 const STREAM_NOT_FOUND: u64 = 10059;
+/// Message schedules disabled on the stream, a schedule pattern or a target it refuses.
+const SCHEDULE_REFUSED: std::ops::RangeInclusive<u64> = 10188..=10190;
 
 /// Why a publish failed, sorted by what a retry can do about it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,6 +52,10 @@ pub enum PublishFailure {
     /// No stream stores the subject.
     #[error("no stream stores {0}")]
     NoStream(String),
+    /// The stream refuses the message's schedule (`Nats-Schedule*`): schedules disabled, or a
+    /// pattern or target it does not take.
+    #[error("the stream refuses the message schedule: {0}")]
+    ScheduleRefused(String),
     /// Worth trying again after a while.
     #[error("{0}")]
     Transient(String),
@@ -60,12 +66,13 @@ impl PublishFailure {
         !matches!(self, Self::Transient(_))
     }
 
-    /// A label for metrics: too_large, permission_denied, no_stream, transient.
+    /// A label for metrics: too_large, permission_denied, no_stream, schedule_refused, transient.
     pub fn class(&self) -> &'static str {
         match self {
             Self::TooLarge(_) => "too_large",
             Self::PermissionDenied(_) => "permission_denied",
             Self::NoStream(_) => "no_stream",
+            Self::ScheduleRefused(_) => "schedule_refused",
             Self::Transient(_) => "transient",
         }
     }
@@ -83,6 +90,7 @@ pub fn classify(subject: &str, error: &jetstream::context::PublishError) -> Publ
         PublishErrorKind::Other => match api_error_code(error) {
             Some(MESSAGE_TOO_LARGE | HEADER_TOO_LARGE) => PublishFailure::TooLarge(text),
             Some(STREAM_NOT_FOUND) => PublishFailure::NoStream(subject.to_owned()),
+            Some(code) if SCHEDULE_REFUSED.contains(&code) => PublishFailure::ScheduleRefused(text),
             _ => PublishFailure::Transient(text),
         },
         _ => PublishFailure::Transient(text),
@@ -132,7 +140,9 @@ pub fn verdict(subject: &str, error: &jetstream::context::PublishError) -> Verdi
     let failure = classify(subject, error);
     match failure {
         PublishFailure::TooLarge(_) => Verdict::SetAside(failure),
-        PublishFailure::PermissionDenied(_) => Verdict::Refused(failure),
+        PublishFailure::PermissionDenied(_) | PublishFailure::ScheduleRefused(_) => {
+            Verdict::Refused(failure)
+        }
         PublishFailure::NoStream(_) => Verdict::Outage(failure),
         PublishFailure::Transient(_) => match error.kind() {
             PublishErrorKind::Other

@@ -169,6 +169,11 @@ pub fn stream_config(spec: &StreamSpec, config: &StreamsConfig) -> stream::Confi
         allow_direct: true,
         subject_transform,
         metadata,
+        // The action worker's retries wait as message schedules (`schedule`); the server turns
+        // rollup headers on with schedules, so they are asked for too, or every provisioning
+        // would ask to turn them off again.
+        allow_message_schedules: spec.name == ACTIONS_STREAM,
+        allow_rollup: spec.name == ACTIONS_STREAM,
         ..Default::default()
     }
 }

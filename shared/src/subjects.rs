@@ -114,20 +114,50 @@ pub fn events_of(entity: &str) -> Result<String, InvalidToken> {
     Ok(format!("herald.events.{}.>", token("an entity", entity)?))
 }
 
+/// The `<kind>` token of the subjects where scheduled retries of actions wait; no action kind
+/// may have it.
+pub const SCHEDULED_TOKEN: &str = "_scheduled";
+/// Every scheduled retry of an action: `herald.actions._scheduled.>`.
+pub const ACTIONS_SCHEDULED_ALL: &str = "herald.actions._scheduled.>";
+
+/// Checks an action kind: a subject token, and not the one reserved for scheduled retries.
+pub fn action_kind(kind: &str) -> Result<&str, InvalidToken> {
+    let kind = token("an action kind", kind)?;
+    if kind == SCHEDULED_TOKEN {
+        return Err(InvalidToken {
+            what: "an action kind",
+            value: kind.to_owned(),
+            reason: "it is reserved for scheduled retries",
+        });
+    }
+    Ok(kind)
+}
+
 /// `herald.actions.<kind>.<observer>`
 pub fn action(kind: &str, observer: &str) -> Result<String, InvalidToken> {
     Ok(format!(
         "herald.actions.{}.{}",
-        token("an action kind", kind)?,
+        action_kind(kind)?,
         token("an observer", observer)?
     ))
 }
 
 /// `herald.actions.<kind>.>`: every action of one kind, whichever observer emitted it.
 pub fn actions_of_kind(kind: &str) -> Result<String, InvalidToken> {
-    Ok(format!(
-        "herald.actions.{}.>",
-        token("an action kind", kind)?
+    Ok(format!("herald.actions.{}.>", action_kind(kind)?))
+}
+
+/// `herald.actions._scheduled.<kind>.<observer>.<token>`: where the scheduled retry of an action
+/// on `herald.actions.<kind>.<observer>` waits (`schedule`), `<token>` being `key_token` of the
+/// copy's Msg-Id, so each pending retry has a subject of its own (a subject holds one schedule).
+/// `None` for a subject that is not an action's.
+pub fn scheduled_action(subject: &str, msg_id: &str) -> Option<String> {
+    let rest = subject.strip_prefix("herald.actions.")?;
+    let (kind, _) = rest.split_once('.')?;
+    action_kind(kind).ok()?;
+    Some(format!(
+        "herald.actions.{SCHEDULED_TOKEN}.{rest}.{}",
+        key_token(msg_id)
     ))
 }
 

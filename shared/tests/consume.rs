@@ -9,7 +9,7 @@ use async_nats::jetstream::{self, consumer::pull};
 use chrono::Utc;
 use futures::StreamExt;
 use herald_shared::config::{NatsConfig, StreamsConfig};
-use herald_shared::consume::{Disposition, Publication, Settled, Settler};
+use herald_shared::consume::{self, Disposition, Publication, Settled, Settler};
 use herald_shared::dlq::{self, DeadLetterInfo};
 use herald_shared::publish::{self, PublishFailure};
 use herald_shared::subjects::{DLQ_STREAM, DlqSource, EVENTS_STREAM, OUTCOMES_STREAM};
@@ -434,4 +434,66 @@ async fn a_dlq_consumer_terminates_a_dead_letter_it_gives_up_on_without_a_new_on
     let stream = js.get_stream(DLQ_STREAM).await.expect("stream");
     let info = stream.consumer_info("dlq-reader").await.expect("consumer");
     assert_eq!(info.num_ack_pending, 0);
+}
+
+/// A message that failed (its first-failure time stored) and is then settled at what a
+/// re-created consumer counts as its first delivery, by a new settler (a restarted dispatcher),
+/// has its key removed from the bucket: a settler that recalls the stored keys first knows it.
+#[tokio::test]
+async fn a_first_failure_key_is_removed_when_a_recreated_consumer_settles_its_message() {
+    let nats = NatsServer::start();
+    let js = provisioned(&nats).await;
+    let before = Settler::new(
+        js.clone(),
+        DlqSource::Events,
+        "settle-test",
+        Duration::from_millis(100),
+    )
+    .remembering_first_failures("test.leak");
+    publish_event(&js, "e-leak", b"{}".to_vec()).await;
+    let mut first = messages(&js).await;
+    let message = next(&mut first).await;
+    let sequence = message.info().expect("info").stream_sequence;
+    assert_eq!(
+        before
+            .settle(&message, Disposition::retry(Duration::from_secs(30)))
+            .await,
+        Settled::Retrying
+    );
+    let bucket = consume::first_failures_bucket(&js).await.expect("bucket");
+    let key = format!("test.leak.{sequence}");
+    assert!(
+        bucket.get(&key).await.expect("read").is_some(),
+        "the first failure is stored"
+    );
+
+    // The consumer is re-created (as the dispatcher does at its ack floor) and a new settler
+    // takes over: the message comes again as a first delivery.
+    drop(first);
+    js.get_stream(EVENTS_STREAM)
+        .await
+        .expect("stream")
+        .delete_consumer("settle-test")
+        .await
+        .expect("delete consumer");
+    let after = Settler::new(
+        js.clone(),
+        DlqSource::Events,
+        "settle-test",
+        Duration::from_millis(100),
+    )
+    .remembering_first_failures("test.leak");
+    after.recall_first_failures().await;
+    let mut again = messages(&js).await;
+    let message = next(&mut again).await;
+    assert_eq!(message.info().expect("info").delivered, 1);
+    assert_eq!(message.info().expect("info").stream_sequence, sequence);
+    assert_eq!(
+        after.settle(&message, Disposition::ack()).await,
+        Settled::Acked
+    );
+    assert!(
+        bucket.get(&key).await.expect("read").is_none(),
+        "the key of a settled message is removed, not left to expire"
+    );
 }

@@ -259,15 +259,16 @@ impl Dedup {
         Ok(())
     }
 
-    /// Counts one delivery of this stream message that was put back without running.
-    pub async fn defer(&self, action_id: &str, stream_sequence: u64) -> Result<(), DedupError> {
-        let _: i64 = self
+    /// Counts one delivery of this stream message that was put back without running; answers
+    /// how many there have been, this one included.
+    pub async fn defer(&self, action_id: &str, stream_sequence: u64) -> Result<u32, DedupError> {
+        let deferrals: i64 = self
             .defer
             .key(Self::deferrals_key(action_id, stream_sequence))
             .arg(millis(self.settings.done_ttl))
             .invoke_async(&mut self.redis.clone())
             .await?;
-        Ok(())
+        Ok(u32::try_from(deferrals).unwrap_or(u32::MAX))
     }
 
     /// When the action first failed: now, if this is its first failure (recorded, kept as long

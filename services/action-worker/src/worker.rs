@@ -13,11 +13,21 @@
 //! published never makes the action run again; the redelivery finds it done and publishes the
 //! `succeeded` outcome then (same Msg-Id, so a repeat is absorbed).
 //!
-//! Attempts: the attempt number is JetStream's delivery count minus the deliveries that were put
-//! back without running (circuit open, lease busy), counted in Redis (`dedup.rs`). A delivery cut
-//! short by a crash counts as an attempt. The consumer has no MaxDeliver: the worker itself
-//! dead-letters once `retry.max_attempts` is spent, or earlier when the next retry would come
-//! after HERALD_ACTIONS' retention deletes the action. A receiver's `Retry-After` is honoured up
+//! Retries and put-backs hold nothing: the shared settler is built `rescheduling`, so a retry
+//! (or a put-back) stores a scheduled copy of the action on
+//! `herald.actions._scheduled.<kind>.<observer>.<token>` that the server publishes on the
+//! action's subject when its delay is over, and acks the delivery (`herald_shared::schedule`).
+//! However many actions wait for a retry, none counts against `max_ack_pending`, and one
+//! destination's failures never delay another's actions. Actions were never delivered in key
+//! order here (`concurrency` run at once, and a retry comes back behind later actions), and
+//! still are not.
+//!
+//! Attempts: the attempt number is the attempts of earlier copies (`Herald-Attempts` on a
+//! scheduled copy) plus JetStream's delivery count of this copy, minus the deliveries that were
+//! put back without running (circuit open, lease busy, pace), counted in Redis (`dedup.rs`). A
+//! delivery cut short by a crash counts as an attempt. The consumer has no MaxDeliver: the
+//! worker itself dead-letters once `retry.max_attempts` is spent, or earlier when the next retry
+//! would come after HERALD_ACTIONS' retention deletes the action. A receiver's `Retry-After` is honoured up
 //! to `retry_after_ceiling`. The time of the first failure is kept in Redis and becomes the dead
 //! letter's `Herald-First-Failed-At`. Every attempt publishes one ActionOutcome (succeeded,
 //! retrying or dead-lettered), a delivery of an already-done action publishes a `duplicate` one,
@@ -41,7 +51,7 @@ use futures::StreamExt;
 use herald_shared::consume::{Disposition, Publication, Settled, Settler};
 use herald_shared::messages::{self, ActionOutcome, ActionRequest, OutcomeStatus};
 use herald_shared::subjects::{self, ACTIONS_STREAM, DlqSource};
-use herald_shared::{SCHEMA_VERSION, headers, telemetry};
+use herald_shared::{SCHEMA_VERSION, headers, schedule, telemetry};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -94,7 +104,8 @@ impl Worker {
         settings: Settings,
         shutdown: CancellationToken,
     ) -> Self {
-        let settler = Settler::new(jetstream.clone(), DlqSource::Actions, SERVICE, BUSY_RECHECK);
+        let settler = Settler::new(jetstream.clone(), DlqSource::Actions, SERVICE, BUSY_RECHECK)
+            .rescheduling(subjects::scheduled_action);
         Self {
             jetstream,
             registry,
@@ -210,13 +221,15 @@ impl Worker {
             ),
             Err(_) => (1, 0),
         };
+        // Attempts made on the copies this one was scheduled from.
+        let prior = schedule::prior_attempts(message);
         let request: ActionRequest = match messages::decode(&message.payload) {
             Ok(request) => request,
             Err(e) => {
                 let undecodable =
                     Disposition::dead_letter(format!("undecodable action request: {e}"));
                 self.settler
-                    .settle(message, undecodable.attempts(delivered))
+                    .settle(message, undecodable.attempts(prior + delivered))
                     .await;
                 return;
             }
@@ -232,7 +245,7 @@ impl Worker {
                 let disposition = self.give_up(
                     message,
                     &request,
-                    delivered,
+                    prior.saturating_add(delivered),
                     &error,
                     Duration::ZERO,
                     first_failed_at,
@@ -251,7 +264,7 @@ impl Worker {
                         host,
                         "destination at its share of slots; putting the action back"
                     );
-                    self.put_back(message, &request, sequence, PACE_RECHECK)
+                    self.put_back(message, &request, (prior, delivered), PACE_RECHECK)
                         .await;
                     return;
                 }
@@ -262,7 +275,8 @@ impl Worker {
             && let Admission::Wait(delay) = self.breakers.admit(host, Instant::now())
         {
             tracing::debug!(host, ?delay, "circuit open; putting the action back");
-            self.put_back(message, &request, sequence, delay).await;
+            self.put_back(message, &request, (prior, delivered), delay)
+                .await;
             return;
         }
 
@@ -284,12 +298,13 @@ impl Worker {
                     self.breakers.record(host, Verdict::Unknown, Instant::now());
                 }
                 let delay = BUSY_RECHECK.min(self.dedup.lease_duration() / 2);
-                self.put_back(message, &request, sequence, delay).await;
+                self.put_back(message, &request, (prior, delivered), delay)
+                    .await;
                 return;
             }
             Some(Claim::Claimed { lease, deferrals }) => (lease, deferrals),
         };
-        let attempt = delivered.saturating_sub(deferrals).max(1);
+        let attempt = prior.saturating_add(delivered.saturating_sub(deferrals).max(1));
 
         metrics::counter!("herald_actions_executed_total", "kind" => request.kind.clone())
             .increment(1);
@@ -400,7 +415,9 @@ impl Worker {
                 {
                     return;
                 }
-                let mut retry = Disposition::retry(delay);
+                let mut retry = Disposition::retry(delay)
+                    .attempts(attempt)
+                    .first_failed_at(Some(first_failed_at));
                 if let Some(outcome) = self.publication(message, &outcome) {
                     retry = retry.publishing_first(outcome);
                 }
@@ -527,21 +544,23 @@ impl Worker {
         }
     }
 
-    /// Puts back a delivery that did not run, counting it so it spends no attempt.
+    /// Puts back a delivery that did not run, counting it so it spends no attempt. `attempts` are
+    /// the earlier copies' attempts and this copy's delivery count.
     async fn put_back(
         &self,
         message: &jetstream::Message,
         request: &ActionRequest,
-        sequence: u64,
+        (prior, delivered): (u32, u32),
         delay: Duration,
     ) {
-        if self
+        let sequence = message.info().map_or(0, |i| i.stream_sequence);
+        if let Some(deferrals) = self
             .with_redis(message, || self.dedup.defer(&request.id, sequence))
             .await
-            .is_some()
         {
+            let made = prior.saturating_add(delivered.saturating_sub(deferrals));
             self.settler
-                .settle(message, Disposition::defer(delay))
+                .settle(message, Disposition::defer(delay).attempts(made))
                 .await;
         }
     }
@@ -655,7 +674,8 @@ fn outcome(
 }
 
 /// The outcome's Msg-Id: `<action id>:<attempt>` (`ActionOutcome::msg_id`) for the action as the
-/// dispatcher published it (Msg-Id = action id). Another copy of the same action — a DLQ replay
+/// dispatcher published it (Msg-Id = action id) and its scheduled retries, which name that
+/// Msg-Id in `Herald-Original-Msg-Id` and go on counting its attempts. Another copy of the same action — a DLQ replay
 /// (Msg-Id `<action id>:replay:<seq>`) or a copy published without a Msg-Id — numbers its
 /// attempts from 1 again, so its outcomes are keyed by that copy's own Msg-Id (or stream
 /// sequence) instead; otherwise JetStream would absorb them as repeats of the first copy's.
@@ -668,13 +688,9 @@ fn outcome_msg_id(message: &jetstream::Message, outcome: &ActionOutcome) -> Stri
     if outcome.status == OutcomeStatus::Duplicate {
         return format!("{}:duplicate:{sequence}", outcome.action_id);
     }
-    match message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(headers::MSG_ID))
-    {
-        Some(id) if id.as_str() == outcome.action_id => outcome.msg_id(),
-        Some(id) => format!("{}:{}", id.as_str(), outcome.attempt),
+    match schedule::original_msg_id(message) {
+        Some(id) if id == outcome.action_id => outcome.msg_id(),
+        Some(id) => format!("{id}:{}", outcome.attempt),
         None => format!("{}@{sequence}:{}", outcome.action_id, outcome.attempt),
     }
 }

@@ -575,3 +575,157 @@ async fn a_receiver_refusing_connections_for_thirty_seconds_never_delays_a_healt
 async fn a_receiver_hanging_for_thirty_seconds_never_delays_a_healthy_one() {
     one_receiver_down_for_thirty_seconds(Down::Hanging).await;
 }
+
+/// 2000 actions to a receiver that keeps answering 503, with the consumer's max_ack_pending at
+/// 100: while they wait for their retries, actions to a healthy receiver keep flowing (a retry
+/// is a scheduled copy, not a message held unacknowledged), and every failing one is tried
+/// `max_attempts` times, attempt numbers continuing across the copies, then dead-lettered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_waiting_for_retries_never_hold_back_healthy_ones() {
+    use std::collections::{BTreeMap, HashMap};
+    use std::time::Instant;
+
+    const FAILING: usize = 2000;
+    const HEALTHY: usize = 100;
+    let mut app = App::start().await;
+    let healthy = Sink::start(|_| Reply::status(204)).await;
+    let failing = Sink::start(|_| Reply::status(503)).await;
+    let mut settings = app.settings();
+    settings.concurrency = 16;
+    settings.per_destination_concurrency = 4;
+    settings.max_ack_pending = 100;
+    // The breaker would pace the failing host's attempts to one probe per cool-down; this test
+    // is about retries, so it stays closed.
+    settings.breaker.failure_threshold = u32::MAX;
+    app.spawn_worker(settings);
+    let failing_policy = herald_shared::RetryPolicy {
+        max_attempts: 3,
+        initial_delay_ms: 2_000,
+        max_delay_ms: 4_000,
+        multiplier: 2.0,
+        jitter: false,
+    };
+
+    let mut doomed = Vec::with_capacity(FAILING);
+    for _ in 0..FAILING {
+        let request = action(
+            "webhook",
+            "orders",
+            json!({"url": failing.url("/failing")}),
+            failing_policy.clone(),
+        );
+        app.publish(&request).await;
+        doomed.push(request.id);
+    }
+    // A quarter of the failing actions have had their first attempt and wait for a retry.
+    failing.wait_for(FAILING / 4).await;
+
+    let mut sent_at: HashMap<String, Instant> = HashMap::new();
+    for _ in 0..HEALTHY {
+        let request = action(
+            "webhook",
+            "orders",
+            json!({"url": healthy.url("/healthy")}),
+            retry(3, 100),
+        );
+        sent_at.insert(request.id.clone(), Instant::now());
+        app.publish(&request).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let received = herald_test_support::eventually(
+        "every healthy action delivered",
+        Duration::from_secs(60),
+        || {
+            let received = healthy.received();
+            (received.len() >= HEALTHY).then_some(received)
+        },
+    )
+    .await;
+    let mut latencies: Vec<Duration> = received
+        .iter()
+        .filter_map(|r| {
+            let id = r.header("webhook-id")?;
+            Some(r.at.saturating_duration_since(*sent_at.get(&id)?))
+        })
+        .collect();
+    latencies.sort();
+
+    let letters = eventually_async(
+        "every failing action dead-lettered",
+        Duration::from_secs(120),
+        || async {
+            let letters = app.dead_letters().await;
+            (letters.len() >= FAILING).then_some(letters)
+        },
+    )
+    .await;
+    let mut attempts: BTreeMap<String, usize> = BTreeMap::new();
+    for letter in &letters {
+        let id = header(letter, headers::ORIGINAL_MSG_ID).unwrap_or_default();
+        assert_eq!(
+            header(letter, headers::ATTEMPTS).as_deref(),
+            Some("3"),
+            "dead letter of {id}"
+        );
+        assert_eq!(
+            header(letter, headers::ORIGINAL_SUBJECT).as_deref(),
+            Some("herald.actions.webhook.orders")
+        );
+        let first = header(letter, headers::FIRST_FAILED_AT).unwrap_or_default();
+        let dead = header(letter, headers::DEAD_LETTERED_AT).unwrap_or_default();
+        assert!(
+            first < dead,
+            "{id}: first failure {first} is not before {dead}"
+        );
+        *attempts.entry(id).or_default() += 1;
+    }
+    let at_receiver = failing
+        .received()
+        .iter()
+        .filter_map(|r| r.header("webhook-id"))
+        .fold(BTreeMap::<String, usize>::new(), |mut n, id| {
+            *n.entry(id).or_default() += 1;
+            n
+        });
+    println!(
+        "{FAILING} actions to a 503 receiver with max_ack_pending 100: {} dead-lettered, {} \
+         requests at it; {HEALTHY} healthy actions meanwhile: p50 {:?} p99 {:?} max {:?}",
+        attempts.len(),
+        at_receiver.values().sum::<usize>(),
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or_default(),
+    );
+    assert_eq!(
+        latencies.len(),
+        HEALTHY,
+        "every healthy action reached its receiver"
+    );
+    // Loose for a loaded machine; behind 100 slots held by waiting retries, healthy actions
+    // waited for the failing ones' whole retry schedule (tens of seconds).
+    assert!(
+        percentile(&latencies, 0.99) < Duration::from_secs(5),
+        "healthy actions waited behind retries: p99 {:?}",
+        percentile(&latencies, 0.99)
+    );
+    assert!(
+        doomed.iter().all(|id| attempts.get(id) == Some(&1)),
+        "every failing action is dead-lettered exactly once"
+    );
+    assert!(
+        doomed.iter().all(|id| at_receiver.get(id) == Some(&3)),
+        "every failing action was tried exactly three times"
+    );
+    let outcomes = app.outcomes(&doomed[0]).await;
+    let mut seen: Vec<(u32, OutcomeStatus)> =
+        outcomes.iter().map(|o| (o.attempt, o.status)).collect();
+    seen.sort_by_key(|(attempt, _)| *attempt);
+    assert_eq!(
+        seen,
+        [
+            (1, OutcomeStatus::Retrying),
+            (2, OutcomeStatus::Retrying),
+            (3, OutcomeStatus::DeadLettered)
+        ]
+    );
+}

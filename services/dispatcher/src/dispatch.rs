@@ -324,7 +324,7 @@ impl Dispatcher {
             },
             None => consumer::DeliverPolicy::All,
         };
-        stream
+        let consumer = stream
             .create_consumer(checkpoint::consumer_config(
                 name,
                 &partition.filters,
@@ -333,7 +333,11 @@ impl Dispatcher {
                 self.settings.max_ack_pending(),
             ))
             .await
-            .map_err(consumer_error)
+            .map_err(consumer_error)?;
+        // Events that failed under the previous consumer come again as first deliveries; their
+        // first-failure keys must be known to be removed when they are settled.
+        self.settler.recall_first_failures().await;
+        Ok(consumer)
     }
 
     /// Dispatches one partition, holding the lease of tenure `tenure`, until `stop`; returns

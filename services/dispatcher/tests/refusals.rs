@@ -203,7 +203,13 @@ async fn a_lane_stopped_while_refused_never_acks_a_later_event_of_the_same_key()
     config.max_messages_per_subject = 1;
     config.discard = DiscardPolicy::New;
     config.discard_new_per_subject = true;
-    js.update_stream(config).await.expect("limit actions");
+    // The server takes discard-new only on a stream that never had message schedules.
+    config.allow_message_schedules = false;
+    config.allow_rollup = false;
+    js.delete_stream(ACTIONS_STREAM)
+        .await
+        .expect("drop the provisioned actions stream");
+    js.create_stream(config).await.expect("limit actions");
     publish_raw(&js, "herald.actions.webhook.first", b"{}").await;
 
     let file = write_file(TWO_SUBJECTS);

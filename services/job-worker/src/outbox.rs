@@ -98,7 +98,9 @@ impl From<OutboxError> for Failure {
             OutboxError::Unusable { reason, .. } => Failure::Permanent(reason.clone()),
             OutboxError::Dlq(dlq::DlqError::Publish(p)) => match p {
                 PublishFailure::TooLarge(reason) => Failure::Permanent(reason.clone()),
-                PublishFailure::PermissionDenied(_) => Failure::Refused(p.to_string()),
+                PublishFailure::PermissionDenied(_) | PublishFailure::ScheduleRefused(_) => {
+                    Failure::Refused(p.to_string())
+                }
                 PublishFailure::NoStream(_) | PublishFailure::Transient(_) => Failure::Outage(e),
             },
             OutboxError::Dlq(dlq::DlqError::Body(_)) => Failure::Outage(e),
