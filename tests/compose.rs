@@ -7,6 +7,10 @@
 //! too (one image built once, pinned images, healthchecks on `/ready` with a program the image
 //! has, `depends_on` on health, durable Redis, traces to Jaeger), and `scripts/dev` must describe
 //! the same stack: the same configs and the same users, only addresses differing.
+//!
+//! Both profiles are checked: `single` (the default, from `.env`) and `cluster` (three NATS
+//! nodes with routes, every Herald service pointed at all of them with R3 streams), whose nodes
+//! are also booted from their compose commands to see them form one JetStream cluster.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -17,13 +21,24 @@ use serde_yaml_ng::Value;
 
 const LOOPBACK: &str = "127.0.0.1";
 
-/// compose.yaml with its merge keys (`<<: *herald`) applied.
+/// The profiles compose.yaml defines: the single-node stack (the default) and the same stack on
+/// a 3-node NATS cluster.
+const PROFILES: [&str; 2] = ["single", "cluster"];
+
+/// compose.yaml with its merge keys (`<<: *herald`) applied, as one profile runs it: the
+/// services without a `profiles` list and those listing the profile.
 struct Compose {
     services: BTreeMap<String, Value>,
 }
 
 impl Compose {
+    /// What `docker compose up` runs: the profile `.env` gives as COMPOSE_PROFILES.
     fn load() -> Self {
+        Self::load_profile(&default_profile())
+    }
+
+    /// What `docker compose --profile <profile> up` runs: the flag replaces the `.env` default.
+    fn load_profile(profile: &str) -> Self {
         let text =
             std::fs::read_to_string(workspace_root().join("compose.yaml")).expect("compose.yaml");
         let mut document: Value = serde_yaml_ng::from_str(&text).expect("compose.yaml is YAML");
@@ -32,12 +47,25 @@ impl Compose {
             .as_mapping()
             .expect("compose.yaml has services")
             .iter()
+            .filter(|(_, service)| {
+                let profiles = strings(&service["profiles"]);
+                profiles.is_empty() || profiles.iter().any(|p| p == profile)
+            })
             .map(|(name, service)| {
                 let name = name.as_str().expect("a service name").to_owned();
                 (name, service.clone())
             })
             .collect();
         Self { services }
+    }
+
+    /// The NATS servers this profile runs (the services of the `nats` image).
+    fn nats_services(&self) -> BTreeSet<&str> {
+        self.services
+            .iter()
+            .filter(|(_, s)| text(&s["image"]).is_some_and(|i| i.starts_with("nats:")))
+            .map(|(name, _)| name.as_str())
+            .collect()
     }
 
     /// The image the one `build:` produces.
@@ -128,12 +156,31 @@ impl Compose {
 /// Applies merge keys at every depth (`environment: { <<: *herald-env, ... }` too), outer ones
 /// first so what they bring in is merged in turn.
 fn merge_everywhere(value: &mut Value) {
-    value.apply_merge().expect("compose.yaml's merge keys");
+    // A merged mapping may bring its own merge key (`cluster-gateway: { <<: *gateway }`, where
+    // `gateway` has `<<: *herald`): merge again until none is left at this level.
+    while value.as_mapping().is_some_and(|m| m.contains_key("<<")) {
+        value.apply_merge().expect("compose.yaml's merge keys");
+    }
     match value {
         Value::Mapping(map) => map.values_mut().for_each(merge_everywhere),
         Value::Sequence(items) => items.iter_mut().for_each(merge_everywhere),
         _ => {}
     }
+}
+
+/// The profile compose runs without `--profile`: COMPOSE_PROFILES in `.env`.
+fn default_profile() -> String {
+    let env = std::fs::read_to_string(workspace_root().join(".env"))
+        .expect(".env names the default profile");
+    env.lines()
+        .find_map(|l| l.trim().strip_prefix("COMPOSE_PROFILES="))
+        .map(str::to_owned)
+        .expect(".env sets COMPOSE_PROFILES")
+}
+
+/// A Herald service's role, the same in every profile (`cluster-gateway` is a gateway).
+fn role(name: &str) -> &str {
+    name.strip_prefix("cluster-").unwrap_or(name)
 }
 
 /// A scalar as text (compose accepts numbers and booleans where it means strings).
@@ -328,20 +375,38 @@ impl Invocation {
 
 #[test]
 fn every_herald_service_accepts_exactly_what_compose_gives_it() {
-    let compose = Compose::load();
+    let mut failures = Vec::new();
+    for profile in PROFILES {
+        check_every_herald_service(&Compose::load_profile(profile), profile, &mut failures);
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+fn check_every_herald_service(compose: &Compose, profile: &str, failures: &mut Vec<String>) {
     let services = compose.herald_services();
-    for expected in ["gateway", "dispatcher", "action-worker", "job-worker"] {
+    let roles: BTreeSet<&str> = services.keys().map(|name| role(name)).collect();
+    for expected in [
+        "gateway",
+        "dispatcher",
+        "action-worker",
+        "job-worker",
+        "auditor",
+        "flight-streamer",
+    ] {
         assert!(
-            services.contains_key(expected),
-            "compose runs no {expected}"
+            roles.contains(expected),
+            "profile {profile} runs no {expected}"
         );
     }
-    let mut failures = Vec::new();
+    assert_eq!(roles.len(), services.len(), "one of each in {profile}");
     for (name, service) in &services {
         let invocation = compose.invocation(name, &PathMap::for_service(service));
         let check = invocation.check();
         if !check.success {
-            failures.push(format!("{name}: --check-config refused:\n{}", check.output));
+            failures.push(format!(
+                "{profile}: {name}: --check-config refused:\n{}",
+                check.output
+            ));
             continue;
         }
         let unread: BTreeSet<&String> = invocation
@@ -352,10 +417,10 @@ fn every_herald_service_accepts_exactly_what_compose_gives_it() {
             .collect();
         if !unread.is_empty() {
             failures.push(format!(
-                "{name}: compose sets {unread:?}, which it does not read"
+                "{profile}: {name}: compose sets {unread:?}, which it does not read"
             ));
         }
-        let expected: &[&str] = match *name {
+        let expected: &[&str] = match role(name) {
             "dispatcher" => &["service.observers"],
             "gateway" | "flight-streamer" => &["service.schema_file"],
             _ => &[],
@@ -364,17 +429,16 @@ fn every_herald_service_accepts_exactly_what_compose_gives_it() {
             match check.files.get(*key) {
                 Some(path) if workspace_root().join(path).is_file() => {}
                 other => failures.push(format!(
-                    "{name}: --check-config did not load the file {key} names ({other:?}):\n{}",
+                    "{profile}: {name}: --check-config did not load the file {key} names ({other:?}):\n{}",
                     check.output
                 )),
             }
         }
         println!(
-            "{name}: {} {:?} is valid, files loaded: {:?}",
+            "{profile}: {name}: {} {:?} is valid, files loaded: {:?}",
             invocation.program, invocation.args, check.files
         );
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
 #[test]
@@ -522,7 +586,38 @@ fn a_flight_certificate_that_is_not_one_fails_the_check() {
 
 #[test]
 fn one_image_built_once_runs_every_herald_service_and_every_image_is_pinned() {
-    let compose = Compose::load();
+    let images: BTreeSet<String> = PROFILES
+        .iter()
+        .map(|profile| {
+            let compose = Compose::load_profile(profile);
+            check_one_image(&compose);
+            compose.herald_image()
+        })
+        .collect();
+    assert_eq!(
+        images.len(),
+        1,
+        "every profile runs the same image: {images:?}"
+    );
+    for profile in [None, Some("cluster")] {
+        let mut command = Command::new("docker-compose");
+        if let Some(profile) = profile {
+            command.args(["--profile", profile]);
+        }
+        let checked = command
+            .args(["-f", "compose.yaml", "config", "-q"])
+            .current_dir(workspace_root())
+            .output()
+            .expect("docker-compose validates compose.yaml (scripts/install-deps installs it)");
+        assert!(
+            checked.status.success(),
+            "docker-compose config ({profile:?}): {}",
+            String::from_utf8_lossy(&checked.stderr)
+        );
+    }
+}
+
+fn check_one_image(compose: &Compose) {
     let image = compose.herald_image();
     for (name, service) in &compose.services {
         let image = text(&service["image"]).unwrap_or_else(|| panic!("{name} names no image"));
@@ -545,17 +640,6 @@ fn one_image_built_once_runs_every_herald_service_and_every_image_is_pinned() {
             "{name}: the entrypoint picks a Herald binary: {program:?}"
         );
     }
-
-    let checked = Command::new("docker-compose")
-        .args(["-f", "compose.yaml", "config", "-q"])
-        .current_dir(workspace_root())
-        .output()
-        .expect("docker-compose validates compose.yaml (scripts/install-deps installs it)");
-    assert!(
-        checked.status.success(),
-        "docker-compose config: {}",
-        String::from_utf8_lossy(&checked.stderr)
-    );
 }
 
 /// What can be checked of the image without building it: the build stage builds every binary
@@ -615,8 +699,8 @@ fn every_entrypoint_is_a_binary_the_image_builds() {
         "the image copies the herald* binaries onto PATH: {build}"
     );
 
-    let compose = Compose::load();
-    for (name, service) in compose.herald_services() {
+    let profiles: Vec<Compose> = PROFILES.iter().map(|p| Compose::load_profile(p)).collect();
+    for (name, service) in profiles.iter().flat_map(Compose::herald_services) {
         let program = strings(&service["entrypoint"])
             .first()
             .cloned()
@@ -670,8 +754,15 @@ fn pinned(image: &str) -> bool {
 
 #[test]
 fn every_service_waits_for_healthy_dependencies_and_herald_is_checked_on_ready() {
-    let compose = Compose::load();
+    for profile in PROFILES {
+        check_health(&Compose::load_profile(profile), profile);
+    }
+}
+
+fn check_health(compose: &Compose, profile: &str) {
     let installed = Dockerfile::load().installed;
+    let scraped = std::fs::read_to_string(workspace_root().join("grafana/prometheus.yml"))
+        .expect("grafana/prometheus.yml");
     for (name, service) in compose.herald_services() {
         let test = strings(&service["healthcheck"]["test"]);
         assert_eq!(
@@ -692,6 +783,11 @@ fn every_service_waits_for_healthy_dependencies_and_herald_is_checked_on_ready()
                 .any(|arg| arg == &format!("http://127.0.0.1:{port}/ready")),
             "{name}: the healthcheck asks /ready on the admin port {port}: {test:?}"
         );
+        assert!(
+            scraped.contains(&format!("- {}:{port}", role(name))),
+            "{profile}: Prometheus does not scrape {name} as {}:{port}",
+            role(name)
+        );
         assert_eq!(
             text(&service["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"]).as_deref(),
             Some("http://jaeger:4317"),
@@ -708,10 +804,9 @@ fn every_service_waits_for_healthy_dependencies_and_herald_is_checked_on_ready()
         };
         for (dependency, how) in depends {
             let dependency = dependency.as_str().expect("a service name");
-            let target = compose
-                .services
-                .get(dependency)
-                .unwrap_or_else(|| panic!("{name} depends on unknown {dependency}"));
+            let target = compose.services.get(dependency).unwrap_or_else(|| {
+                panic!("{profile}: {name} depends on {dependency}, which {profile} does not run")
+            });
             if !target["healthcheck"].is_null() {
                 assert_eq!(
                     text(&how["condition"]).as_deref(),
@@ -866,4 +961,236 @@ fn file_value(path: &Path, section: &str, key: &str) -> String {
         .as_str()
         .unwrap_or_else(|| panic!("{}: no {section}.{key}", path.display()))
         .to_owned()
+}
+
+/// `docker compose --profile cluster up` is the default stack on a 3-node JetStream cluster:
+/// nats-1..3 run nats/cluster.conf (the single node's file and users, plus routes naming exactly
+/// those three), and each Herald service is its single-node twin with only the NATS URL (all
+/// three nodes) and `streams.replicas = 3` changed, reachable under the same host name.
+#[test]
+fn the_cluster_profile_is_the_same_stack_on_three_nodes_with_r3_streams() {
+    assert_eq!(
+        default_profile(),
+        "single",
+        "docker compose up runs one node"
+    );
+    let single = Compose::load_profile("single");
+    let cluster = Compose::load_profile("cluster");
+    assert_eq!(single.nats_services(), BTreeSet::from(["nats"]));
+    let nodes = cluster.nats_services();
+    assert_eq!(nodes, BTreeSet::from(["nats-1", "nats-2", "nats-3"]));
+
+    let conf = std::fs::read_to_string(workspace_root().join("nats/cluster.conf"))
+        .expect("nats/cluster.conf");
+    assert!(
+        conf.lines()
+            .any(|l| l.trim() == "include \"nats-server.conf\""),
+        "a cluster node has the single node's settings and users"
+    );
+    let routed: BTreeSet<&str> = conf
+        .split("nats-route://")
+        .skip(1)
+        .filter_map(|rest| rest.split_once(":6222"))
+        .map(|(host, _)| host)
+        .collect();
+    assert_eq!(routed, nodes, "the routes name exactly the cluster's nodes");
+    assert!(conf.contains("listen: \"0.0.0.0:6222\""), "{conf}");
+    for node in &nodes {
+        let command = strings(&cluster.services[*node]["command"]);
+        let after = |flag: &str| {
+            command
+                .iter()
+                .position(|a| a == flag)
+                .and_then(|i| command.get(i + 1))
+                .cloned()
+        };
+        assert_eq!(after("-c").as_deref(), Some("/etc/nats/cluster.conf"));
+        assert_eq!(after("-n").as_deref(), Some(*node), "its own server name");
+        assert!(
+            after("-sd").is_some(),
+            "{node} stores JetStream on its volume"
+        );
+    }
+
+    let twins = single.herald_services();
+    let cluster_services = cluster.herald_services();
+    assert_eq!(cluster_services.len(), twins.len());
+    for (name, service) in cluster_services {
+        let twin = twins
+            .get(role(name))
+            .unwrap_or_else(|| panic!("{name} has no single-node twin"));
+        let url = text(&service["environment"]["HERALD_NATS__URL"]).expect("a NATS URL");
+        let hosts: BTreeSet<&str> = url
+            .split(',')
+            .filter_map(|u| u.strip_prefix("nats://"))
+            .filter_map(|u| u.split(':').next())
+            .collect();
+        assert_eq!(hosts, nodes, "{name} connects to every node: {url}");
+        assert!(
+            strings(&service["networks"]["default"]["aliases"]).contains(&role(name).to_owned()),
+            "{name} answers to {} too (prometheus.yml scrapes that name)",
+            role(name)
+        );
+        let on_cluster = cluster
+            .invocation(name, &PathMap::for_service(service))
+            .check();
+        let on_one = single
+            .invocation(role(name), &PathMap::for_service(twin))
+            .check();
+        assert!(on_cluster.success, "{name}: {}", on_cluster.output);
+        assert!(on_one.success, "{}: {}", role(name), on_one.output);
+        assert_eq!(
+            differences(&on_cluster.settings, &on_one.settings, ""),
+            ["nats.url", "streams.replicas"],
+            "{name} differs from {} in its NATS only",
+            role(name)
+        );
+        assert_eq!(
+            on_cluster.settings["streams"]["replicas"].as_integer(),
+            Some(3),
+            "{name}: {}",
+            on_cluster.output
+        );
+    }
+}
+
+/// A child process killed (SIGKILL) when dropped, so a failing test leaves no server behind.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The cluster profile's three nodes, started from their compose commands (nats/cluster.conf
+/// and its include of the single node's file and users), moved onto loopback ports: they form
+/// one JetStream cluster, Herald's streams are created there with three replicas, and the
+/// service users of nats/auth.conf log in as on the single node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_profiles_nodes_form_one_jetstream_cluster_with_the_same_users() {
+    use herald_shared::config::StreamsConfig;
+    let compose = Compose::load_profile("cluster");
+    let nodes: Vec<&str> = compose.nats_services().into_iter().collect();
+    let ports: Vec<(u16, u16, u16)> = nodes
+        .iter()
+        .map(|_| {
+            (
+                herald_test_support::free_port(),
+                herald_test_support::free_port(),
+                herald_test_support::free_port(),
+            )
+        })
+        .collect();
+    let routes = ports
+        .iter()
+        .map(|(_, route, _)| format!("nats-route://127.0.0.1:{route}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let mut servers = Vec::new();
+    for (node, (port, route, monitor)) in nodes.iter().zip(&ports) {
+        let service = &compose.services[*node];
+        let paths = PathMap::for_service(service);
+        let store = dir.path().join(node);
+        let mut args: Vec<String> = strings(&service["command"])
+            .iter()
+            .map(|a| paths.map(a))
+            .collect();
+        let sd = args.iter().position(|a| a == "-sd").expect("-sd") + 1;
+        args[sd] = store.display().to_string();
+        // Only the addresses move: compose's host names become loopback ports.
+        args.extend(
+            [
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-m",
+                &monitor.to_string(),
+                "--cluster",
+                &format!("nats://127.0.0.1:{route}"),
+                "--routes",
+                &routes,
+            ]
+            .map(str::to_owned),
+        );
+        let log = std::fs::File::create(dir.path().join(format!("{node}.log"))).expect("log");
+        let child = Command::new(herald_test_support::nats_server_binary())
+            .args(&args)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {node}: {e}"));
+        servers.push(Killed(child));
+    }
+    let logs = || {
+        nodes
+            .iter()
+            .map(|n| {
+                std::fs::read_to_string(dir.path().join(format!("{n}.log"))).unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    let http = reqwest::Client::new();
+    for (_, _, monitor) in &ports {
+        let healthy = herald_test_support::eventually_async(
+            "every node current with the meta leader",
+            std::time::Duration::from_secs(60),
+            || async {
+                let answer = http
+                    .get(format!("http://127.0.0.1:{monitor}/healthz"))
+                    .send()
+                    .await
+                    .ok()?;
+                answer.status().is_success().then_some(())
+            },
+        );
+        healthy.await;
+    }
+
+    let addresses: Vec<async_nats::ServerAddr> = ports
+        .iter()
+        .map(|(port, _, _)| {
+            format!("nats://127.0.0.1:{port}")
+                .parse()
+                .expect("a server address")
+        })
+        .collect();
+    let connect = |user: &str, password: String| {
+        async_nats::ConnectOptions::new()
+            .user_and_password(user.into(), password)
+            .connect(addresses.clone())
+    };
+    let cli = connect("cli", service_password("cli"))
+        .await
+        .unwrap_or_else(|e| panic!("the cli user logs in: {e}\n{}", logs()));
+    let js = async_nats::jetstream::new(cli);
+    let replicated = StreamsConfig {
+        replicas: 3,
+        ..StreamsConfig::default()
+    };
+    herald_shared::streams::ensure_all(&js, &replicated)
+        .await
+        .unwrap_or_else(|e| panic!("Herald's streams on the cluster: {e}\n{}", logs()));
+    let mut stream = js
+        .get_stream(herald_shared::streams::EVENTS.name)
+        .await
+        .expect("HERALD_EVENTS");
+    let info = stream.info().await.expect("stream info");
+    assert_eq!(info.config.num_replicas, 3);
+    let peers = info.cluster.as_ref().map_or(0, |c| c.replicas.len());
+    assert_eq!(peers, 2, "a leader and two replicas: {:?}", info.cluster);
+
+    for user in ["gateway", "dispatcher", "custom-worker"] {
+        connect(user, service_password(user))
+            .await
+            .unwrap_or_else(|e| panic!("{user} logs in as on one node: {e}"));
+    }
+    assert!(
+        connect("gateway", "not-the-password".into()).await.is_err(),
+        "a wrong password is refused"
+    );
 }

@@ -56,3 +56,43 @@ fn every_dashboard_metric_is_recorded_by_some_service() {
         "plotted but never recorded: {missing:?}"
     );
 }
+
+/// Custom workers, in any language, record no metrics of their own: only the auditor's
+/// counters, taken from the streams, include their outcomes and dead letters. So the panels of
+/// dead letters and outcomes plot those, never a counter only Herald's services record.
+#[test]
+fn dead_letters_and_outcomes_are_plotted_from_what_the_auditor_counts() {
+    let root = workspace_root();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("grafana/dashboards/herald.json"))
+            .expect("read the dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    let dead_letters: Vec<&String> = exprs
+        .iter()
+        .filter(|e| e.contains("dead_letters"))
+        .collect();
+    assert!(!dead_letters.is_empty(), "no dead-letter panel");
+    for expr in dead_letters {
+        let names = metric_names_in(expr);
+        assert!(
+            names
+                .iter()
+                .all(|n| n == "herald_auditor_dead_letters_total"),
+            "a dead-letter panel misses custom workers' dead letters: {expr}"
+        );
+    }
+    assert!(
+        exprs
+            .iter()
+            .any(|e| e.contains("herald_auditor_outcomes_total") && e.contains("kind")),
+        "no panel of outcomes by kind: {exprs:?}"
+    );
+}

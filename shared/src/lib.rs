@@ -23,6 +23,7 @@ pub mod shutdown;
 pub mod streams;
 pub mod subjects;
 pub mod telemetry;
+pub mod template;
 pub mod tls;
 pub mod traceparent;
 

@@ -149,6 +149,35 @@ impl Document {
     pub fn index(&self, prefix: &str) -> String {
         self.kind.index(prefix, self.at)
     }
+
+    /// Counts a newly stored document in the metrics every worker's work shows in: outcomes by
+    /// action kind and status, dead letters by source, action kind and who dead-lettered them.
+    /// Only the auditor sees every worker's messages, custom workers in any language included,
+    /// so these counters (not the services' own) are what the dashboard plots. Duplicates are
+    /// not counted: a redelivery or a consumer starting over counts nothing twice.
+    pub fn count_stored(&self) {
+        match self.kind {
+            Kind::Outcome => kinds::outcome::count(self),
+            Kind::DeadLetter => kinds::dead_letter::count(self),
+            Kind::Event | Kind::Job => {}
+        }
+    }
+
+    /// A string field of the body, as a metric label (see `label`).
+    pub fn label(&self, field: &str) -> String {
+        label(self.body.get(field).and_then(Value::as_str).unwrap_or(""))
+    }
+}
+
+/// A label value from a message: at most 64 bytes, so a worker writing long or odd values
+/// cannot blow up a label's size (the values themselves come from a bounded set of kinds,
+/// statuses and services).
+pub fn label(value: &str) -> String {
+    let mut end = value.len().min(64);
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    value[..end].to_owned()
 }
 
 /// The mapping of the fields every kind has.

@@ -243,6 +243,7 @@ impl Indexer {
                         } else {
                             metrics::counter!("herald_auditor_indexed_total", "kind" => kind)
                                 .increment(1);
+                            item.document.count_stored();
                         }
                         done.push((item.message, Disposition::ack()));
                     }

@@ -16,6 +16,13 @@
 //! - `health`: a watchdog pinging the cluster, re-installing templates after an outage, and
 //!   the `/ready` checks; `retention`: deletes monthly indices past their age.
 //! - `api` and `query`: `GET /v1/search` and `GET /v1/trail/{event_id}`, bearer-token only.
+//!
+//! # Metrics
+//! `herald_auditor_indexed_total{kind}`, `_duplicates_total{kind}`, `_failed_items_total{kind}`,
+//! `_refused_total{kind}`, `_lag{kind}`, `_bulk_seconds{kind}` (kind = the document kind), and,
+//! counted from what is stored, so every worker's messages show, custom workers' included:
+//! `herald_auditor_outcomes_total{kind,status}` (action kind) and
+//! `herald_auditor_dead_letters_total{source,kind,by}` (`by` = `Herald-Dead-Lettered-By`).
 
 pub mod api;
 pub mod bulk;

@@ -24,6 +24,7 @@ use arc_swap::ArcSwap;
 use chrono::Utc;
 use herald_shared::messages::BUILTIN_ACTION_KINDS;
 use herald_shared::subjects::{self, InvalidToken};
+use herald_shared::template;
 use herald_shared::{ActionRequest, EntityEvent, Op, RetryPolicy, SCHEMA_VERSION};
 use serde_json::Value as Json;
 use toml::Spanned;
@@ -604,6 +605,24 @@ impl Reader<'_> {
         if kind.is_none() && self.problems.len() == before {
             self.problem(format!("{path}.kind"), &table.span(), "is required");
         }
+        // A built-in kind renders its settings' templates, and a render cannot fail (a missing
+        // path renders as nothing), so a template that could never render is refused here. A
+        // custom kind's settings are its worker's business.
+        if kind
+            .as_deref()
+            .is_some_and(|k| BUILTIN_ACTION_KINDS.contains(&k))
+        {
+            for (key, value) in table
+                .get_ref()
+                .as_table()
+                .into_iter()
+                .flat_map(|t| t.iter())
+            {
+                if !matches!(key.get_ref().as_ref(), "kind" | "retry" | "timeout") {
+                    self.templates(&format!("{path}.{}", key.get_ref()), value);
+                }
+            }
+        }
         if self.problems.len() != before {
             return None;
         }
@@ -613,6 +632,28 @@ impl Reader<'_> {
             retry,
             timeout,
         })
+    }
+
+    /// Every string in a setting, checked as a template (`herald_shared::template`).
+    fn templates(&mut self, path: &str, value: &Spanned<DeValue<'_>>) {
+        match value.get_ref() {
+            DeValue::String(text) => {
+                for problem in template::problems(text) {
+                    self.problem(path, &value.span(), format!("template {problem}"));
+                }
+            }
+            DeValue::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    self.templates(&format!("{path}[{i}]"), item);
+                }
+            }
+            DeValue::Table(table) => {
+                for (key, item) in table.iter() {
+                    self.templates(&format!("{path}.{}", key.get_ref()), item);
+                }
+            }
+            _ => {}
+        }
     }
 
     fn retry(&mut self, path: &str, value: &Spanned<DeValue<'_>>) -> Option<RetryPolicy> {
@@ -779,6 +820,61 @@ url = "x"
             found.iter().any(|p| p.key == "observer[1].entity"),
             "missing entity not reported: {found:#?}"
         );
+    }
+
+    #[test]
+    fn a_template_that_could_never_render_is_refused_at_load_with_its_line() {
+        let text = r#"custom_kinds = ["invoice"]
+
+[[observer]]
+name = "order_paid"
+entity = "Order"
+ops = ["update"]
+
+[[observer.action]]
+kind = "email"
+to = ["{{data.email}}", "{{dat.email}}"]
+subject = "Order {{key}} paid"
+body = "Hello {{ entity.name }}, order {{key"
+
+[[observer.action]]
+kind = "webhook"
+url = "https://example.test/hook"
+headers = { x-order = "{{ }}" }
+body = '{"id": "{{key}}", "was": "{{before.status}}", "first": "{{changed.0}}"}'
+
+[[observer.action]]
+kind = "invoice"
+note = "{{ its.own.language }}"
+"#;
+        let mut found = problems(text);
+        found.sort_by_key(|p| p.line);
+        let located: Vec<(&str, usize)> = found.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        assert_eq!(
+            located,
+            [
+                ("observer[0].action[0].to[1]", 10),
+                ("observer[0].action[0].body", 12),
+                ("observer[0].action[0].body", 12),
+                ("observer[0].action[1].headers.x-order", 17),
+            ],
+            "{found:#?}"
+        );
+        for (problem, says) in found.iter().zip([
+            "no field `dat`",
+            "`entity` is a single value",
+            "never closed",
+            "names no field",
+        ]) {
+            assert!(problem.message.contains(says), "{problem}");
+        }
+
+        let fixed = text
+            .replace("{{dat.email}}", "{{data.backup_email}}")
+            .replace("{{ entity.name }}", "{{data.name}}")
+            .replace("{{key\"", "{{key}}\"")
+            .replace("{{ }}", "{{key}}");
+        ObserverSet::parse(&fixed).expect("fixed templates load; a custom kind's are its own");
     }
 
     #[test]

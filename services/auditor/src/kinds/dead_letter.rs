@@ -8,7 +8,7 @@ use herald_shared::headers;
 use herald_shared::subjects::DLQ_STREAM;
 use serde_json::{Map, Value, json};
 
-use crate::document::{Document, Incoming, Kind, event_id_prefix, mapped};
+use crate::document::{Document, Incoming, Kind, event_id_prefix, label, mapped};
 
 pub fn properties() -> Map<String, Value> {
     mapped(&[
@@ -101,4 +101,51 @@ fn event_id_of(body: &[u8]) -> Option<String> {
                 .filter_map(|k| value.get(*k).and_then(text))
                 .find_map(|id| event_id_prefix(&id))
         })
+}
+
+/// `herald_auditor_dead_letters_total{source, kind, by}`: `kind` is the action kind of an
+/// action's dead letter (`herald.actions.<kind>.<observer>`), empty for other sources; `by` is
+/// `Herald-Dead-Lettered-By`.
+pub fn count(document: &Document) {
+    let source = document.label("source");
+    let kind = document
+        .body
+        .get("original_subject")
+        .and_then(Value::as_str)
+        .and_then(action_kind)
+        .map(label)
+        .unwrap_or_default();
+    metrics::counter!(
+        "herald_auditor_dead_letters_total",
+        "source" => source,
+        "kind" => kind,
+        "by" => document.label("dead_lettered_by"),
+    )
+    .increment(1);
+}
+
+/// The `<kind>` of `herald.actions.<kind>.<observer>`.
+fn action_kind(subject: &str) -> Option<&str> {
+    let mut tokens = subject.split('.');
+    match (tokens.next(), tokens.next(), tokens.next()) {
+        (Some("herald"), Some("actions"), Some(kind)) if !kind.is_empty() => Some(kind),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::action_kind;
+
+    #[test]
+    fn the_action_kind_is_read_from_the_original_subject() {
+        assert_eq!(
+            action_kind("herald.actions.invoice.order_invoiced"),
+            Some("invoice")
+        );
+        assert_eq!(action_kind("herald.actions.webhook"), Some("webhook"));
+        assert_eq!(action_kind("herald.events.Order.insert"), None);
+        assert_eq!(action_kind("herald.actions"), None);
+        assert_eq!(action_kind("herald.actions..x"), None);
+    }
 }

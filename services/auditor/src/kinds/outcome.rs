@@ -43,3 +43,13 @@ pub fn document(message: &Incoming) -> Result<Document, String> {
         fields,
     ))
 }
+
+/// `herald_auditor_outcomes_total{kind, status}`: one per stored attempt.
+pub fn count(document: &Document) {
+    metrics::counter!(
+        "herald_auditor_outcomes_total",
+        "kind" => document.label("kind"),
+        "status" => document.label("status"),
+    )
+    .increment(1);
+}
