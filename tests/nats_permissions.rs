@@ -345,9 +345,12 @@ async fn the_dispatcher_keeps_checkpoints_and_leases_in_its_kv_buckets() {
 async fn the_dispatcher_keeps_first_failure_times_in_their_bucket() {
     let nats = server_with_repo_users();
     let dispatcher = Session::open(&nats, "dispatcher").await;
-    let kv = herald_shared::consume::first_failures_bucket(&dispatcher.js)
-        .await
-        .expect("the dispatcher creates the first-failure bucket");
+    let kv = herald_shared::consume::first_failures_bucket(
+        &dispatcher.js,
+        herald_shared::subjects::EVENTS_STREAM,
+    )
+    .await
+    .expect("the dispatcher creates the first-failure bucket");
     kv.create("dispatcher.main.7", "2026-01-01T00:00:00Z".into())
         .await
         .expect("create a first-failure time");
@@ -356,9 +359,12 @@ async fn the_dispatcher_keeps_first_failure_times_in_their_bucket() {
     kv.purge("dispatcher.main.7").await.expect("purge it");
     assert_eq!(kv.get("dispatcher.main.7").await.expect("read"), None);
     // Opened again (a restart) it is found, not re-created.
-    herald_shared::consume::first_failures_bucket(&dispatcher.js)
-        .await
-        .expect("the bucket is found again");
+    herald_shared::consume::first_failures_bucket(
+        &dispatcher.js,
+        herald_shared::subjects::EVENTS_STREAM,
+    )
+    .await
+    .expect("the bucket is found again");
 }
 
 #[tokio::test]

@@ -460,7 +460,9 @@ async fn a_first_failure_key_is_removed_when_a_recreated_consumer_settles_its_me
             .await,
         Settled::Retrying
     );
-    let bucket = consume::first_failures_bucket(&js).await.expect("bucket");
+    let bucket = consume::first_failures_bucket(&js, EVENTS_STREAM)
+        .await
+        .expect("bucket");
     let key = format!("test.leak.{sequence}");
     assert!(
         bucket.get(&key).await.expect("read").is_some(),
