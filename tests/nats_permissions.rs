@@ -345,6 +345,12 @@ async fn the_dispatcher_keeps_checkpoints_and_leases_in_its_kv_buckets() {
 async fn the_dispatcher_keeps_first_failure_times_in_their_bucket() {
     let nats = server_with_repo_users();
     let dispatcher = Session::open(&nats, "dispatcher").await;
+    // As at the dispatcher's start: the bucket takes the copies of the stream it follows.
+    provision(
+        &dispatcher,
+        &[streams::EVENTS, streams::ACTIONS, streams::DLQ],
+    )
+    .await;
     let kv = herald_shared::consume::first_failures_bucket(
         &dispatcher.js,
         herald_shared::subjects::EVENTS_STREAM,
