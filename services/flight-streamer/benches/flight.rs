@@ -2,6 +2,11 @@
 //! write, measured in the same run: the same events pulled from JetStream as JSON and decoded
 //! into the same typed columns (no Flight, no Arrow).
 //!
+//! Exports read a 10-column table (six numeric, four text columns) made for the bench, served
+//! from a schema file that adds it to the shop's; beside the export over Flight the bench
+//! prints what PostgreSQL alone delivers (the same cursor read and decoded by sqlx without
+//! Arrow, and the raw binary COPY of the same rows), so the figures say where the time goes.
+//!
 //! `cargo bench -p herald-flight-streamer`; `HERALD_BENCH_EVENTS` and `HERALD_BENCH_ROWS` change
 //! the sizes (default 200 000 each; the issue's figure is for 1 000 000). Prints, asserts nothing.
 
@@ -169,6 +174,89 @@ async fn read(client: &mut FlightClient, ticket: &str) -> Read {
     }
 }
 
+const BENCH_TABLE: &str = "CREATE TABLE bench_rows (
+    id bigint PRIMARY KEY, account_id integer NOT NULL, quantity integer, amount numeric(12,2),
+    price double precision, score real, sku text NOT NULL, name text, region text, note text)";
+
+const BENCH_ROWS: &str = "INSERT INTO bench_rows \
+    SELECT i, i % 1000, (i % 50)::int, i * 0.25, i * 1.5, (i % 100) / 3.0, \
+           'SKU-' || i, 'item name ' || (i % 977), \
+           (ARRAY['eu-west', 'us-east', 'ap-south'])[1 + i % 3], \
+           CASE WHEN i % 10 = 0 THEN NULL ELSE 'a short note about row ' || i END \
+    FROM generate_series(1, $1) AS i";
+
+const BENCH_ENTITY: &str = r#"
+[entities.BenchRow]
+table = "bench_rows"
+key = "id"
+fields = { id = "Int", account_id = "Int", quantity = "Int", amount = "Float", price = "Float", score = "Float", sku = "String", name = "String", region = "String", note = "String" }
+"#;
+
+const BENCH_SELECT: &str = "SELECT \"account_id\"::int8, \"amount\"::float8, \"id\"::int8, \
+    \"name\"::text, \"note\"::text, \"price\"::float8, \"quantity\"::int8, \"region\"::text, \
+    \"score\"::float8, \"sku\"::text FROM \"bench_rows\" WHERE TRUE";
+
+/// What the cursor read costs without Arrow: the export's select, fetched as the export does
+/// and every value decoded by sqlx.
+async fn postgres_cursor(pool: &sqlx::PgPool, rows: usize) -> (usize, Duration) {
+    use futures::TryStreamExt;
+    use sqlx::Row;
+    let started = Instant::now();
+    let mut tx = pool.begin().await.expect("transaction");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DECLARE bench_cursor NO SCROLL CURSOR FOR {BENCH_SELECT}"
+    )))
+    .execute(&mut *tx)
+    .await
+    .expect("declare");
+    let mut seen = 0;
+    let mut checksum = 0i64;
+    loop {
+        let mut fetched = 0;
+        let mut stream = sqlx::query("FETCH FORWARD 65536 FROM bench_cursor").fetch(&mut *tx);
+        while let Some(row) = stream.try_next().await.expect("row") {
+            fetched += 1;
+            for i in [0, 2, 6] {
+                checksum += row.try_get::<Option<i64>, _>(i).expect("int").unwrap_or(0);
+            }
+            for i in [1, 5, 8] {
+                checksum += row
+                    .try_get::<Option<f64>, _>(i)
+                    .expect("float")
+                    .unwrap_or(0.0) as i64;
+            }
+            for i in [3, 4, 7, 9] {
+                checksum += row
+                    .try_get::<Option<&str>, _>(i)
+                    .expect("text")
+                    .map_or(0, str::len) as i64;
+            }
+        }
+        drop(stream);
+        seen += fetched;
+        if fetched < 65_536 {
+            break;
+        }
+    }
+    tx.rollback().await.expect("rollback");
+    assert_eq!(seen, rows);
+    std::hint::black_box(checksum);
+    (seen, started.elapsed())
+}
+
+/// PostgreSQL's own ceiling for the same rows: binary COPY, bytes counted, nothing decoded.
+async fn postgres_copy(pool: &sqlx::PgPool) -> (usize, Duration) {
+    use sqlx::postgres::PgPoolCopyExt;
+    let started = Instant::now();
+    let statement = format!("COPY ({BENCH_SELECT}) TO STDOUT (FORMAT binary)");
+    let mut stream = pool.copy_out_raw(&statement).await.expect("copy");
+    let mut bytes = 0;
+    while let Some(chunk) = stream.next().await {
+        bytes += chunk.expect("chunk").len();
+    }
+    (bytes, started.elapsed())
+}
+
 /// The same comparison from Python, as an analyst meets it: `read_pandas` over Flight against
 /// nats-py + `json.loads` + `pd.DataFrame` (benches/pandas_baseline.py).
 async fn pandas(flight: &str, nats_url: &str, events: usize) {
@@ -237,14 +325,24 @@ async fn main() {
         .execute(&pool)
         .await
         .expect("customer");
-    sqlx::query(
-        "INSERT INTO orders (customer_id, status, total) \
-         SELECT 1, 'paid', i * 0.5 FROM generate_series(1, $1) AS i",
-    )
-    .bind(i64::try_from(rows).expect("rows"))
-    .execute(&pool)
-    .await
-    .expect("orders");
+    sqlx::raw_sql(BENCH_TABLE)
+        .execute(&pool)
+        .await
+        .expect("bench table");
+    sqlx::query(BENCH_ROWS)
+        .bind(i64::try_from(rows).expect("rows"))
+        .execute(&pool)
+        .await
+        .expect("bench rows");
+    sqlx::query("VACUUM ANALYZE bench_rows")
+        .execute(&pool)
+        .await
+        .expect("vacuum");
+    let schema_dir = tempfile::tempdir().expect("temp dir");
+    let schema_file = schema_dir.path().join("schema.toml");
+    let shop = std::fs::read_to_string(workspace_root().join("examples/shop/gateway-schema.toml"))
+        .expect("shop schema file");
+    std::fs::write(&schema_file, format!("{shop}\n{BENCH_ENTITY}")).expect("schema file");
     let config = NatsConfig {
         url: nats.url(),
         ..Default::default()
@@ -264,14 +362,15 @@ async fn main() {
     let settings = FlightSettings {
         listen: "127.0.0.1:0".parse().expect("address"),
         database_url: postgres.url(),
-        schema_file: workspace_root().join("examples/shop/gateway-schema.toml"),
+        schema_file,
         token: TOKEN.into(),
         ..Default::default()
     };
     let shutdown = CancellationToken::new();
-    let running = herald_flight_streamer::start(settings, &connection, pool, shutdown.clone())
-        .await
-        .expect("flight-streamer");
+    let running =
+        herald_flight_streamer::start(settings, &connection, pool.clone(), shutdown.clone())
+            .await
+            .expect("flight-streamer");
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", running.address))
         .expect("url")
         .connect()
@@ -286,7 +385,9 @@ async fn main() {
     let flight = read(&mut client, "observer_events:Order").await;
     assert_eq!(flight.rows, events, "every event arrived");
     assert_eq!(decoded, events);
-    let export = read(&mut client, "export:orders").await;
+    let export = read(&mut client, "export:bench_rows").await;
+    let cursor = postgres_cursor(&pool, rows).await;
+    let copy = postgres_copy(&pool).await;
 
     let per_s = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
     let mb_s = |b: usize, d: Duration| b as f64 / 1e6 / d.as_secs_f64();
@@ -318,10 +419,22 @@ async fn main() {
         export.rss_growth,
     );
     println!(
+        "  PostgreSQL alone:    {:>10.0} rows/s    (the same cursor, FETCH 65536, decoded by sqlx, no Arrow)",
+        per_s(cursor.0, cursor.1)
+    );
+    println!(
+        "  PostgreSQL alone:    {:>10.0} rows/s    {:>7.1} MB/s (binary COPY of the same select, bytes only)",
+        per_s(rows, copy.1),
+        mb_s(copy.0, copy.1)
+    );
+    println!(
         "peak RSS of the process (streamer, client, baseline): {:.1} MiB",
         peak_rss_mib()
     );
-    pandas(&running.address.to_string(), &nats.url(), events).await;
+    // HERALD_BENCH_PANDAS=0 skips it (its JSON path takes minutes for 1M events).
+    if std::env::var("HERALD_BENCH_PANDAS").as_deref() != Ok("0") {
+        pandas(&running.address.to_string(), &nats.url(), events).await;
+    }
     shutdown.cancel();
     running.wait().await;
 }

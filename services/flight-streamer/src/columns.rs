@@ -1,5 +1,5 @@
 //! Typed column builders: one per column kind, fed from an event's JSON row or from a
-//! PostgreSQL row, each counting the bytes it holds so a batch can be cut by size as well as
+//! PostgreSQL binary COPY row, each counting the bytes it holds so a batch can be cut by size as well as
 //! by rows. A value that does not fit its column's type (a text where the catalogue says
 //! integer) becomes null and is counted, never a panic and never a guess at another type.
 
@@ -10,10 +10,8 @@ use arrow::array::{
     ArrayRef, BooleanBuilder, Date32Builder, Float64Builder, Int64Builder, StringBuilder,
     TimestampMicrosecondBuilder,
 };
-use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime};
 use serde_json::value::RawValue;
-use sqlx::Row;
-use sqlx::postgres::PgRow;
 
 use crate::schema::Kind;
 
@@ -99,42 +97,43 @@ impl Column {
         8
     }
 
-    /// Appends column `index` of a row selected with `Kind::select`. Returns the bytes added.
-    pub fn append_sql(&mut self, row: &PgRow, index: usize) -> Result<usize, sqlx::Error> {
-        Ok(match self {
-            Column::Int(b) => {
-                b.append_option(row.try_get::<Option<i64>, _>(index)?);
-                8
+    /// Appends one value of a binary COPY row (`None` for NULL), selected with `Kind::select`
+    /// so its wire format is known: int8, float8, bool, timestamp(tz) and date as PostgreSQL
+    /// sends them in binary, text as its bytes. Returns the bytes added. A value of the wrong
+    /// width or text that is not UTF-8 is a protocol error; a timestamp or date at ±infinity,
+    /// which Arrow cannot hold, is sent as null and counted.
+    pub fn append_binary(&mut self, value: Option<&[u8]>) -> Result<usize, BinaryError> {
+        let Some(value) = value else {
+            self.append_null();
+            return Ok(1);
+        };
+        match self {
+            Column::Int(b) => b.append_value(i64::from_be_bytes(fixed(value)?)),
+            Column::Float(b) => b.append_value(f64::from_be_bytes(fixed(value)?)),
+            Column::Bool(b) => b.append_value(fixed::<1>(value)?[0] != 0),
+            Column::TimestampTz(b) | Column::Timestamp(b) => {
+                match i64::from_be_bytes(fixed(value)?) {
+                    i64::MAX | i64::MIN => {
+                        metrics::counter!(MISFIT_VALUES).increment(1);
+                        b.append_null();
+                    }
+                    micros => b.append_value(micros.saturating_add(PG_EPOCH_MICROS)),
+                }
             }
-            Column::Float(b) => {
-                b.append_option(row.try_get::<Option<f64>, _>(index)?);
-                8
-            }
-            Column::Bool(b) => {
-                b.append_option(row.try_get::<Option<bool>, _>(index)?);
-                1
-            }
-            Column::TimestampTz(b) => {
-                let value: Option<DateTime<Utc>> = row.try_get(index)?;
-                b.append_option(value.map(|t| t.timestamp_micros()));
-                8
-            }
-            Column::Timestamp(b) => {
-                let value: Option<NaiveDateTime> = row.try_get(index)?;
-                b.append_option(value.map(|t| t.and_utc().timestamp_micros()));
-                8
-            }
-            Column::Date(b) => {
-                let value: Option<NaiveDate> = row.try_get(index)?;
-                b.append_option(value.map(days));
-                4
-            }
+            Column::Date(b) => match i32::from_be_bytes(fixed(value)?) {
+                i32::MAX | i32::MIN => {
+                    metrics::counter!(MISFIT_VALUES).increment(1);
+                    b.append_null();
+                }
+                pg_days => b.append_value(pg_days.saturating_add(PG_EPOCH_DAYS)),
+            },
             Column::Text(b) => {
-                let value: Option<&str> = row.try_get(index)?;
-                b.append_option(value);
-                value.map_or(0, str::len) + 4
+                let text = std::str::from_utf8(value).map_err(|_| BinaryError::NotUtf8)?;
+                b.append_value(text);
+                return Ok(text.len() + 4);
             }
-        })
+        }
+        Ok(8)
     }
 
     pub fn finish(&mut self) -> ArrayRef {
@@ -148,6 +147,26 @@ impl Column {
             Column::Text(b) => Arc::new(b.finish()),
         }
     }
+}
+
+/// PostgreSQL's binary timestamps count microseconds, and dates days, from 2000-01-01.
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+const PG_EPOCH_DAYS: i32 = 10_957;
+
+/// A binary COPY value that is not what its column's cast sends.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum BinaryError {
+    #[error("a binary value of {found} bytes where {expected} were expected")]
+    Width { expected: usize, found: usize },
+    #[error("a text value that is not UTF-8")]
+    NotUtf8,
+}
+
+fn fixed<const N: usize>(value: &[u8]) -> Result<[u8; N], BinaryError> {
+    value.try_into().map_err(|_| BinaryError::Width {
+        expected: N,
+        found: value.len(),
+    })
 }
 
 /// A JSON string's content (without building a tree); None for any other JSON value.

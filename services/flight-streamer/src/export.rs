@@ -1,10 +1,16 @@
-//! Export tickets: rows of a table of the schema file, straight from PostgreSQL, through a
-//! server-side cursor (`DECLARE ... NO SCROLL CURSOR` in a read-only transaction, then
-//! `FETCH FORWARD <batch rows>`), so at most one fetch of rows is in memory whatever the table's
-//! size. Columns are selected cast to the type their Arrow column decodes (see
-//! `schema::Kind::select`); the filter is `filter::Filter`, values bound, never spliced.
-//! When the client goes away the transaction is dropped, which rolls back and closes the
-//! cursor.
+//! Export tickets: rows of a table of the schema file, straight from PostgreSQL as a binary
+//! `COPY (SELECT ...) TO STDOUT`, decoded into the Arrow builders as the bytes arrive
+//! (`copy`), so at most one batch of rows is in memory whatever the table's size, and a slow
+//! client leaves PostgreSQL waiting on the socket. Columns are selected cast to the type their
+//! Arrow column decodes (see `schema::Kind::select`); the filter is `filter::Filter`, never
+//! SQL text from the ticket.
+//!
+//! COPY takes no parameters, so the filter's values are bound to `set_config` calls in the
+//! export's read-only transaction (`herald.export_p<n>`, local to it) and the COPY's query reads
+//! them back with `current_setting`, cast as the compiled filter says: values still travel as
+//! bound parameters, never spliced into the statement. When the client goes away mid-COPY the
+//! connection is closed rather than returned to the pool (it could only be reused after reading
+//! the rest of the COPY), which stops the query in PostgreSQL at once.
 //!
 //! `FlightInfo.total_records` of an export is `count(*)` of the same query at the time of the
 //! request, counted under a `COUNT_TIMEOUT` statement timeout; a count that does not finish in
@@ -16,13 +22,14 @@ use std::time::Duration;
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use futures::TryStreamExt;
+use futures::StreamExt;
 use herald_gateway::capture::quote_ident;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::columns::Column;
+use crate::copy::CopyReader;
 use crate::filter::{FilterError, Param};
 use crate::frames::{FIRST_BATCH_ROWS, Frame};
 use crate::schema::{EntityTypes, TypedColumn};
@@ -39,7 +46,10 @@ pub enum ExportError {
 /// One export, compiled.
 #[derive(Debug, Clone)]
 pub struct ExportPlan {
+    /// The select with `$n` placeholders (for the count).
     pub sql: String,
+    /// The same select reading its values from the transaction's settings (for the COPY).
+    pub copy_sql: String,
     pub params: Vec<Param>,
     pub schema: SchemaRef,
     columns: Vec<TypedColumn>,
@@ -63,24 +73,33 @@ pub fn plan(types: &EntityTypes, ticket: &ExportTicket) -> Result<ExportPlan, Ex
             .collect::<Result<_, _>>()?
     };
     let mut params = Vec::new();
-    let condition = match &ticket.filter {
-        Some(filter) => filter.compile(types, &mut params)?,
-        None => "TRUE".to_owned(),
+    let (condition, copy_condition) = match &ticket.filter {
+        Some(filter) => (
+            filter.compile(types, &mut params)?,
+            filter.compile_with(types, &mut Vec::new(), &|n| {
+                format!("current_setting('{}')", setting(n))
+            })?,
+        ),
+        None => ("TRUE".to_owned(), "TRUE".to_owned()),
     };
     let select = columns
         .iter()
         .map(|c| c.kind.select(&c.name))
         .collect::<Vec<_>>()
         .join(", ");
+    let table = quote_ident(&types.table);
     Ok(ExportPlan {
-        sql: format!(
-            "SELECT {select} FROM {} WHERE {condition}",
-            quote_ident(&types.table)
-        ),
+        sql: format!("SELECT {select} FROM {table} WHERE {condition}"),
+        copy_sql: format!("SELECT {select} FROM {table} WHERE {copy_condition}"),
         params,
         schema: types.export_schema(&columns),
         columns: columns.into_iter().cloned().collect(),
     })
+}
+
+/// The transaction setting holding the `n`th filter value of an export.
+fn setting(n: usize) -> String {
+    format!("herald.export_p{n}")
 }
 
 /// The longest a `FlightInfo` waits for an export's row count.
@@ -161,6 +180,15 @@ pub async fn produce(
 
 struct Closed;
 
+/// How a COPY stopped.
+enum Stopped {
+    /// Read to its end: the connection is ready for the next statement.
+    Done(Result<(), Status>),
+    /// Stopped inside the COPY (the client went, or a batch could not be built): the connection
+    /// still has the rest of the COPY to read, so it must not go back to the pool.
+    Midway(Result<(), Status>),
+}
+
 async fn run(
     pool: &PgPool,
     plan: &ExportPlan,
@@ -169,64 +197,115 @@ async fn run(
     frames: &mpsc::Sender<Result<Frame, Status>>,
 ) -> Result<(), Status> {
     let database = |e: sqlx::Error| Status::unavailable(format!("export failed: {e}"));
-    let mut tx = pool.begin().await.map_err(database)?;
-    sqlx::query("SET TRANSACTION READ ONLY")
-        .execute(&mut *tx)
-        .await
-        .map_err(database)?;
-    let declare = format!("DECLARE herald_export NO SCROLL CURSOR FOR {}", plan.sql);
-    // The text is built from catalogue names (quoted) and `$n` placeholders only (`plan`).
-    bind_all(
-        sqlx::query(sqlx::AssertSqlSafe(declare)).persistent(false),
-        &plan.params,
-    )
-    .execute(&mut *tx)
-    .await
-    .map_err(refused)?;
-    let read = read_cursor(&mut tx, plan, rows_per_batch, bytes_per_batch, frames).await;
-    // Read-only: nothing to commit. Rolling back at once, also when the client has gone, closes
-    // the cursor now rather than when the pool next hands out the connection.
-    tx.rollback().await.map_err(database)?;
-    read
+    let mut conn = pool.acquire().await.map_err(database)?;
+    match copy(&mut conn, plan, rows_per_batch, bytes_per_batch, frames).await {
+        Stopped::Done(read) => {
+            // Read-only: nothing to commit. A connection that cannot even roll back is closed.
+            if let Err(e) = sqlx::query("ROLLBACK").execute(&mut *conn).await {
+                drop(conn.detach());
+                return read.and(Err(database(e)));
+            }
+            read
+        }
+        Stopped::Midway(read) => {
+            // Closing the socket ends the backend's COPY (and its transaction) now.
+            drop(conn.detach());
+            read
+        }
+    }
 }
 
-async fn read_cursor(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+async fn copy(
+    conn: &mut sqlx::PgConnection,
     plan: &ExportPlan,
     rows_per_batch: usize,
     bytes_per_batch: usize,
     frames: &mpsc::Sender<Result<Frame, Status>>,
-) -> Result<(), Status> {
+) -> Stopped {
     let database = |e: sqlx::Error| Status::unavailable(format!("export failed: {e}"));
-    let fetch = format!("FETCH FORWARD {rows_per_batch} FROM herald_export");
+    // Until the COPY runs, a failed statement leaves the connection between statements, so a
+    // rollback makes it reusable.
+    if let Err(e) = sqlx::query("START TRANSACTION READ ONLY")
+        .execute(&mut *conn)
+        .await
+    {
+        return Stopped::Done(Err(database(e)));
+    }
+    for (i, param) in plan.params.iter().enumerate() {
+        let name = setting(i + 1);
+        let set = match param {
+            Param::Text(text) => sqlx::query("SELECT set_config($1, $2, true)")
+                .bind(name)
+                .bind(text.as_str()),
+            // The array's own text form, which the cast in the query parses back.
+            Param::TextArray(items) => {
+                sqlx::query("SELECT set_config($1, CAST($2 AS text[])::text, true)")
+                    .bind(name)
+                    .bind(items.as_slice())
+            }
+        };
+        if let Err(e) = set.execute(&mut *conn).await {
+            return Stopped::Done(Err(database(e)));
+        }
+    }
+    // The text is built from catalogue names (quoted) and `current_setting` calls only (`plan`).
+    let statement = format!("COPY ({}) TO STDOUT (FORMAT binary)", plan.copy_sql);
+    match conn.copy_out_raw(&statement).await {
+        Ok(copy) => read_copy(copy, plan, rows_per_batch, bytes_per_batch, frames).await,
+        // Refused at the start (a value its cast rejects): whether sqlx has read the end of
+        // the statement is not certain, so the connection is not reused.
+        Err(e) => Stopped::Midway(Err(refused(e))),
+    }
+}
+
+async fn read_copy(
+    mut copy: futures::stream::BoxStream<'_, sqlx::Result<bytes::Bytes>>,
+    plan: &ExportPlan,
+    rows_per_batch: usize,
+    bytes_per_batch: usize,
+    frames: &mpsc::Sender<Result<Frame, Status>>,
+) -> Stopped {
     let mut batch = ExportBatch::new(plan);
+    let mut reader = CopyReader::new();
     let mut row_limit = rows_per_batch.min(FIRST_BATCH_ROWS);
     loop {
-        let mut fetched = 0;
-        let mut rows = sqlx::query(sqlx::AssertSqlSafe(fetch.as_str())).fetch(&mut **tx);
-        loop {
-            let row = tokio::select! {
-                _ = frames.closed() => return Ok(()),
-                row = rows.try_next() => row.map_err(database)?,
-            };
-            let Some(row) = row else { break };
-            fetched += 1;
-            batch.push(&row).map_err(database)?;
-            if batch.rows >= row_limit || batch.bytes >= bytes_per_batch {
-                if batch.send(frames).await.is_err() {
-                    return Ok(());
-                }
-                row_limit = rows_per_batch;
+        let chunk = tokio::select! {
+            _ = frames.closed() => return Stopped::Midway(Ok(())),
+            chunk = copy.next() => chunk,
+        };
+        let chunk = match chunk {
+            None => break,
+            // sqlx has read up to the end of the statement: the connection is usable.
+            Some(Err(e)) => return Stopped::Done(Err(refused(e))),
+            Some(Ok(chunk)) => chunk,
+        };
+        match reader.read(&chunk, &mut batch.columns) {
+            Ok(appended) => {
+                batch.rows += appended.rows;
+                batch.bytes += appended.bytes;
+            }
+            Err(e) => {
+                return Stopped::Midway(Err(Status::internal(format!(
+                    "cannot decode the export: {e}"
+                ))));
             }
         }
-        if fetched < rows_per_batch {
-            break;
+        if batch.rows >= row_limit || batch.bytes >= bytes_per_batch {
+            if batch.send(frames).await.is_err() {
+                return Stopped::Midway(Ok(()));
+            }
+            row_limit = rows_per_batch;
         }
+    }
+    if let Err(e) = reader.finish() {
+        return Stopped::Done(Err(Status::internal(format!(
+            "cannot decode the export: {e}"
+        ))));
     }
     if batch.rows > 0 {
         let _ = batch.send(frames).await;
     }
-    Ok(())
+    Stopped::Done(Ok(()))
 }
 
 struct ExportBatch {
@@ -244,14 +323,6 @@ impl ExportBatch {
             rows: 0,
             bytes: 0,
         }
-    }
-
-    fn push(&mut self, row: &sqlx::postgres::PgRow) -> Result<(), sqlx::Error> {
-        for (i, column) in self.columns.iter_mut().enumerate() {
-            self.bytes += column.append_sql(row, i)?;
-        }
-        self.rows += 1;
-        Ok(())
     }
 
     async fn send(&mut self, frames: &mpsc::Sender<Result<Frame, Status>>) -> Result<(), Closed> {

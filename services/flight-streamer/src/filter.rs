@@ -174,6 +174,17 @@ impl Filter {
         types: &EntityTypes,
         params: &mut Vec<Param>,
     ) -> Result<String, FilterError> {
+        self.compile_with(types, params, &|n| format!("${n}"))
+    }
+
+    /// As `compile`, with the `n`th value (from 1) referred to as `placeholder(n)`: a statement
+    /// that takes no parameters (COPY) reads them from settings set with bound values.
+    pub fn compile_with(
+        &self,
+        types: &EntityTypes,
+        params: &mut Vec<Param>,
+        placeholder: &dyn Fn(usize) -> String,
+    ) -> Result<String, FilterError> {
         match self {
             Filter::All(parts) | Filter::Any(parts) => {
                 if parts.is_empty() {
@@ -187,7 +198,7 @@ impl Filter {
                 };
                 let parts = parts
                     .iter()
-                    .map(|p| p.compile(types, params))
+                    .map(|p| p.compile_with(types, params, placeholder))
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(format!("({})", parts.join(joiner)))
             }
@@ -198,7 +209,7 @@ impl Filter {
                         table: types.table.clone(),
                         column: column.clone(),
                     })?;
-                compare(column, *op, value, params)
+                compare(column, *op, value, params, placeholder)
             }
         }
     }
@@ -209,12 +220,13 @@ fn compare(
     op: Operator,
     value: &Value,
     params: &mut Vec<Param>,
+    placeholder: &dyn Fn(usize) -> String,
 ) -> Result<String, FilterError> {
     let target = quote_ident(&column.name);
     let ty = &column.sql_type;
     let mut bind = |param: Param| {
         params.push(param);
-        format!("${}", params.len())
+        placeholder(params.len())
     };
     Ok(match (op, value) {
         (Operator::Eq, Value::Null) => format!("{target} IS NULL"),

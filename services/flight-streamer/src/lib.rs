@@ -9,7 +9,7 @@
 //!   database catalogue (`herald_gateway::schema`), the one source of truth for column types.
 //! - `events`: an ordered, ephemeral JetStream consumer per event ticket (never a durable,
 //!   never an ack), `event_batch` turning events into rows and `columns` typing each value.
-//! - `export`: a server-side cursor per export ticket.
+//! - `export`: a binary COPY per export ticket, decoded by `copy` into the column builders.
 //! - `frames`: batches into Flight messages, schema first, resume cursor in `app_metadata`.
 //! - `service`: the Flight RPCs; `auth`: the bearer-token layer in front of them.
 //!
@@ -20,6 +20,7 @@
 
 pub mod auth;
 pub mod columns;
+pub mod copy;
 pub mod event_batch;
 pub mod events;
 pub mod export;

@@ -531,3 +531,79 @@ async fn a_cancelled_follow_stream_leaves_no_consumer_on_the_server() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+#[tokio::test]
+async fn a_follow_client_that_pauses_past_the_inactivity_threshold_loses_and_repeats_nothing() {
+    let stack = Stack::start_with(|s| {
+        s.batch_rows = 100;
+        s.queued_batches = 1;
+        s.keepalive = Duration::from_millis(500);
+    })
+    .await;
+    // 8000 events of about 2 KiB: 16 MiB stored, more than the queue, the consumer's pull and
+    // both ends' HTTP/2 windows hold, so a client that stops reading stops the producer.
+    let template = stack.new_order("1.00", "new", Utc::now()).await;
+    let padding = "x".repeat(2048);
+    let publish = |count: usize| {
+        let stack = &stack;
+        let template = &template;
+        let padding = &padding;
+        async move {
+            let (mut acks, mut seqs) = (Vec::new(), Vec::new());
+            for n in 1..=count {
+                let mut order = event("Order", Op::Insert, None, template.data.clone(), Utc::now());
+                order.data.as_mut().expect("row")["status"] = json!(padding);
+                let body = serde_json::to_vec(&order).expect("serialise");
+                acks.push(
+                    stack
+                        .publisher
+                        .publish("herald.events.Order.insert", body.into())
+                        .await
+                        .expect("publish"),
+                );
+                // A bounded number of acks in flight, as the client allows.
+                if acks.len() == 1000 || n == count {
+                    for ack in acks.drain(..) {
+                        seqs.push(ack.await.expect("stored").sequence);
+                    }
+                }
+            }
+            seqs
+        }
+    };
+    let mut expected = publish(8000).await;
+    let mut client = stack.client().await;
+    let mut reader = Reader::open(
+        &mut client,
+        json!({"events": "Order", "follow": true}).to_string(),
+    )
+    .await;
+    let mut seen = sequences(&[reader.next_rows(Duration::from_secs(10)).await]);
+    let consumers = flight_consumers(&stack).await;
+    assert_eq!(consumers.len(), 1, "one consumer: {consumers:?}");
+
+    // The client stops reading for well past the inactivity threshold, while live events keep
+    // arriving; the server removes the stalled reader's consumer meanwhile.
+    let pause = herald_flight_streamer::events::INACTIVE_THRESHOLD * 3;
+    let paused = tokio::time::Instant::now();
+    expected.extend(publish(200).await);
+    tokio::time::sleep_until(paused + pause).await;
+    let during = flight_consumers(&stack).await;
+    assert!(
+        !during.contains(&consumers[0]),
+        "the premise: the server removed the paused stream's consumer ({during:?})"
+    );
+
+    // Resumed: every event once, in stream order, including those stored during the pause and
+    // one published after it.
+    expected.extend(publish(1).await);
+    while seen.len() < expected.len() {
+        let message = reader.next_rows(Duration::from_secs(10)).await;
+        seen.extend(sequences(&[message]));
+    }
+    assert_eq!(seen.len(), expected.len(), "no event repeated");
+    assert!(seen == expected, "every event once, in order");
+    let after = flight_consumers(&stack).await;
+    assert_eq!(after.len(), 1, "one consumer again: {after:?}");
+    assert_ne!(after, consumers, "recreated, not the removed one");
+}

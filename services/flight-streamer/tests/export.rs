@@ -340,7 +340,7 @@ async fn every_rpc_without_the_token_is_unauthenticated_and_handshake_hands_it_o
 }
 
 #[tokio::test]
-async fn a_client_that_goes_away_closes_its_export_cursor_at_once() {
+async fn a_client_that_goes_away_ends_its_export_query_at_once() {
     let stack = Stack::start_with(|s| s.batch_rows = 1000).await;
     sqlx::raw_sql(
         "INSERT INTO customers (email, name) VALUES ('big@example.com', 'Big'); \
@@ -350,11 +350,11 @@ async fn a_client_that_goes_away_closes_its_export_cursor_at_once() {
     .execute(&stack.pool)
     .await
     .expect("a big table");
-    // The streamer's backends still inside an export's transaction (cursor open).
+    // The streamer's backends still inside an export's COPY (or its transaction).
     let exporting = || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM pg_stat_activity \
-             WHERE query LIKE 'FETCH FORWARD%' AND state <> 'idle'",
+             WHERE query LIKE 'COPY (SELECT%' AND state <> 'idle'",
         )
         .fetch_one(&stack.pool)
         .await
@@ -365,16 +365,64 @@ async fn a_client_that_goes_away_closes_its_export_cursor_at_once() {
     let first = reader.next().await.expect("a batch").expect("rows");
     assert_eq!(first.batch.num_rows(), 1000);
     herald_test_support::eventually_async(
-        "the export to hold its cursor",
+        "the export to be running its COPY",
         std::time::Duration::from_secs(10),
         || async { (exporting().await == 1).then_some(()) },
     )
     .await;
     drop(reader);
     herald_test_support::eventually_async(
-        "the cursor to close once the client is gone",
+        "the COPY to end once the client is gone",
         std::time::Duration::from_secs(5),
         || async { (exporting().await == 0).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_export_refused_by_the_database_leaves_its_connection_usable() {
+    let stack = Stack::start().await;
+    sqlx::raw_sql(
+        "INSERT INTO customers (email, name) VALUES ('one@example.com', 'One'); \
+         INSERT INTO orders (customer_id, total) SELECT max(id), 5 FROM customers;",
+    )
+    .execute(&stack.pool)
+    .await
+    .expect("an order");
+    let mut client = stack.client().await;
+    for _ in 0..3 {
+        // A date PostgreSQL's cast refuses (22008), found only when the COPY starts.
+        let ticket = json!({"export": "orders", "where": {"created_at": {"gt": "2026-02-30"}}});
+        let err = match Reader::try_open(&mut client, ticket.to_string()).await {
+            Err(e) => e,
+            Ok(reader) => {
+                let mut reader = reader;
+                match reader.next().await {
+                    Err(e) => e,
+                    Ok(m) => panic!("refused date accepted: {:?}", m.map(|m| m.batch)),
+                }
+            }
+        };
+        assert_eq!(code(&err), Some(tonic::Code::InvalidArgument), "{err}");
+        let ok = Reader::open(&mut client, "export:orders:total>=1:id,total")
+            .await
+            .all()
+            .await;
+        assert_eq!(rows(&ok), 1, "the next export reads");
+    }
+    // No pooled connection was left inside the refused export's transaction.
+    herald_test_support::eventually_async(
+        "no backend left in a transaction",
+        std::time::Duration::from_secs(5),
+        || async {
+            let left: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'",
+            )
+            .fetch_one(&stack.pool)
+            .await
+            .expect("pg_stat_activity");
+            (left == 0).then_some(())
+        },
     )
     .await;
 }
