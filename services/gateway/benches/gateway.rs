@@ -3,7 +3,9 @@
 //! through plain sqlx, interleaved in one run (and their ratios), committed GraphQL mutations per second and the events per second the relay
 //! published for them, and the relay's drain rate for a backlog written straight in SQL.
 //!
-//! Real servers from the test harness, on this machine. `cargo bench -p herald-gateway`.
+//! Real servers from the test harness, on this machine. `cargo bench -p herald-gateway`;
+//! `HERALD_BENCH_ONLY=relay` runs the relay part alone (for a profiler), `HERALD_BENCH_BACKLOG`
+//! sets its size (default 20k).
 
 use std::time::{Duration, Instant};
 
@@ -37,6 +39,8 @@ const QUERIES: usize = 500;
 const MUTATIONS: usize = 3000;
 const WRITERS: usize = 8;
 const BACKLOG: i32 = 20_000;
+/// The relay's default batch: the baseline publishes in windows of the same size.
+const WINDOW: usize = 500;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -114,6 +118,29 @@ async fn main() {
         .expect("gateway");
     let url = format!("http://{}/graphql", running.address);
     let http = reqwest::Client::new();
+    let relay_only = std::env::var("HERALD_BENCH_ONLY").is_ok_and(|only| only == "relay");
+    let backlog: i32 = std::env::var("HERALD_BENCH_BACKLOG")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(BACKLOG);
+    if !relay_only {
+        queries_and_mutations(&db, &nats, &settings, &http, &url).await;
+    }
+    relay(&db, &nats, backlog).await;
+
+    shutdown.cancel();
+    running.wait().await;
+}
+
+/// Parts 1 and 2: list queries against plain sqlx, and mutations against plain INSERTs.
+async fn queries_and_mutations(
+    db: &PgPool,
+    nats: &herald_shared::nats::Nats,
+    settings: &GatewaySettings,
+    http: &reqwest::Client,
+    url: &str,
+) {
+    let url = url.to_owned();
 
     // 1. A list of 50 orders with their customer: through the gateway (by text, answered from
     // its compiled plan; by persisted-query hash; and by a gateway without plans, where the
@@ -124,7 +151,7 @@ async fn main() {
     engine_settings.graphql.compiled_plans = 0;
     engine_settings.relay.enabled = false;
     let engine_shutdown = CancellationToken::new();
-    let engine = herald_gateway::start(&engine_settings, &nats, engine_shutdown.clone())
+    let engine = herald_gateway::start(&engine_settings, nats, engine_shutdown.clone())
         .await
         .expect("the gateway without plans");
     let engine_url = format!("http://{}/graphql", engine.address);
@@ -166,7 +193,7 @@ async fn main() {
     const PAGED: &str = "SELECT o.id, o.status, o.total::float8, \
          (SELECT c.name FROM customers c WHERE c.id = o.customer_id) FROM orders o \
          WHERE o.status = $1 AND o.total >= $2::numeric ORDER BY o.total DESC, o.id LIMIT 50";
-    let pool = &db;
+    let pool = db;
     let plain_sqlx = |sql: &'static str| async move {
         let started = Instant::now();
         let rows: Vec<(i32, String, Option<f64>, Option<String>)> = sqlx::query_as(sql)
@@ -280,7 +307,7 @@ async fn main() {
     // The baseline for the mutations: the same INSERT through plain sqlx by the same number of
     // clients, with the capture trigger off (no outbox row, no notify, no GraphQL, no HTTP).
     sqlx::query("ALTER TABLE customers DISABLE TRIGGER herald_capture")
-        .execute(&db)
+        .execute(db)
         .await
         .expect("trigger off");
     let started = Instant::now();
@@ -304,7 +331,7 @@ async fn main() {
     }
     let plain = started.elapsed();
     sqlx::query("ALTER TABLE customers ENABLE TRIGGER herald_capture")
-        .execute(&db)
+        .execute(db)
         .await
         .expect("trigger on");
     println!(
@@ -312,28 +339,85 @@ async fn main() {
         total as f64 / plain.as_secs_f64(),
         plain.as_secs_f64() / committed.as_secs_f64()
     );
+}
 
-    // 3. The relay alone: a backlog committed straight in SQL, drained to JetStream.
+/// Part 3: the relay alone, a backlog committed straight in SQL and drained to JetStream; then,
+/// in the same run, the baseline: the same number of event-sized messages with a Msg-Id
+/// published straight to the stream in windows of the relay's batch size (no PostgreSQL).
+async fn relay(db: &PgPool, nats: &herald_shared::nats::Nats, backlog: i32) {
     let before = stream_messages(&nats.jetstream).await;
     let started = Instant::now();
     sqlx::query("INSERT INTO customers (name) SELECT 'bulk ' || g FROM generate_series(1, $1) g")
-        .bind(BACKLOG)
-        .execute(&db)
+        .bind(backlog)
+        .execute(db)
         .await
         .expect("bulk insert");
     let inserted = started.elapsed();
-    let done = wait_for(&nats.jetstream, before + BACKLOG as u64).await;
+    let done = wait_for(&nats.jetstream, before + backlog as u64).await;
     let drained = done - started;
     // The statement's own time is the capture trigger's; the relay starts publishing only once
     // it has committed, so the drain after commit is the relay's rate alone.
     let after_commit = drained.saturating_sub(inserted);
+    let relay_rate = f64::from(backlog) / after_commit.as_secs_f64();
     println!(
-        "relay: {BACKLOG} events committed in one SQL statement ({inserted:?}, {:.0} rows/s through the capture trigger), all published after {drained:?} = {:.0} events/s; drain after commit {after_commit:?} = {:.0} events/s",
-        f64::from(BACKLOG) / inserted.as_secs_f64(),
-        f64::from(BACKLOG) / drained.as_secs_f64(),
-        f64::from(BACKLOG) / after_commit.as_secs_f64()
+        "relay: {backlog} events committed in one SQL statement ({inserted:?}, {:.0} rows/s through the capture trigger), all published after {drained:?} = {:.0} events/s; drain after commit {after_commit:?} = {relay_rate:.0} events/s",
+        f64::from(backlog) / inserted.as_secs_f64(),
+        f64::from(backlog) / drained.as_secs_f64(),
     );
 
-    shutdown.cancel();
-    running.wait().await;
+    let bare = bare_publish(&nats.jetstream, backlog as usize).await;
+    let bare_rate = f64::from(backlog) / bare.as_secs_f64();
+    println!(
+        "baseline: {backlog} events serialised and published with a Msg-Id straight to HERALD_EVENTS, acks awaited per window of {WINDOW}, in {bare:?} = {bare_rate:.0} events/s; relay drain ratio {:.2}",
+        relay_rate / bare_rate
+    );
+}
+
+/// What the relay's publishing costs without PostgreSQL: events like the relay's (a customer
+/// row, Msg-Id and traceparent headers) serialised, published, and acked window by window.
+async fn bare_publish(js: &async_nats::jetstream::Context, count: usize) -> Duration {
+    use herald_shared::{EntityEvent, Op, SCHEMA_VERSION, headers, subjects};
+    let started = Instant::now();
+    let mut next = 0;
+    while next < count {
+        let end = (next + WINDOW).min(count);
+        let mut acks = Vec::with_capacity(end - next);
+        for i in next..end {
+            let event = EntityEvent {
+                id: uuid::Uuid::now_v7(),
+                entity: "Customer".into(),
+                op: Op::Insert,
+                key: i.to_string(),
+                data: Some(serde_json::json!({"id": i, "name": format!("bare {i}")})),
+                before: None,
+                changed: None,
+                at: chrono::Utc::now(),
+                actor: None,
+                tx: 1,
+                schema_version: SCHEMA_VERSION,
+            };
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(headers::MSG_ID, event.id.to_string().as_str());
+            let parent = format!("00-{}-{:016x}-01", event.id.simple(), i + 1);
+            h.insert(headers::TRACEPARENT, parent.as_str());
+            let subject =
+                subjects::keyed_event(&event.entity, event.op, &event.key).expect("subject");
+            let body = serde_json::to_vec(&event).expect("event json");
+            acks.push(
+                js.send_publish(
+                    subject,
+                    async_nats::jetstream::message::PublishMessage::build()
+                        .payload(body.into())
+                        .headers(h),
+                )
+                .await
+                .expect("publish"),
+            );
+        }
+        next = end;
+        for ack in acks {
+            ack.await.expect("ack");
+        }
+    }
+    started.elapsed()
 }
