@@ -777,8 +777,8 @@ async fn a_poison_corpus_at_every_stream_is_dead_lettered_and_stalls_nothing() {
         raw_headers: None,
         webhook_of: None,
     };
-    let raw = |what: &'static str, subject: &str, body: String, lines: &str| Poison {
-        raw_headers: Some(lines.to_owned()),
+    let raw = |what: &'static str, subject: &str, body: String, lines: &[u8]| Poison {
+        raw_headers: Some(lines.to_vec()),
         ..plain(what, subject, body)
     };
     // An event that just fits the server's max_payload (1 MiB) beside its Msg-Id, so its
@@ -798,6 +798,8 @@ async fn a_poison_corpus_at_every_stream_is_dead_lettered_and_stalls_nothing() {
         with_note("x".repeat(1024 * 1024 - 200 - base))
     };
     let lf_event = uuid::Uuid::now_v7();
+    let cr_event = uuid::Uuid::now_v7();
+    let odd_names_event = uuid::Uuid::now_v7();
     let mut corpus: Vec<Poison> = vec![
         plain(
             "event: bad JSON",
@@ -839,30 +841,61 @@ async fn a_poison_corpus_at_every_stream_is_dead_lettered_and_stalls_nothing() {
                 event(traced, 1),
             )
         },
-        // Header blocks no async-nats client would write: a bare LF that splits a value into a
-        // second header. (A bare CR inside a value is left out: async-nats 0.51 panics in its
-        // connection task on receiving one, header.rs:409, in every consumer, this test's too.)
+        // Header blocks no async-nats client would write, as any client with publish rights can:
+        // a bare LF that splits a value into a second header, a bare CR inside a value, a line
+        // without a colon, a name with a space, bytes that are not UTF-8. (Unpatched async-nats
+        // 0.51 panics or drops the connection on receiving the last four; vendor/README.md.)
         Poison {
             webhook_of: Some(lf_event),
             ..raw(
                 "event: raw LF inside the traceparent",
                 "herald.events.Order.insert",
                 event(lf_event, 1),
-                "Traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\nX-Injected: 1",
+                b"Traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\nX-Injected: 1",
             )
         },
         raw(
             "action: raw LF inside a header value",
             "herald.actions.webhook.order_created",
             "[".into(),
-            "X-Hostile: a\nX-Injected: 1",
+            b"X-Hostile: a\nX-Injected: 1",
         ),
         raw(
             "job: raw LF inside a header value",
             "herald.jobs.submit.default",
             "nope".into(),
-            "X-Hostile: a\nX-Injected: 1",
+            b"X-Hostile: a\nX-Injected: 1",
         ),
+        Poison {
+            webhook_of: Some(cr_event),
+            ..raw(
+                "event: bare CR inside the traceparent",
+                "herald.events.Order.insert",
+                event(cr_event, 1),
+                b"Traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\rX-Injected: 1",
+            )
+        },
+        raw(
+            "action: bare CR inside a header value",
+            "herald.actions.webhook.order_created",
+            "[".into(),
+            b"X-Hostile: a\rb",
+        ),
+        raw(
+            "job: a header line without a colon",
+            "herald.jobs.submit.default",
+            "nope".into(),
+            b"X-Hostile a",
+        ),
+        Poison {
+            webhook_of: Some(odd_names_event),
+            ..raw(
+                "event: a header name with a space, bytes that are not UTF-8",
+                "herald.events.Order.insert",
+                event(odd_names_event, 1),
+                b"X Hostile: 1\r\nX-Bytes: \xff\xfe",
+            )
+        },
         // An event whose ActionRequest (the event plus the observer's config) exceeds the
         // server's max_payload: the dispatcher can never publish it.
         plain(
@@ -899,7 +932,7 @@ async fn a_poison_corpus_at_every_stream_is_dead_lettered_and_stalls_nothing() {
             raw_publish(
                 stack._servers.nats.port(),
                 &poison.subject,
-                &format!("Nats-Msg-Id: {msg_id}\r\n{lines}"),
+                &[format!("Nats-Msg-Id: {msg_id}\r\n").as_bytes(), lines].concat(),
                 poison.body.as_bytes(),
             )
             .await;
@@ -1030,14 +1063,14 @@ struct Poison {
     traceparent: Option<String>,
     /// Header lines written byte for byte on a raw connection (what async-nats would refuse to
     /// send), after the Msg-Id.
-    raw_headers: Option<String>,
+    raw_headers: Option<Vec<u8>>,
     /// The event id whose `order_created` webhook shows it was handled like any event.
     webhook_of: Option<uuid::Uuid>,
 }
 
 /// Publishes with a header block written by hand (`HPUB`), so header values async-nats would
 /// never send reach the stream as they are; returns once the server answered a PING after it.
-async fn raw_publish(port: u16, subject: &str, header_lines: &str, body: &[u8]) {
+async fn raw_publish(port: u16, subject: &str, header_lines: &[u8], body: &[u8]) {
     let socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect to nats-server");
@@ -1048,14 +1081,15 @@ async fn raw_publish(port: u16, subject: &str, header_lines: &str, body: &[u8]) 
         .await
         .expect("the server's INFO");
     assert!(line.starts_with("INFO"), "{line}");
-    let header = format!("NATS/1.0\r\n{header_lines}\r\n\r\n");
+    let header = [&b"NATS/1.0\r\n"[..], header_lines, b"\r\n\r\n"].concat();
     let mut out = format!(
         "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":true,\"protocol\":1}}\r\n\
-         HPUB {subject} {} {}\r\n{header}",
+         HPUB {subject} {} {}\r\n",
         header.len(),
         header.len() + body.len()
     )
     .into_bytes();
+    out.extend_from_slice(&header);
     out.extend_from_slice(body);
     out.extend_from_slice(b"\r\nPING\r\n");
     socket.get_mut().write_all(&out).await.expect("send HPUB");
