@@ -13,6 +13,7 @@ use async_nats::jetstream::{self, consumer::pull};
 use async_nats::{Event, ServerError};
 use futures::StreamExt;
 use herald_shared::config::StreamsConfig;
+use herald_shared::headers;
 use herald_shared::streams::{self, StreamSpec};
 use herald_test_support::{
     NatsServer, eventually_async, free_port, service_password, workspace_root,
@@ -714,6 +715,69 @@ async fn a_custom_worker_consumes_actions_and_events_and_publishes_outcomes_and_
     assert_eq!(messages_in(&admin.js, "HERALD_DLQ").await, 1);
 }
 
+/// Why the `custom-worker` user may not publish scheduled retries: nats-server checks the
+/// publisher's permissions on a schedule's own subject, never on its `Nats-Schedule-Target`, so
+/// whoever may publish on `herald.actions._scheduled.>` may have any action published. Here the
+/// action worker, which may schedule but never publish an action itself, gets a webhook action
+/// published. (Should a server version check the target, custom workers can be given the
+/// schedule grant of their own kind.)
+#[tokio::test]
+async fn a_schedule_is_published_on_its_target_whatever_the_publisher_may_publish() {
+    let nats = server_with_repo_users();
+    let admin = Session::open(&nats, "cli").await;
+    streams::ensure_all(&admin.js, &StreamsConfig::default())
+        .await
+        .expect("cli provisions every stream");
+    let mut worker = Session::open(&nats, "action-worker").await;
+    let target = "herald.actions.webhook.order_created";
+    worker
+        .client
+        .publish(target, "{}".into())
+        .await
+        .expect("the client sends the publish");
+    worker.client.flush().await.expect("flush");
+    worker.refused(target).await;
+
+    let msg_id = "scheduled-by-action-worker:after:1";
+    let mut schedule = async_nats::HeaderMap::new();
+    schedule.insert(headers::MSG_ID, msg_id);
+    let due = chrono::Utc::now() + chrono::Duration::milliseconds(300);
+    schedule.insert(
+        headers::SCHEDULE,
+        format!(
+            "@at {}",
+            due.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        )
+        .as_str(),
+    );
+    schedule.insert(headers::SCHEDULE_TARGET, target);
+    let subject = herald_shared::subjects::scheduled_action(target, msg_id)
+        .expect("a schedule subject for an action subject");
+    worker
+        .js
+        .publish_with_headers(subject.clone(), schedule, "{}".into())
+        .await
+        .unwrap_or_else(|e| panic!("publish the schedule on {subject}: {e}"))
+        .await
+        .unwrap_or_else(|e| panic!("the stream stores the schedule on {subject}: {e}"));
+    let stream = admin
+        .js
+        .get_stream("HERALD_ACTIONS")
+        .await
+        .expect("HERALD_ACTIONS");
+    let fired = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(message) = stream.get_last_raw_message_by_subject(target).await {
+                return message;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the server publishes the schedule on its target when it is due");
+    assert_eq!(fired.subject.as_str(), target);
+}
+
 #[tokio::test]
 async fn a_custom_worker_is_refused_everything_else() {
     let nats = server_with_repo_users();
@@ -729,6 +793,9 @@ async fn a_custom_worker_is_refused_everything_else() {
         "herald.dlq.jobs",
         "herald.jobs.submit.default",
         "herald.jobs.status.default",
+        // A scheduled copy may target any action subject (the test above): custom workers
+        // retry with NAK-and-delay on their own consumer.
+        "herald.actions._scheduled.invoice.billing.0123456789abcdef",
         // Another worker's consumer is not its to delete, nor a stream to set up or remove.
         "$JS.API.CONSUMER.DELETE.HERALD_ACTIONS.action-worker",
         "$JS.API.CONSUMER.CREATE.HERALD_DLQ.peek",
