@@ -34,7 +34,8 @@ pub struct Settings {
     /// Actions in flight at once in this replica.
     pub concurrency: usize,
     /// Actions running against one destination (`host:port`) at once, at most, so a slow or
-    /// hanging receiver cannot take every slot.
+    /// hanging receiver cannot take every slot; up to four times as many more wait briefly for
+    /// a place without a slot, the rest are put back.
     pub per_destination_concurrency: usize,
     /// JetStream's redelivery timer; renewed while an action runs or waits for Redis.
     #[serde(with = "humantime_serde")]

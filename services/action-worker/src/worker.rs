@@ -34,8 +34,9 @@
 //! and a put-back delivery publishes none: it was not an attempt.
 //!
 //! One destination cannot take every slot: at most `per_destination_concurrency` actions run
-//! against one `host:port` at once (`pace.rs`); the others are put back without spending an
-//! attempt.
+//! against one `host:port` at once (`pace.rs`); a few times that many more wait up to
+//! `PACE_PATIENCE` for a place with their slot given back, and the rest are put back without
+//! spending an attempt.
 //!
 //! Redis down: a claim, `done` marker or release that cannot reach Redis is retried every
 //! `redis_retry` while the message is held (ack timer renewed), and the loop fetches nothing new
@@ -61,7 +62,7 @@ use crate::breaker::{Admission, Breakers, Verdict};
 use crate::dedup::{Claim, Completed, Dedup, DedupError, Lease};
 use crate::error::ActionError;
 use crate::kind::{ActionKind, Registry, Success};
-use crate::pace::Pacer;
+use crate::pace::{Pacer, Place};
 use crate::settings::Settings;
 
 /// The `Herald-Dead-Lettered-By` of this service's dead letters.
@@ -71,6 +72,8 @@ pub const SERVICE: &str = "action-worker";
 const BUSY_RECHECK: Duration = Duration::from_secs(1);
 /// The wait before an action put back for its destination's pace comes again.
 const PACE_RECHECK: Duration = Duration::from_millis(500);
+/// How long an action over its destination's share waits for a place before it is put back.
+const PACE_PATIENCE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -88,6 +91,9 @@ pub struct Worker {
     dedup: Dedup,
     breakers: Breakers,
     pacer: Pacer,
+    /// One permit per action in flight (`concurrency`); an action waiting for its
+    /// destination's pace gives its permit back meanwhile.
+    slots: Arc<Semaphore>,
     settings: Settings,
     redis_up: watch::Sender<bool>,
     shutdown: CancellationToken,
@@ -112,6 +118,7 @@ impl Worker {
             dedup,
             breakers: Breakers::new(settings.breaker.clone()),
             pacer: Pacer::new(settings.per_destination_concurrency),
+            slots: Arc::new(Semaphore::new(settings.concurrency)),
             settings,
             redis_up: watch::Sender::new(true),
             shutdown,
@@ -150,7 +157,7 @@ impl Worker {
         tracing::info!(consumer = %name, kinds = ?self.settings.kinds, "consuming actions");
         let worker = Arc::new(self);
 
-        let slots = Arc::new(Semaphore::new(worker.settings.concurrency));
+        let slots = Arc::clone(&worker.slots);
         let tasks = TaskTracker::new();
         let mut redis_up = worker.redis_up.subscribe();
         loop {
@@ -205,15 +212,17 @@ impl Worker {
         Ok(())
     }
 
-    async fn handle(self: Arc<Self>, message: jetstream::Message, _slot: OwnedSemaphorePermit) {
+    async fn handle(self: Arc<Self>, message: jetstream::Message, slot: OwnedSemaphorePermit) {
         metrics::gauge!("herald_actions_in_flight").increment(1.0);
         let span = tracing::info_span!("action", subject = %message.subject);
         telemetry::adopt_context(&span, message.headers.as_ref());
-        self.deliver(&message).instrument(span).await;
+        self.deliver(&message, slot).instrument(span).await;
         metrics::gauge!("herald_actions_in_flight").decrement(1.0);
     }
 
-    async fn deliver(&self, message: &jetstream::Message) {
+    /// `slot` is this delivery's permit of `slots`, held until it is settled.
+    async fn deliver(&self, message: &jetstream::Message, slot: OwnedSemaphorePermit) {
+        let mut slot = Some(slot);
         let (delivered, sequence) = match message.info() {
             Ok(info) => (
                 u32::try_from(info.delivered).unwrap_or(u32::MAX),
@@ -259,15 +268,18 @@ impl Worker {
         let _place = match &destination {
             Some(host) => match self.pacer.enter(host) {
                 Some(place) => Some(place),
-                None => {
-                    tracing::debug!(
-                        host,
-                        "destination at its share of slots; putting the action back"
-                    );
-                    self.put_back(message, &request, (prior, delivered), PACE_RECHECK)
-                        .await;
-                    return;
-                }
+                None => match self.wait_for_place(host, &mut slot).await {
+                    Some(place) => Some(place),
+                    None => {
+                        tracing::debug!(
+                            host,
+                            "destination at its share of slots; putting the action back"
+                        );
+                        self.put_back(message, &request, (prior, delivered), PACE_RECHECK)
+                            .await;
+                        return;
+                    }
+                },
             },
             None => None,
         };
@@ -542,6 +554,24 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Waits up to `PACE_PATIENCE` for a place against `host`, with the delivery's `slot` given
+    /// back meanwhile so that other destinations' actions run, and taken again once it has the
+    /// place. `None` when the destination's queue is full, the wait is over or the worker shuts
+    /// down; the delivery is then put back.
+    async fn wait_for_place(
+        &self,
+        host: &str,
+        slot: &mut Option<OwnedSemaphorePermit>,
+    ) -> Option<Place> {
+        drop(slot.take());
+        let place = tokio::select! {
+            _ = self.shutdown.cancelled() => None,
+            place = self.pacer.enter_within(host, PACE_PATIENCE) => place,
+        }?;
+        *slot = Arc::clone(&self.slots).acquire_owned().await.ok();
+        Some(place)
     }
 
     /// Puts back a delivery that did not run, counting it so it spends no attempt. `attempts` are

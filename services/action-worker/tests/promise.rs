@@ -215,6 +215,65 @@ async fn a_dead_letter_dates_the_first_failure_not_the_dead_lettering() {
     );
 }
 
+/// A burst to one receiver that answers, more than its share of places: the actions over the
+/// share wait their turn (without a worker slot) instead of each being put back as a scheduled
+/// copy and coming again later, which capped one destination at a few hundred actions a second.
+#[tokio::test]
+async fn a_burst_to_one_receiver_waits_for_its_places_instead_of_being_put_back() {
+    let mut app = App::start().await;
+    let sink = Sink::start(|_| Reply::status(200).after(Duration::from_millis(20))).await;
+    let mut settings = app.settings();
+    settings.concurrency = 16;
+    settings.per_destination_concurrency = 2;
+    app.spawn_worker(settings);
+    // Its two places and a queue of four times that: all of the burst fits.
+    let burst = 10;
+    let mut ids = Vec::new();
+    for _ in 0..burst {
+        let request = action(
+            "webhook",
+            "orders",
+            json!({"url": sink.url("/paced")}),
+            retry(3, 50),
+        );
+        ids.push(request.id.clone());
+        app.publish(&request).await;
+    }
+    sink.wait_for(burst).await;
+    for id in &ids {
+        app.wait_outcomes(id, "succeeded", |o| {
+            o.iter().any(|o| o.status == OutcomeStatus::Succeeded)
+        })
+        .await;
+    }
+    let outcomes: Vec<_> = futures::future::join_all(ids.iter().map(|id| app.outcomes(id)))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.attempt == 1 && o.status == OutcomeStatus::Succeeded),
+        "{outcomes:?}"
+    );
+    // A put-back would have stored a scheduled copy, and the server the copy when due (it then
+    // deletes the schedule): every one of them takes a sequence.
+    let mut stream = app
+        .jetstream
+        .get_stream(ACTIONS_STREAM)
+        .await
+        .expect("HERALD_ACTIONS");
+    let stored = stream
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .last_sequence;
+    assert_eq!(stored, burst as u64, "actions were put back");
+    assert_eq!(sink.received().len(), burst);
+}
+
 #[tokio::test]
 async fn a_hanging_receiver_holds_its_share_of_slots_never_all_of_them() {
     let mut app = App::start().await;
