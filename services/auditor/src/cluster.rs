@@ -10,7 +10,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use elasticsearch::cat::CatIndicesParts;
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
-use elasticsearch::indices::{IndicesDeleteParts, IndicesPutIndexTemplateParts};
+use elasticsearch::indices::{
+    IndicesDeleteParts, IndicesPutIndexTemplateParts, IndicesPutMappingParts,
+};
 use elasticsearch::{BulkParts, Elasticsearch, SearchParts, auth::Credentials};
 use serde_json::{Value, json};
 
@@ -118,7 +120,9 @@ impl Cluster {
 
     /// Asks the cluster what it is, then installs (or overwrites, idempotently) one index
     /// template per kind with a strict mapping: a field nobody declared is refused, never
-    /// guessed.
+    /// guessed. A template shapes only indices created after it, so the same properties are put
+    /// on the kind's existing indices too: a field a newer auditor adds (the dead letters'
+    /// `kind`, say) is then accepted in this month's index, not refused by its strict mapping.
     pub async fn setup(&self) -> Result<Flavor, ClusterError> {
         let root = read(self.client.info().send().await.map_err(unreachable)?).await?;
         let flavor = Flavor::from_root(&root);
@@ -131,17 +135,31 @@ impl Cluster {
         );
         for kind in Kind::ALL {
             let name = format!("{}-{}", self.prefix, kind.index_part());
+            let template = template(kind, &self.prefix, flavor);
+            let properties = json!({"properties": template["template"]["mappings"]["properties"]});
             let response = self
                 .client
                 .indices()
                 .put_index_template(IndicesPutIndexTemplateParts::Name(&name))
-                .body(template(kind, &self.prefix, flavor))
+                .body(template)
+                .send()
+                .await
+                .map_err(unreachable)?;
+            read(response).await?;
+            let pattern = kind.pattern(&self.prefix);
+            let response = self
+                .client
+                .indices()
+                .put_mapping(IndicesPutMappingParts::Index(&[&pattern]))
+                .allow_no_indices(true)
+                .ignore_unavailable(true)
+                .body(properties)
                 .send()
                 .await
                 .map_err(unreachable)?;
             read(response).await?;
         }
-        tracing::info!(?flavor, prefix = %self.prefix, "index templates installed");
+        tracing::info!(?flavor, prefix = %self.prefix, "index templates and mappings installed");
         Ok(flavor)
     }
 

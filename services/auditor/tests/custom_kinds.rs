@@ -171,8 +171,18 @@ async fn a_custom_kinds_outcomes_and_dead_letter_are_audited_like_built_in_ones(
         )
         .await;
 
-    // Found by the custom kind's name, like any kind.
-    let outcomes = stack.search_until(&[("kind", KIND)], 3).await;
+    // Found by the custom kind's name, like any kind: three outcomes and the dead letter.
+    let found = stack.search_until(&[("kind", KIND)], 4).await;
+    let letters: Vec<&Value> = found
+        .iter()
+        .filter(|d| d["type"] == "dead_letter")
+        .collect();
+    assert_eq!(letters.len(), 1, "{found:?}");
+    assert_eq!(letters[0]["kind"], KIND);
+    assert_eq!(letters[0]["observer"], OBSERVER, "{}", letters[0]);
+    let outcomes = stack
+        .search_until(&[("kind", KIND), ("type", "outcome")], 3)
+        .await;
     let mut seen: Vec<(String, i64, String)> = outcomes
         .iter()
         .map(|o| {
@@ -333,4 +343,47 @@ async fn a_custom_kinds_outcomes_and_dead_letter_are_audited_like_built_in_ones(
         Some(1.0),
         "{page}"
     );
+}
+
+/// A dead-letter index made by an older auditor, whose strict mapping lacks the `kind` and
+/// `observer` fields, takes this auditor's dead letters: starting, it puts the current
+/// properties on the existing indices, not only in the template for the next month's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_made_before_a_field_was_added_takes_documents_with_it() {
+    let osmem = herald_test_support::OpenSearchServer::start();
+    let url = osmem.url();
+    let http = reqwest::Client::new();
+    let now = chrono::Utc::now();
+    let index = herald_auditor::document::Kind::DeadLetter.index("herald", now);
+    let mut old = herald_auditor::cluster::template(
+        herald_auditor::document::Kind::DeadLetter,
+        "herald",
+        herald_auditor::cluster::Flavor::OpenSearch,
+    )["template"]["mappings"]
+        .clone();
+    let properties = old["properties"].as_object_mut().expect("properties");
+    properties.remove("kind");
+    properties.remove("observer");
+    let created = http
+        .put(format!("{url}/{index}"))
+        .json(&json!({"mappings": old}))
+        .send()
+        .await
+        .expect("create the old index");
+    assert!(created.status().is_success(), "{:?}", created.text().await);
+
+    let stack = Stack::start_on(Some(osmem), url, "herald".into(), |_| {}).await;
+    stack
+        .publish_dead_letter(
+            herald_shared::subjects::DlqSource::Actions,
+            &format!("herald.actions.{KIND}.{OBSERVER}"),
+            "0190e6d8-0000-7000-8000-000000000001:order_invoiced:0",
+            b"{}".to_vec(),
+            "the invoicing service answered 422",
+        )
+        .await;
+    let found = stack
+        .search_until(&[("type", "dead_letter"), ("kind", KIND)], 1)
+        .await;
+    assert_eq!(found[0]["observer"], OBSERVER, "{}", found[0]);
 }

@@ -1,20 +1,24 @@
 //! Dead letters (`HERALD_DLQ`): `_id` is the dead letter's own Msg-Id (`<original msg id>:dlq`).
 //! The body is kept as text, exactly as it was refused (it may not even be JSON), so indexing a
 //! dead letter cannot itself fail on its content; the event it belongs to is read from it when
-//! it can be.
+//! it can be. An action's dead letter also names the action's `kind` and `observer` (from its
+//! original subject `herald.actions.<kind>.<observer>`), so a search by kind or observer finds
+//! it beside the outcomes, for built-in and custom kinds alike.
 
 use herald_shared::dlq::DeadLetterInfo;
 use herald_shared::headers;
 use herald_shared::subjects::DLQ_STREAM;
 use serde_json::{Map, Value, json};
 
-use crate::document::{Document, Incoming, Kind, event_id_prefix, label, mapped};
+use crate::document::{Document, Incoming, Kind, event_id_prefix, mapped};
 
 pub fn properties() -> Map<String, Value> {
     mapped(&[
         ("source", json!({"type": "keyword"})),
         ("original_subject", json!({"type": "keyword"})),
         ("original_msg_id", json!({"type": "keyword"})),
+        ("kind", json!({"type": "keyword"})),
+        ("observer", json!({"type": "keyword"})),
         ("error", json!({"type": "text"})),
         ("attempts", json!({"type": "integer"})),
         ("first_failed_at", json!({"type": "date"})),
@@ -43,6 +47,7 @@ pub fn document(message: &Incoming) -> Result<Document, String> {
     let event_id = event_id_of(&message.payload)
         .or_else(|| original_msg_id.as_deref().and_then(event_id_prefix));
     let source = message.subject.rsplit('.').next().unwrap_or_default();
+    let action = info.as_ref().and_then(|i| action_of(&i.original_subject));
     let fields = mapped(&[
         ("source", json!(source)),
         (
@@ -50,6 +55,8 @@ pub fn document(message: &Incoming) -> Result<Document, String> {
             json!(info.as_ref().map(|i| &i.original_subject)),
         ),
         ("original_msg_id", json!(original_msg_id)),
+        ("kind", json!(action.map(|(kind, _)| kind))),
+        ("observer", json!(action.and_then(|(_, observer)| observer))),
         ("error", json!(info.as_ref().map(|i| &i.error))),
         ("attempts", json!(info.as_ref().map(|i| i.attempts))),
         (
@@ -104,48 +111,41 @@ fn event_id_of(body: &[u8]) -> Option<String> {
 }
 
 /// `herald_auditor_dead_letters_total{source, kind, by}`: `kind` is the action kind of an
-/// action's dead letter (`herald.actions.<kind>.<observer>`), empty for other sources; `by` is
-/// `Herald-Dead-Lettered-By`.
+/// action's dead letter, empty for other sources; `by` is `Herald-Dead-Lettered-By`.
 pub fn count(document: &Document) {
-    let source = document.label("source");
-    let kind = document
-        .body
-        .get("original_subject")
-        .and_then(Value::as_str)
-        .and_then(action_kind)
-        .map(label)
-        .unwrap_or_default();
     metrics::counter!(
         "herald_auditor_dead_letters_total",
-        "source" => source,
-        "kind" => kind,
+        "source" => document.label("source"),
+        "kind" => document.label("kind"),
         "by" => document.label("dead_lettered_by"),
     )
     .increment(1);
 }
 
-/// The `<kind>` of `herald.actions.<kind>.<observer>`.
-fn action_kind(subject: &str) -> Option<&str> {
+/// The `<kind>` and `<observer>` of `herald.actions.<kind>.<observer>`.
+fn action_of(subject: &str) -> Option<(&str, Option<&str>)> {
     let mut tokens = subject.split('.');
     match (tokens.next(), tokens.next(), tokens.next()) {
-        (Some("herald"), Some("actions"), Some(kind)) if !kind.is_empty() => Some(kind),
+        (Some("herald"), Some("actions"), Some(kind)) if !kind.is_empty() => {
+            Some((kind, tokens.next().filter(|o| !o.is_empty())))
+        }
         _ => None,
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::action_kind;
+    use super::action_of;
 
     #[test]
-    fn the_action_kind_is_read_from_the_original_subject() {
+    fn the_action_kind_and_observer_are_read_from_the_original_subject() {
         assert_eq!(
-            action_kind("herald.actions.invoice.order_invoiced"),
-            Some("invoice")
+            action_of("herald.actions.invoice.order_invoiced"),
+            Some(("invoice", Some("order_invoiced")))
         );
-        assert_eq!(action_kind("herald.actions.webhook"), Some("webhook"));
-        assert_eq!(action_kind("herald.events.Order.insert"), None);
-        assert_eq!(action_kind("herald.actions"), None);
-        assert_eq!(action_kind("herald.actions..x"), None);
+        assert_eq!(action_of("herald.actions.webhook"), Some(("webhook", None)));
+        assert_eq!(action_of("herald.events.Order.insert"), None);
+        assert_eq!(action_of("herald.actions"), None);
+        assert_eq!(action_of("herald.actions..x"), None);
     }
 }
