@@ -5,8 +5,10 @@
 //! An action over the limit first waits a short while for a place, without a worker slot (the
 //! worker gives its slot back meanwhile), in a queue of a few times the limit per destination:
 //! a burst to one fast receiver then runs at the receiver's pace instead of circling through
-//! put-backs. When the queue is full or the wait is over, the action is put back without running
-//! (no attempt spent) and comes again shortly.
+//! put-backs. At most `concurrency` actions wait in all, so the worker never holds more than
+//! twice `concurrency` unacknowledged, however many destinations are slow. When the queue is
+//! full or the wait is over, the action is put back without running (no attempt spent) and
+//! comes again shortly.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,7 +24,15 @@ const QUEUE_PER_PLACE: usize = 4;
 pub struct Pacer {
     limit: usize,
     queue: usize,
-    destinations: Arc<Mutex<HashMap<String, Destination>>>,
+    waiting_at_most: usize,
+    destinations: Arc<Mutex<Destinations>>,
+}
+
+#[derive(Debug, Default)]
+struct Destinations {
+    by_name: HashMap<String, Destination>,
+    /// Waiting for any destination.
+    waiting: usize,
 }
 
 #[derive(Debug, Default)]
@@ -37,15 +47,17 @@ struct Destination {
 #[derive(Debug)]
 pub struct Place {
     destination: String,
-    destinations: Arc<Mutex<HashMap<String, Destination>>>,
+    destinations: Arc<Mutex<Destinations>>,
 }
 
 impl Pacer {
-    pub fn new(limit: usize) -> Self {
+    /// `limit` actions run against one destination at once; `waiting_at_most` wait in all.
+    pub fn new(limit: usize, waiting_at_most: usize) -> Self {
         let limit = limit.max(1);
         Self {
             limit,
             queue: limit.saturating_mul(QUEUE_PER_PLACE),
+            waiting_at_most,
             destinations: Arc::default(),
         }
     }
@@ -53,7 +65,10 @@ impl Pacer {
     /// A place for one more action against `destination`, or `None` when it has its share.
     pub fn enter(&self, destination: &str) -> Option<Place> {
         let mut destinations = self.lock();
-        let entry = destinations.entry(destination.to_owned()).or_default();
+        let entry = destinations
+            .by_name
+            .entry(destination.to_owned())
+            .or_default();
         self.take_place(entry, destination)
     }
 
@@ -62,15 +77,22 @@ impl Pacer {
     pub async fn enter_within(&self, destination: &str, patience: Duration) -> Option<Place> {
         let freed = {
             let mut destinations = self.lock();
-            let entry = destinations.entry(destination.to_owned()).or_default();
+            let everyone_waiting = destinations.waiting;
+            let entry = destinations
+                .by_name
+                .entry(destination.to_owned())
+                .or_default();
             if let Some(place) = self.take_place(entry, destination) {
                 return Some(place);
             }
-            if entry.waiting >= self.queue {
+            if entry.waiting >= self.queue || everyone_waiting >= self.waiting_at_most {
+                forget_if_idle(&mut destinations, destination);
                 return None;
             }
             entry.waiting += 1;
-            Arc::clone(&entry.freed)
+            let freed = Arc::clone(&entry.freed);
+            destinations.waiting += 1;
+            freed
         };
         let _waiter = Waiter {
             destination,
@@ -82,7 +104,7 @@ impl Pacer {
                 .await
                 .ok()?;
             let mut destinations = self.lock();
-            if let Some(entry) = destinations.get_mut(destination)
+            if let Some(entry) = destinations.by_name.get_mut(destination)
                 && let Some(place) = self.take_place(entry, destination)
             {
                 return Some(place);
@@ -101,26 +123,25 @@ impl Pacer {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Destination>> {
+    fn lock(&self) -> MutexGuard<'_, Destinations> {
         lock(&self.destinations)
     }
 }
 
-fn lock(
-    destinations: &Mutex<HashMap<String, Destination>>,
-) -> MutexGuard<'_, HashMap<String, Destination>> {
+fn lock(destinations: &Mutex<Destinations>) -> MutexGuard<'_, Destinations> {
     destinations
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Forgets a destination nobody runs against or waits for.
-fn forget_if_idle(destinations: &mut HashMap<String, Destination>, destination: &str) {
+fn forget_if_idle(destinations: &mut Destinations, destination: &str) {
     if destinations
+        .by_name
         .get(destination)
         .is_some_and(|d| d.running == 0 && d.waiting == 0)
     {
-        destinations.remove(destination);
+        destinations.by_name.remove(destination);
     }
 }
 
@@ -128,13 +149,14 @@ fn forget_if_idle(destinations: &mut HashMap<String, Destination>, destination: 
 /// without a place).
 struct Waiter<'a> {
     destination: &'a str,
-    destinations: &'a Mutex<HashMap<String, Destination>>,
+    destinations: &'a Mutex<Destinations>,
 }
 
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
         let mut destinations = lock(self.destinations);
-        if let Some(entry) = destinations.get_mut(self.destination) {
+        destinations.waiting = destinations.waiting.saturating_sub(1);
+        if let Some(entry) = destinations.by_name.get_mut(self.destination) {
             entry.waiting = entry.waiting.saturating_sub(1);
         }
         forget_if_idle(&mut destinations, self.destination);
@@ -144,7 +166,7 @@ impl Drop for Waiter<'_> {
 impl Drop for Place {
     fn drop(&mut self) {
         let mut destinations = lock(&self.destinations);
-        if let Some(entry) = destinations.get_mut(&self.destination) {
+        if let Some(entry) = destinations.by_name.get_mut(&self.destination) {
             entry.running = entry.running.saturating_sub(1);
             entry.freed.notify_one();
         }
@@ -158,7 +180,7 @@ mod tests {
 
     #[test]
     fn a_destination_gets_its_share_and_others_are_unaffected() {
-        let pacer = Pacer::new(2);
+        let pacer = Pacer::new(2, 100);
         let a1 = pacer.enter("a:443");
         let a2 = pacer.enter("a:443");
         assert!(a1.is_some() && a2.is_some());
@@ -170,7 +192,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_waiter_gets_the_next_freed_place() {
-        let pacer = Arc::new(Pacer::new(1));
+        let pacer = Arc::new(Pacer::new(1, 100));
         let running = pacer.enter("a:443").expect("a first place");
         let waiting = {
             let pacer = Arc::clone(&pacer);
@@ -191,7 +213,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_wait_ends_empty_at_its_patience_and_a_full_queue_refuses_at_once() {
-        let pacer = Pacer::new(1);
+        let pacer = Pacer::new(1, 100);
         let _running = pacer.enter("a:443").expect("a first place");
         let started = tokio::time::Instant::now();
         assert!(
@@ -236,7 +258,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_destination_is_forgotten() {
-        let pacer = Pacer::new(1);
+        let pacer = Pacer::new(1, 100);
         let place = pacer.enter("a:443");
         assert!(
             pacer
@@ -245,6 +267,40 @@ mod tests {
                 .is_none()
         );
         drop(place);
-        assert!(pacer.lock().is_empty(), "{:?}", pacer.lock());
+        let left = pacer.lock();
+        assert!(left.by_name.is_empty() && left.waiting == 0, "{left:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_more_than_the_cap_wait_across_destinations() {
+        let pacer = Arc::new(Pacer::new(1, 2));
+        let _a = pacer.enter("a:443").expect("a place at a");
+        let _b = pacer.enter("b:443").expect("a place at b");
+        let waiters: Vec<_> = ["a:443", "b:443"]
+            .into_iter()
+            .map(|host| {
+                let pacer = Arc::clone(&pacer);
+                tokio::spawn(async move {
+                    pacer.enter_within(host, Duration::from_secs(60)).await;
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let refused_at = tokio::time::Instant::now();
+        assert!(
+            pacer
+                .enter_within("a:443", Duration::from_secs(60))
+                .await
+                .is_none(),
+            "two wait already"
+        );
+        assert_eq!(
+            refused_at.elapsed(),
+            Duration::ZERO,
+            "refused without waiting"
+        );
+        for waiter in waiters {
+            waiter.abort();
+        }
     }
 }

@@ -35,7 +35,7 @@ pub struct Settings {
     pub concurrency: usize,
     /// Actions running against one destination (`host:port`) at once, at most, so a slow or
     /// hanging receiver cannot take every slot; up to four times as many more wait briefly for
-    /// a place without a slot, the rest are put back.
+    /// a place without a slot (at most `concurrency` waiting in all), the rest are put back.
     pub per_destination_concurrency: usize,
     /// JetStream's redelivery timer; renewed while an action runs or waits for Redis.
     #[serde(with = "humantime_serde")]

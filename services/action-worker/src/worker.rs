@@ -117,7 +117,7 @@ impl Worker {
             registry,
             dedup,
             breakers: Breakers::new(settings.breaker.clone()),
-            pacer: Pacer::new(settings.per_destination_concurrency),
+            pacer: Pacer::new(settings.per_destination_concurrency, settings.concurrency),
             slots: Arc::new(Semaphore::new(settings.concurrency)),
             settings,
             redis_up: watch::Sender::new(true),
