@@ -150,6 +150,7 @@ async fn dispatcher(js: &jetstream::Context, count: u64, name: &str, observers: 
         js.clone(),
         settings,
         observers,
+        herald_dispatcher::partition::Health::new(),
         shutdown.clone(),
     ));
     let stream = js.get_stream(EVENTS_STREAM).await.expect("stream");
