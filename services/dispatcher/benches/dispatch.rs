@@ -196,9 +196,13 @@ const CLUSTER_PARTITIONS: u32 = 4;
 const CLUSTER_LEASE_TTL: Duration = Duration::from_secs(2);
 
 /// `processes` dispatchers sharing the partitions, each on its own connection to the cluster,
-/// dispatch `count` events published once their shares settled. Returns events/s and the
-/// publishing time.
-async fn dispatchers_on(cluster: &NatsCluster, count: u64, processes: usize) -> (f64, Duration) {
+/// dispatch `count` events published once their shares settled. Returns events/s, the
+/// publishing time and the CPU seconds this process (dispatchers and publisher) used meanwhile.
+async fn dispatchers_on(
+    cluster: &NatsCluster,
+    count: u64,
+    processes: usize,
+) -> (f64, Duration, f64) {
     let name = format!("cluster{processes}");
     let js = cluster.jetstream().await;
     let stream = js.get_stream(EVENTS_STREAM).await.expect("stream");
@@ -253,17 +257,36 @@ async fn dispatchers_on(cluster: &NatsCluster, count: u64, processes: usize) -> 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let started = Instant::now();
+    let cpu_before = cpu_seconds();
     publish_events(&js, count, true).await;
     let publishing = started.elapsed();
     while left().await != Some(0) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let rate = count as f64 / started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu_before;
     shutdown.cancel();
     for run in runs {
         run.await.expect("task");
     }
-    (rate, publishing)
+    (rate, publishing, cpu)
+}
+
+/// CPU time this process has used (user + system, every thread), from /proc/self/stat in
+/// clock ticks of 1/100 s (Linux's USER_HZ); 0 where it cannot be read.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime, the 14th and 15th fields: the 12th and 13th after the name.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 async fn cluster(count: u64) {
@@ -284,15 +307,17 @@ async fn cluster(count: u64) {
     );
     let mut previous: Option<f64> = None;
     for processes in [1, 2, 4] {
-        let (rate, publishing) = dispatchers_on(&cluster, count, processes).await;
+        let (rate, publishing, cpu) = dispatchers_on(&cluster, count, processes).await;
         let change = previous.map_or(String::new(), |p| {
             format!(", {:.2}x the previous", rate / p)
         });
         println!(
             "{processes} dispatcher(s): {rate:>8.0} events/s ({:.0} per dispatcher{change}); \
-             publishing alone took {publishing:.2?} ({:.0} events/s)",
+             publishing alone took {publishing:.2?} ({:.0} events/s); CPU of dispatchers and \
+             publisher {:.0} µs per event",
             rate / processes as f64,
             count as f64 / publishing.as_secs_f64(),
+            cpu * 1e6 / count as f64,
         );
         previous = Some(rate);
     }
