@@ -966,7 +966,9 @@ fn file_value(path: &Path, section: &str, key: &str) -> String {
 /// `docker compose --profile cluster up` is the default stack on a 3-node JetStream cluster:
 /// nats-1..3 run nats/cluster.conf (the single node's file and users, plus routes naming exactly
 /// those three), and each Herald service is its single-node twin with only the NATS URL (all
-/// three nodes) and `streams.replicas = 3` changed, reachable under the same host name.
+/// three nodes), `streams.replicas = 3` and `streams.event_partitions` (the same for all, more
+/// than the dispatchers) changed, run as two replicas, reachable under the same host name. A
+/// service that publishes a port publishes it on a range with a host port per replica.
 #[test]
 fn the_cluster_profile_is_the_same_stack_on_three_nodes_with_r3_streams() {
     assert_eq!(
@@ -1015,6 +1017,8 @@ fn the_cluster_profile_is_the_same_stack_on_three_nodes_with_r3_streams() {
     let twins = single.herald_services();
     let cluster_services = cluster.herald_services();
     assert_eq!(cluster_services.len(), twins.len());
+    let mut replicas = BTreeMap::new();
+    let mut partitions = BTreeSet::new();
     for (name, service) in cluster_services {
         let twin = twins
             .get(role(name))
@@ -1041,7 +1045,7 @@ fn the_cluster_profile_is_the_same_stack_on_three_nodes_with_r3_streams() {
         assert!(on_one.success, "{}: {}", role(name), on_one.output);
         assert_eq!(
             differences(&on_cluster.settings, &on_one.settings, ""),
-            ["nats.url", "streams.replicas"],
+            ["nats.url", "streams.event_partitions", "streams.replicas"],
             "{name} differs from {} in its NATS only",
             role(name)
         );
@@ -1051,7 +1055,31 @@ fn the_cluster_profile_is_the_same_stack_on_three_nodes_with_r3_streams() {
             "{name}: {}",
             on_cluster.output
         );
+        let copies = service["deploy"]["replicas"].as_u64().unwrap_or(1);
+        assert!(copies >= 2, "{name} runs {copies} replica(s)");
+        replicas.insert(role(name).to_owned(), copies);
+        partitions.insert(on_cluster.settings["streams"]["event_partitions"].as_integer());
+        for published in strings(&service["ports"]) {
+            let host = published.split(':').next().unwrap_or_default();
+            let range: Vec<u64> = host.split('-').filter_map(|p| p.parse().ok()).collect();
+            assert!(
+                range.len() == 2 && range[1] - range[0] + 1 >= copies,
+                "{name}: {copies} replicas need a host port each, not {published}"
+            );
+        }
     }
+    let partitions: Vec<i64> = partitions.into_iter().flatten().collect();
+    assert_eq!(
+        partitions.len(),
+        1,
+        "every service provisions HERALD_EVENTS with the same partitions: {partitions:?}"
+    );
+    assert!(
+        partitions[0] as u64 > replicas["dispatcher"],
+        "more partitions ({}) than dispatchers ({}), so each serves several",
+        partitions[0],
+        replicas["dispatcher"]
+    );
 }
 
 /// A child process killed (SIGKILL) when dropped, so a failing test leaves no server behind.

@@ -38,12 +38,12 @@ use base64::engine::general_purpose::STANDARD;
 use futures::StreamExt;
 use herald_shared::messages::decode;
 use herald_shared::subjects::{
-    self, DLQ_STREAM, DlqSource, EVENTS_STREAM, JOBS_STREAM, OUTCOMES_STREAM,
+    self, ACTIONS_STREAM, DLQ_STREAM, DlqSource, EVENTS_STREAM, JOBS_STREAM, OUTCOMES_STREAM,
 };
 use herald_shared::{ActionOutcome, ActionRequest, EntityEvent, JobState, JobStatus, Op, headers};
 use herald_test_support::{
-    NatsServer, Postgres, RedisServer, eventually, eventually_async, free_port, service_password,
-    workspace_root,
+    CLUSTER_SIZE, NatsCluster, NatsServer, Postgres, RedisServer, eventually, eventually_async,
+    free_port, service_password, workspace_root,
 };
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
@@ -356,37 +356,243 @@ const UPDATES: [&str; 2] = ["paid", "cancelled"];
 /// How long the pipeline may take to catch up once the crashes are over.
 const CHAOS_WAIT: Duration = Duration::from_secs(90);
 
+/// The cluster layout: replicas of every service, and HERALD_EVENTS' partitions (more than the
+/// dispatchers, so each holds several and a dead one's move to the survivor).
+const CLUSTER_REPLICAS: usize = 2;
+const CLUSTER_PARTITIONS: u32 = 4;
+/// The observer the cluster layout adds: a webhook for every change of an order, so the order
+/// of one key's webhooks can be held to its commit order.
+const ORDER_CHANGED: &str = "order_changed";
+const CHANGED_PATH: &str = "/webhooks/order-changed";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_mutations_lose_nothing_when_every_service_is_killed_at_random() {
     let sink = Sink::start(&[]).await;
     let mut stack = Stack::with_test_configs(&sink).await;
-    // A failing run is repeated with HERALD_TEST_CHAOS_SEED=<the seed it printed>.
-    let seed: u64 = std::env::var("HERALD_TEST_CHAOS_SEED")
+    let seed = chaos_seed();
+    let services = Mutex::new(std::mem::take(&mut stack.services));
+    let plan = crash_plan(seed, services.lock().expect("services lock").len());
+
+    let started = std::time::Instant::now();
+    let updated = send_chaos_mutations(&stack, |i| {
+        let crash = plan.get(&i).copied();
+        let services = &services;
+        async move {
+            if let Some((victim, down)) = crash {
+                kill_and_restart(services, victim, down).await;
+            }
+        }
+    })
+    .await;
+    let sending = started.elapsed();
+    let kills = plan.len();
+    let report = verify_chaos(&stack, &sink, &updated, started).await;
+    println!(
+        "chaos: {CHAOS_MUTATIONS} mutations sent in {sending:.1?}, {kills} kill -9s; {report}"
+    );
+}
+
+/// What happens to the cluster chaos test after a mutation.
+#[derive(Debug, Clone, Copy)]
+enum Strike {
+    /// SIGKILL this NATS node; it stays down to the end, the other two keep a quorum.
+    Node(usize),
+    /// SIGKILL this service process, restarted after the pause.
+    Service(usize, Duration),
+}
+
+/// The issue's scale-out promise: a 3-node cluster with R3 streams, HERALD_EVENTS in
+/// partitions, and two of every service the pipeline runs through (gateways whose relays elect
+/// per pass, dispatchers sharing the partitions, action workers and job workers sharing their
+/// consumers and queue). One NATS node is killed -9 at a random point of 1,000 mutations, then
+/// one replica of each service at random later points. Nothing committed is lost, repeats are
+/// only repeated `webhook-id`s, and each key's events and actions keep commit order. Each key's
+/// webhooks are held to commit order only as a printed count (see the end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_with_two_of_every_service_a_thousand_mutations_survive_a_node_and_a_replica_each_killed()
+ {
+    let sink = Sink::start(&[]).await;
+    let mut stack = Stack::with_layout(&sink, Layout::Cluster).await;
+    let seed = chaos_seed();
+    let services = Mutex::new(std::mem::take(&mut stack.services));
+    let plan = cluster_crash_plan(seed, services.lock().expect("services lock").len());
+    let Broker::Cluster(cluster) = &stack._servers.nats else {
+        unreachable!("the cluster layout runs on a cluster")
+    };
+
+    let started = std::time::Instant::now();
+    let updated = send_chaos_mutations(&stack, |i| {
+        let strike = plan.get(&i).copied();
+        let services = &services;
+        async move {
+            match strike {
+                Some(Strike::Node(node)) => {
+                    cluster.lock().expect("cluster lock").kill(node);
+                    println!("chaos: killed nats node {node} after mutation {i}");
+                }
+                Some(Strike::Service(victim, down)) => {
+                    kill_and_restart(services, victim, down).await;
+                }
+                None => {}
+            }
+        }
+    })
+    .await;
+    let sending = started.elapsed();
+    let report = verify_chaos(&stack, &sink, &updated, started).await;
+
+    // order_changed: a webhook for every event, insert and updates alike.
+    let all = stack.watch(EVENTS_STREAM, "herald.events.Order.>").await;
+    let events: Vec<EntityEvent> = all
+        .poll()
+        .await
+        .iter()
+        .map(|m| decode(&m.payload).expect("an EntityEvent"))
+        .collect();
+    let expected: BTreeSet<String> = events
+        .iter()
+        .map(|e| ActionRequest::action_id(e.id, ORDER_CHANGED, 0))
+        .collect();
+    let received = eventually(
+        "an order_changed webhook for every event",
+        CHAOS_WAIT,
+        || {
+            let received = sink.received(CHANGED_PATH);
+            let ids: BTreeSet<String> = received
+                .iter()
+                .filter_map(|r| r.header("webhook-id"))
+                .collect();
+            ids.is_superset(&expected).then_some(received)
+        },
+    )
+    .await;
+    let delivered: BTreeSet<String> = received
+        .iter()
+        .filter_map(|r| r.header("webhook-id"))
+        .collect();
+    assert_eq!(
+        delivered, expected,
+        "no order_changed webhook for an action that never was"
+    );
+    let duplicates = received.len() - delivered.len();
+    let lost = expected.difference(&delivered).count();
+
+    // Per key, in commit order (the events stream's, which the relay makes commit order per
+    // key): the actions as the dispatchers published them, and the webhooks as they arrived.
+    let mut commit_order: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for event in &events {
+        commit_order
+            .entry(event.key.clone())
+            .or_default()
+            .push(ActionRequest::action_id(event.id, ORDER_CHANGED, 0));
+    }
+    let actions = stack
+        .watch(
+            ACTIONS_STREAM,
+            &subjects::action("webhook", ORDER_CHANGED).expect("a valid subject"),
+        )
+        .await
+        .poll()
+        .await;
+    // The dispatchers' publications only: a retry or a put-back of the action worker comes
+    // back on the same subject as a scheduled copy, which carries `Nats-Scheduler`.
+    let actions: Vec<&jetstream::Message> = actions
+        .iter()
+        .filter(|m| {
+            m.headers
+                .as_ref()
+                .is_none_or(|h| h.get(headers::SCHEDULER).is_none())
+        })
+        .collect();
+    let mut published: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for message in &actions {
+        let action: ActionRequest = decode(&message.payload).expect("an ActionRequest");
+        published
+            .entry(action.event.key.clone())
+            .or_default()
+            .push(action.id);
+    }
+    assert_eq!(
+        actions.len(),
+        expected.len(),
+        "one order_changed action per event, none published twice"
+    );
+    let mut arrived: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut first = BTreeSet::new();
+    for webhook in &received {
+        let id = webhook.header("webhook-id").expect("webhook-id");
+        if first.insert(id.clone()) {
+            let body: EntityEvent = decode(&webhook.body).expect("the body is the event");
+            arrived.entry(body.key).or_default().push(id);
+        }
+    }
+    let out_of_order = |seen: &BTreeMap<String, Vec<String>>| -> Vec<String> {
+        commit_order
+            .iter()
+            .filter(|(key, ids)| seen.get(*key) != Some(*ids))
+            .map(|(key, ids)| format!("order {key}: {:?}, committed {ids:?}", seen.get(key)))
+            .collect()
+    };
+    let actions_out = out_of_order(&published);
+    let webhooks_out = out_of_order(&arrived);
+    println!(
+        "cluster chaos: {CHAOS_MUTATIONS} mutations sent in {sending:.1?} through \
+         {CLUSTER_REPLICAS} of every service on {CLUSTER_SIZE} nodes, R{CLUSTER_SIZE}, \
+         {CLUSTER_PARTITIONS} partitions, {} kill -9s ({:?}); {report}; order_changed: sent \
+         {} events, delivered {}, duplicates {duplicates}, lost {lost}; keys whose actions are \
+         out of commit order {}, whose webhooks arrived out of commit order {}",
+        plan.len(),
+        plan.values().collect::<Vec<_>>(),
+        expected.len(),
+        delivered.len(),
+        actions_out.len(),
+        webhooks_out.len(),
+    );
+    assert!(
+        actions_out.is_empty(),
+        "each key's actions in commit order: {actions_out:?}"
+    );
+    // Not asserted: the action worker does not deliver one key's actions in order (it runs
+    // `concurrency` at once, and a retry or a put-back for its destination's pace comes back
+    // behind later actions; worker.rs, contracts/README.md). Printed so the gap stays visible.
+    if let Some(first) = webhooks_out.first() {
+        println!("cluster chaos: e.g. webhooks of {first}");
+    }
+}
+
+/// The seed of a crash test's random plan, printed; a failing run is repeated with
+/// HERALD_TEST_CHAOS_SEED=<the seed it printed>.
+fn chaos_seed() -> u64 {
+    let seed = std::env::var("HERALD_TEST_CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
     println!("chaos seed {seed}");
-    let services = Mutex::new(std::mem::take(&mut stack.services));
-    let plan = crash_plan(seed, services.lock().expect("services lock").len());
+    seed
+}
 
+/// Sends `CHAOS_MUTATIONS` new orders from a few clients at once, every `UPDATED_EVERY`th then
+/// updated through `UPDATES` one after the other, and runs `after(i)` once mutation `i` is done,
+/// so crashes fall among the requests and between events of one key. Returns the updated orders.
+async fn send_chaos_mutations<F, Fut>(stack: &Stack, after: F) -> BTreeSet<String>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = ()>,
+{
     let customer = stack
         .mutate(r#"mutation { createCustomer(input: {email: "cy@shop.test", name: "Cy"}) { id } }"#)
         .await["createCustomer"]["id"]
         .clone();
-    // A few clients at once, as a gateway sees them; the crashes fall among their requests.
-    let started = std::time::Instant::now();
-    let updated = futures::stream::iter(0..CHAOS_MUTATIONS)
+    futures::stream::iter(0..CHAOS_MUTATIONS)
         .map(|i| {
             // Every tenth order is over the job threshold.
             let total = if i % 10 == 0 { 750 } else { 20 + i % 400 };
             let query = format!(
                 "mutation {{ createOrder(input: {{customer_id: {customer}, total: {total}}}) {{ id }} }}"
             );
-            let (stack, services, crash) = (&stack, &services, plan.get(&i).copied());
+            let after = &after;
             async move {
                 let created = stack.mutate(&query).await;
-                // Every fifth order is then updated twice, one update after the other, so the
-                // crashes also fall between events of the same key.
                 let mut updated = None;
                 if i % UPDATED_EVERY == 0 {
                     let id = created["createOrder"]["id"]
@@ -402,9 +608,7 @@ async fn a_thousand_mutations_lose_nothing_when_every_service_is_killed_at_rando
                     }
                     updated = Some(id);
                 }
-                if let Some((victim, down)) = crash {
-                    kill_and_restart(services, victim, down).await;
-                }
+                after(i).await;
                 updated
             }
         })
@@ -413,12 +617,20 @@ async fn a_thousand_mutations_lose_nothing_when_every_service_is_killed_at_rando
         .await
         .into_iter()
         .flatten()
-        .collect::<BTreeSet<String>>();
-    let sending = started.elapsed();
-    let kills = plan.len();
+        .collect()
+}
 
-    // What was committed is the truth: a mutation whose answer a gateway crash swallowed was
-    // sent again, and both orders are real.
+/// The crash tests' verdict, against what PostgreSQL committed (a mutation whose answer a
+/// gateway crash swallowed was sent again, and both orders are real): one event per committed
+/// order, each key's events in commit order, an `order_created` webhook for every order (a
+/// repeat only as a `webhook-id` already seen), and every big order's job run to success.
+/// Returns the counts, to print.
+async fn verify_chaos(
+    stack: &Stack,
+    sink: &Sink,
+    updated: &BTreeSet<String>,
+    started: std::time::Instant,
+) -> String {
     let pool = sqlx::PgPool::connect(&stack.database_url)
         .await
         .expect("connect to the test PostgreSQL");
@@ -567,12 +779,11 @@ async fn a_thousand_mutations_lose_nothing_when_every_service_is_killed_at_rando
         .collect();
     assert_eq!(keys, expected_jobs, "every job call carries its job id");
 
-    println!(
-        "chaos: {CHAOS_MUTATIONS} mutations sent in {sending:.1?}, {} orders committed, \
-         {kills} kill -9s; {} orders updated twice, {} events in all, each key's in commit \
-         order; {} insert events; {deliveries} webhook deliveries for {} webhook ids ({} absorbed repeats); \
-         {} jobs succeeded; {} job calls for {} jobs; all events in after {events_at:.1?}, \
-         all webhooks after {webhooks_at:.1?}, all jobs after {jobs_at:.1?}",
+    format!(
+        "{} orders committed; {} orders updated twice, {} events in all, each key's in commit \
+         order; {} insert events; {deliveries} webhook deliveries for {} webhook ids ({} absorbed \
+         repeats, 0 lost); {} jobs succeeded; {} job calls for {} jobs; all events in after \
+         {events_at:.1?}, all webhooks after {webhooks_at:.1?}, all jobs after {jobs_at:.1?}",
         committed.len(),
         updated.len(),
         series.len(),
@@ -582,7 +793,28 @@ async fn a_thousand_mutations_lose_nothing_when_every_service_is_killed_at_rando
         succeeded.len(),
         calls.len(),
         keys.len(),
-    );
+    )
+}
+
+/// The cluster test's plan: one NATS node killed at a random point of the first quarter of the
+/// mutations, then one replica of each service (services come `CLUSTER_REPLICAS` per kind) at
+/// random later points, each restarted after a random pause.
+fn cluster_crash_plan(seed: u64, services: usize) -> BTreeMap<usize, Strike> {
+    use rand::seq::IndexedRandom;
+    use rand::{Rng, SeedableRng};
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let node_at = rng.random_range(0..CHAOS_MUTATIONS / 4);
+    let mut plan = BTreeMap::from([(node_at, Strike::Node(rng.random_range(0..CLUSTER_SIZE)))]);
+    let later: Vec<usize> = (node_at + 1..CHAOS_MUTATIONS).collect();
+    let kinds = services / CLUSTER_REPLICAS;
+    let points: Vec<usize> = later.choose_multiple(&mut rng, kinds).copied().collect();
+    for (kind, at) in points.into_iter().enumerate() {
+        let victim = kind * CLUSTER_REPLICAS + rng.random_range(0..CLUSTER_REPLICAS);
+        let down = Duration::from_millis(rng.random_range(0..500));
+        plan.insert(at, Strike::Service(victim, down));
+    }
+    plan
 }
 
 /// A server the pipeline depends on, to be crashed (kill -9) and restarted mid-stream.
@@ -622,7 +854,7 @@ async fn orders_survive(fault: Fault) {
     for i in 0..ORDERS {
         if i == ORDERS / 2 {
             match fault {
-                Fault::Nats => stack._servers.nats.restart(),
+                Fault::Nats => stack._servers.nats.server_mut().restart(),
                 Fault::Redis => stack._servers.redis.restart(),
                 Fault::Postgres => stack._servers.postgres.restart(),
             }
@@ -930,7 +1162,7 @@ async fn a_poison_corpus_at_every_stream_is_dead_lettered_and_stalls_nothing() {
         let msg_id = format!("poison-{n}");
         if let Some(lines) = &poison.raw_headers {
             raw_publish(
-                stack._servers.nats.port(),
+                stack._servers.nats.server().port(),
                 &poison.subject,
                 &[format!("Nats-Msg-Id: {msg_id}\r\n").as_bytes(), lines].concat(),
                 poison.body.as_bytes(),
@@ -1141,7 +1373,7 @@ async fn kill_and_restart(services: &Mutex<Vec<Service>>, victim: usize, down: D
     let name = {
         let mut services = services.lock().expect("services lock");
         services[victim].kill();
-        services[victim].name
+        services[victim].label.clone()
     };
     // A random outage, not a wait for an effect.
     tokio::time::sleep(down).await;
@@ -1163,11 +1395,22 @@ fn signature_is_valid(secret: &str, id: &str, timestamp: &str, body: &[u8], head
     header.split(' ').any(|candidate| candidate == expected)
 }
 
+/// How a stack runs: one nats-server and one of each service, or a 3-node cluster with R3
+/// streams, HERALD_EVENTS in `CLUSTER_PARTITIONS` partitions and `CLUSTER_REPLICAS` of each
+/// service, whose observers add `order_changed`.
+#[derive(Debug, Clone, Copy)]
+enum Layout {
+    Single,
+    Cluster,
+}
+
 /// The servers and the four services, stopped (services killed) on drop.
 struct Stack {
     /// A JetStream connection that may read every stream.
     js: jetstream::Context,
-    graphql_url: String,
+    /// Every gateway's GraphQL endpoint; mutations go round them.
+    graphql_urls: Vec<String>,
+    next_gateway: std::sync::atomic::AtomicUsize,
     database_url: String,
     api_key: &'static str,
     http: reqwest::Client,
@@ -1177,14 +1420,60 @@ struct Stack {
 
 /// The servers a stack runs on, with the example shop's tables in the `postgres` database.
 struct Servers {
-    nats: NatsServer,
+    nats: Broker,
     postgres: Postgres,
     redis: RedisServer,
     dir: tempfile::TempDir,
 }
 
+/// NATS as a stack sees it: one server, or a 3-node cluster (behind a lock, so the chaos test
+/// can kill a node from among its concurrent mutations).
+enum Broker {
+    Server(NatsServer),
+    Cluster(Mutex<NatsCluster>),
+}
+
+impl Broker {
+    fn url(&self) -> String {
+        match self {
+            Self::Server(server) => server.url(),
+            Self::Cluster(cluster) => cluster.lock().expect("cluster lock").url(),
+        }
+    }
+
+    /// The single server; the tests that restart or dial it run on one.
+    fn server(&self) -> &NatsServer {
+        match self {
+            Self::Server(server) => server,
+            Self::Cluster(_) => panic!("this test runs on a single nats-server"),
+        }
+    }
+
+    fn server_mut(&mut self) -> &mut NatsServer {
+        match self {
+            Self::Server(server) => server,
+            Self::Cluster(_) => panic!("this test runs on a single nats-server"),
+        }
+    }
+
+    async fn jetstream(&self) -> jetstream::Context {
+        match self {
+            Self::Server(server) => server.jetstream().await,
+            Self::Cluster(cluster) => {
+                let addresses = cluster.lock().expect("cluster lock").addresses();
+                let client = async_nats::ConnectOptions::new()
+                    .retry_on_initial_connect()
+                    .connect(addresses)
+                    .await
+                    .expect("connect to the test cluster");
+                jetstream::new(client)
+            }
+        }
+    }
+}
+
 impl Servers {
-    async fn start(nats: NatsServer) -> Self {
+    async fn start(nats: Broker) -> Self {
         let postgres = Postgres::start();
         let redis = RedisServer::start_with_aof();
         let dir = tempfile::Builder::new()
@@ -1206,69 +1495,98 @@ fn shop() -> PathBuf {
 }
 
 impl Stack {
-    /// The services configured by this test: no NATS authentication, the example observers
-    /// sending to `sink`, loopback allow-listed past the action worker's SSRF guard.
+    /// One of each service on one nats-server.
     async fn with_test_configs(sink: &Sink) -> Self {
-        let servers = Servers::start(NatsServer::start()).await;
+        Self::with_layout(sink, Layout::Single).await
+    }
+
+    /// The services configured by this test: no NATS authentication, the example observers
+    /// sending to `sink`, loopback allow-listed past the action worker's SSRF guard. In
+    /// `services` order: every replica of the gateway, then of the dispatcher, the action worker
+    /// and the job worker.
+    async fn with_layout(sink: &Sink, layout: Layout) -> Self {
+        let (nats, streams, replicas) = match layout {
+            Layout::Single => (Broker::Server(NatsServer::start()), String::new(), 1),
+            Layout::Cluster => (
+                Broker::Cluster(Mutex::new(NatsCluster::start())),
+                format!(
+                    "[streams]\nreplicas = {CLUSTER_SIZE}\nevent_partitions = {CLUSTER_PARTITIONS}\n\n"
+                ),
+                CLUSTER_REPLICAS,
+            ),
+        };
+        let servers = Servers::start(nats).await;
         let example = std::fs::read_to_string(shop().join("observers.toml"))
             .expect("examples/shop/observers.toml");
         assert!(
             example.contains(EXAMPLE_SINK),
             "the example observers send to {EXAMPLE_SINK}"
         );
+        let mut observers_file = example.replace(EXAMPLE_SINK, &sink.url());
+        if let Layout::Cluster = layout {
+            observers_file.push_str(&format!(
+                "\n[[observer]]\nname = \"{ORDER_CHANGED}\"\nentity = \"Order\"\n\
+                 ops = [\"insert\", \"update\"]\n\n[[observer.action]]\nkind = \"webhook\"\n\
+                 url = \"{}{CHANGED_PATH}\"\n",
+                sink.url()
+            ));
+        }
         let observers = servers.dir.path().join("observers.toml");
-        std::fs::write(&observers, example.replace(EXAMPLE_SINK, &sink.url()))
-            .expect("write observers.toml");
+        std::fs::write(&observers, observers_file).expect("write observers.toml");
 
-        let graphql = free_port();
-        let configs = [
-            (
-                "gateway",
-                format!(
-                    "[service]\ndatabase_url = \"{db}\"\nschema_file = \"{schema}\"\n\
-                     listen = \"127.0.0.1:{graphql}\"\n\n[service.auth.api_keys]\n\
-                     \"{API_KEY}\" = \"pipeline-test\"\n\n[service.relay]\npoll_interval = \"200ms\"\n",
-                    db = servers.postgres.url(),
-                    schema = shop().join("gateway-schema.toml").display(),
-                ),
-            ),
-            (
-                "dispatcher",
-                format!(
-                    "[service]\nobservers = \"{}\"\n{RECOVERY_DISPATCHER}",
-                    observers.display()
-                ),
-            ),
-            (
-                "action-worker",
-                format!(
-                    "[service]\nredis_url = \"{redis}\"\nssrf_allow = [\"127.0.0.1\"]\n{RECOVERY_ACTION_WORKER}\n\
-                     [service.webhook_secrets]\norder_created = \"{WEBHOOK_SECRET}\"\n\n\
-                     [service.smtp]\nhost = \"127.0.0.1\"\nport = {smtp}\n{RECOVERY_ACTION_LEASE}",
-                    redis = servers.redis.url(),
-                    smtp = sink.smtp_port,
-                ),
-            ),
-            (
-                "job-worker",
-                format!(
-                    "[service]\nredis_url = \"{redis}\"\npoll = \"100ms\"\n{RECOVERY_JOB_WORKER}",
-                    redis = servers.redis.url()
-                ),
-            ),
-        ];
+        let graphql: Vec<u16> = (0..replicas).map(|_| free_port()).collect();
+        let gateway = |port: u16| {
+            format!(
+                "[service]\ndatabase_url = \"{db}\"\nschema_file = \"{schema}\"\n\
+                 listen = \"127.0.0.1:{port}\"\n\n[service.auth.api_keys]\n\
+                 \"{API_KEY}\" = \"pipeline-test\"\n\n[service.relay]\npoll_interval = \"200ms\"\n",
+                db = servers.postgres.url(),
+                schema = shop().join("gateway-schema.toml").display(),
+            )
+        };
+        let dispatcher = format!(
+            "[service]\nobservers = \"{}\"\n{RECOVERY_DISPATCHER}",
+            observers.display()
+        );
+        let action_worker = format!(
+            "[service]\nredis_url = \"{redis}\"\nssrf_allow = [\"127.0.0.1\"]\n{RECOVERY_ACTION_WORKER}\n\
+             [service.webhook_secrets]\norder_created = \"{WEBHOOK_SECRET}\"\n\
+             {ORDER_CHANGED} = \"{WEBHOOK_SECRET}\"\n\n\
+             [service.smtp]\nhost = \"127.0.0.1\"\nport = {smtp}\n{RECOVERY_ACTION_LEASE}",
+            redis = servers.redis.url(),
+            smtp = sink.smtp_port,
+        );
+        let job_worker = format!(
+            "[service]\nredis_url = \"{redis}\"\npoll = \"100ms\"\n{RECOVERY_JOB_WORKER}",
+            redis = servers.redis.url()
+        );
+        let mut configs = Vec::new();
+        configs.extend(graphql.iter().map(|port| ("gateway", gateway(*port))));
+        for (name, settings) in [
+            ("dispatcher", dispatcher),
+            ("action-worker", action_worker),
+            ("job-worker", job_worker),
+        ] {
+            configs.extend(std::iter::repeat_n((name, settings), replicas));
+        }
         let mut services = Vec::new();
-        for (name, settings) in configs {
+        for (n, (name, settings)) in configs.into_iter().enumerate() {
+            let label = if replicas == 1 {
+                name.to_owned()
+            } else {
+                format!("{name}-{}", n % replicas + 1)
+            };
             let admin = free_port();
-            let config = servers.dir.path().join(format!("{name}.toml"));
+            let config = servers.dir.path().join(format!("{label}.toml"));
             let common = format!(
                 "[nats]\nurl = \"{nats}\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
-                 [telemetry]\nlog_format = \"pretty\"\n\n",
+                 [telemetry]\nlog_format = \"pretty\"\n\n{streams}",
                 nats = servers.nats.url()
             );
             std::fs::write(&config, format!("{common}{settings}")).expect("write a config");
             services.push(Service::spawn(
                 name,
+                label,
                 &config,
                 servers.dir.path(),
                 admin,
@@ -1276,7 +1594,7 @@ impl Stack {
             ));
         }
         let js = servers.nats.jetstream().await;
-        Self::ready(servers, services, js, graphql, API_KEY).await
+        Self::ready(servers, services, js, &graphql, API_KEY).await
     }
 
     /// The services started the way `scripts/dev up` starts them: `examples/dev/<service>.toml`
@@ -1285,7 +1603,7 @@ impl Stack {
     /// the listen ports are moved off the files' fixed ones, so a running local stack is no
     /// obstacle.
     async fn with_dev_configs() -> Self {
-        let servers = Servers::start(NatsServer::start_with_service_users()).await;
+        let servers = Servers::start(Broker::Server(NatsServer::start_with_service_users())).await;
         let graphql = free_port();
         let mut services = Vec::new();
         for name in ["gateway", "dispatcher", "action-worker", "job-worker"] {
@@ -1308,6 +1626,7 @@ impl Stack {
             let config = workspace_root().join(format!("examples/dev/{name}.toml"));
             services.push(Service::spawn(
                 name,
+                name.to_owned(),
                 &config,
                 servers.dir.path(),
                 admin,
@@ -1320,14 +1639,14 @@ impl Stack {
             .await
             .expect("connect as the cli user");
         let js = jetstream::new(operator);
-        Self::ready(servers, services, js, graphql, DEV_API_KEY).await
+        Self::ready(servers, services, js, &[graphql], DEV_API_KEY).await
     }
 
     async fn ready(
         servers: Servers,
         mut services: Vec<Service>,
         js: jetstream::Context,
-        graphql: u16,
+        graphql: &[u16],
         api_key: &'static str,
     ) -> Self {
         let http = reqwest::Client::new();
@@ -1336,7 +1655,11 @@ impl Stack {
         }
         Self {
             js,
-            graphql_url: format!("http://127.0.0.1:{graphql}/graphql"),
+            graphql_urls: graphql
+                .iter()
+                .map(|port| format!("http://127.0.0.1:{port}/graphql"))
+                .collect(),
+            next_gateway: Default::default(),
             database_url: servers.postgres.url(),
             api_key,
             http,
@@ -1349,7 +1672,7 @@ impl Stack {
     async fn graphql(&self, query: &str) -> Value {
         let response: Value = self
             .http
-            .post(&self.graphql_url)
+            .post(&self.graphql_urls[0])
             .header("x-api-key", self.api_key)
             .json(&json!({ "query": query }))
             .send()
@@ -1362,12 +1685,17 @@ impl Stack {
         response["data"].clone()
     }
 
-    /// Runs a mutation until the gateway accepts it, through crashes and restarts.
+    /// Runs a mutation until a gateway accepts it, through crashes and restarts: each attempt
+    /// goes to the next gateway, as a load balancer would send it.
     async fn mutate(&self, query: &str) -> Value {
-        eventually_async(&format!("the gateway to accept {query}"), WAIT, || async {
+        eventually_async(&format!("a gateway to accept {query}"), WAIT, || async {
+            let next = self
+                .next_gateway
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let url = &self.graphql_urls[next % self.graphql_urls.len()];
             let response = self
                 .http
-                .post(&self.graphql_url)
+                .post(url)
                 .header("x-api-key", self.api_key)
                 .timeout(Duration::from_secs(5))
                 .json(&json!({ "query": query }))
@@ -1624,7 +1952,8 @@ async fn smtp_session(socket: tokio::net::TcpStream, store: Arc<Mutex<Vec<Mail>>
 /// A service binary running as a child process; killed on drop, its log printed when the test
 /// is failing.
 struct Service {
-    name: &'static str,
+    /// The binary's name, or with replicas `<name>-<n>`: names its log.
+    label: String,
     command: Command,
     child: Option<Child>,
     log: PathBuf,
@@ -1636,6 +1965,7 @@ impl Service {
     /// relative paths start) with `env` as its only `HERALD_<SECTION>__<KEY>` overrides.
     fn spawn(
         name: &'static str,
+        label: String,
         config: &Path,
         dir: &Path,
         admin: u16,
@@ -1656,10 +1986,10 @@ impl Service {
             .env("NO_COLOR", "1")
             .stdin(Stdio::null());
         let mut service = Self {
-            name,
             command,
             child: None,
-            log: dir.join(format!("{name}.log")),
+            log: dir.join(format!("{label}.log")),
+            label,
             admin,
         };
         service.start_if_stopped();
@@ -1682,7 +2012,7 @@ impl Service {
             .stdout(out)
             .stderr(err)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.name));
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.label));
         self.child = Some(child);
     }
 
@@ -1696,8 +2026,8 @@ impl Service {
 
     async fn wait_ready(&mut self, http: &reqwest::Client) {
         let url = format!("http://127.0.0.1:{}/ready", self.admin);
-        let what = format!("{} to be ready", self.name);
-        let name = self.name;
+        let what = format!("{} to be ready", self.label);
+        let name = self.label.clone();
         let child = self.child.as_mut().expect("the service was started");
         let log = self.log.clone();
         eventually_async(&what, WAIT, || {
@@ -1720,7 +2050,7 @@ impl Drop for Service {
         if std::thread::panicking() {
             eprintln!(
                 "----- {} log -----\n{}",
-                self.name,
+                self.label,
                 std::fs::read_to_string(&self.log).unwrap_or_default()
             );
         }

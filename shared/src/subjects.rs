@@ -102,6 +102,24 @@ pub fn events_of_partition(partition: u32) -> String {
     format!("herald.events.*.*.*.{partition}")
 }
 
+/// The subject to publish a stored event on again (a DLQ replay): without the partition token
+/// it was stored with, so HERALD_EVENTS' transform gives it the partition its key has now. The
+/// partition count may have changed since (drain, then repartition), and an event replayed
+/// into its old partition would be read out of line with its key's events, or by no consumer
+/// at all. Any other subject is returned unchanged.
+pub fn event_to_republish(stored: &str) -> &str {
+    let Some(tail) = stored.strip_prefix("herald.events.") else {
+        return stored;
+    };
+    let tokens: Vec<&str> = tail.split('.').collect();
+    match tokens.as_slice() {
+        [_, _, _, partition] if partition.parse::<u32>().is_ok() => {
+            &stored[..stored.len() - partition.len() - 1]
+        }
+        _ => stored,
+    }
+}
+
 /// The consumer filters for every stored event of one entity and op: the keyed and partitioned
 /// form (`herald.events.<Entity>.<op>.>`) and the form without a key token.
 pub fn events_of_op(entity: &str, op: Op) -> Result<[String; 2], InvalidToken> {
@@ -279,6 +297,23 @@ mod tests {
         // Fixed by the contract: other languages compute the same token.
         assert_eq!(key_token("42"), "73475cb40a568e8d");
         assert_eq!(events_of_partition(3), "herald.events.*.*.*.3");
+    }
+
+    #[test]
+    fn a_stored_event_is_republished_without_its_partition() {
+        let token = key_token("42");
+        assert_eq!(
+            event_to_republish(&format!("herald.events.Order.insert.{token}.3")),
+            format!("herald.events.Order.insert.{token}")
+        );
+        for unchanged in [
+            format!("herald.events.Order.insert.{token}"),
+            "herald.events.Order.insert".to_owned(),
+            format!("herald.events.Order.insert.{token}.x"),
+            "herald.actions.webhook.a.b.3".to_owned(),
+        ] {
+            assert_eq!(event_to_republish(&unchanged), unchanged);
+        }
     }
 
     #[test]

@@ -9,6 +9,9 @@
 //! in place, and replaying it again is absorbed by JetStream, because a replay's Msg-Id is
 //! `<original msg id>:replay:<dlq seq>`: fixed per DLQ entry, yet different from the original's
 //! Msg-Id, whose dedup entry would otherwise swallow a replay made within the duplicate window.
+//! An event goes back without the partition token it was stored with
+//! (`subjects::event_to_republish`): the stream's transform gives it its key's partition under
+//! the current partition count.
 //!
 //! A dead letter whose body was too large to carry (`Herald-Body-Object`) is replayed with the
 //! original body read back from the bucket `herald_dlq_bodies`; the stored body is removed after
@@ -26,7 +29,7 @@ use async_nats::jetstream::{self, context::RequestError};
 use chrono::{DateTime, SecondsFormat, Utc};
 use herald_shared::dlq::{self, DeadLetterInfo};
 use herald_shared::headers::{MSG_ID, ORIGINAL_SUBJECT, REPLAYED_FROM};
-use herald_shared::subjects::{DLQ_ALL, DLQ_STREAM, DlqSource};
+use herald_shared::subjects::{self, DLQ_ALL, DLQ_STREAM, DlqSource};
 use serde::Serialize;
 
 use crate::connection::Session;
@@ -410,7 +413,7 @@ async fn replay(
         .original_msg_id
         .clone()
         .unwrap_or_else(|| format!("{DLQ_STREAM}:{seq}"));
-    let subject = info.original_subject.clone();
+    let subject = subjects::event_to_republish(&info.original_subject).to_owned();
     let republish_failed = |source| DlqError::Republish {
         seq,
         subject: subject.clone(),
@@ -573,7 +576,7 @@ fn would_replay(entry: &Entry) -> String {
         Some(info) => format!(
             "DLQ {} to {} ({})",
             entry.seq(),
-            info.original_subject,
+            subjects::event_to_republish(&info.original_subject),
             info.error
         ),
         None => format!(

@@ -116,6 +116,7 @@ impl Dispatcher {
             js.clone(),
             settings,
             observers,
+            herald_dispatcher::partition::Health::new(),
             stop.clone(),
         ));
         Self { stop, task }

@@ -453,3 +453,75 @@ async fn on_a_terminal_replay_all_shows_a_progress_bar_with_the_tally() {
     assert!(shown.contains("3 replayed, 0 failed"), "{shown:?}");
     assert_eq!(messages_in(&js, ACTIONS_STREAM).await, 3);
 }
+
+/// An event dead-lettered while HERALD_EVENTS had 4 partitions, replayed after the change to 2
+/// (drain, then repartition): it lands in the partition its key has now, beside the key's new
+/// events, not in its old partition 2 or 3, which no consumer reads any more.
+#[tokio::test]
+async fn an_event_replayed_after_repartitioning_lands_in_its_keys_current_partition() {
+    use herald_shared::config::StreamsConfig;
+    use herald_shared::subjects::{event_to_republish, keyed_event};
+    use herald_shared::{Op, streams};
+
+    let nats = NatsServer::start();
+    let js = nats.jetstream().await;
+    let partitioned = |event_partitions| StreamsConfig {
+        event_partitions,
+        ..StreamsConfig::default()
+    };
+    streams::ensure_all(&js, &partitioned(4))
+        .await
+        .expect("provision the streams");
+    // Keys until one falls in partition 2 or 3 of 4 (the stream computes it).
+    let mut found = None;
+    for n in 0..64 {
+        let key = n.to_string();
+        let subject = keyed_event("Order", Op::Insert, &key).expect("valid");
+        let ack = js
+            .publish(subject, "{}".into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+        let stored = stored(&js, EVENTS_STREAM, ack.sequence).await;
+        let partition = stored.subject.rsplit('.').next().unwrap_or_default();
+        if ["2", "3"].contains(&partition) {
+            found = Some((key, stored.subject.to_string()));
+            break;
+        }
+    }
+    let (key, old_subject) = found.expect("some key of 64 in partition 2 or 3");
+    dead_letter(
+        &js,
+        DlqSource::Events,
+        &old_subject,
+        "e-old",
+        "observer order_created: condition failed",
+        r#"{"id":"e-old"}"#,
+        None,
+    )
+    .await;
+
+    streams::ensure_all(&js, &partitioned(2))
+        .await
+        .expect("repartition the streams");
+    let keyed = keyed_event("Order", Op::Insert, &key).expect("valid");
+    let ack = js
+        .publish(keyed.clone(), "{}".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let current = stored(&js, EVENTS_STREAM, ack.sequence).await.subject;
+
+    let dry = succeed(&nats.url(), &["dlq", "replay", "--all", "--dry-run"]).await;
+    assert!(dry.contains(&format!("to {keyed} (")), "{dry}");
+    let out = succeed(&nats.url(), &["dlq", "replay", "1"]).await;
+    let replayed = stored(&js, EVENTS_STREAM, ack.sequence + 1).await;
+    assert_eq!(
+        replayed.subject, current,
+        "the replay is stored as the key's new events are: {out}"
+    );
+    assert_ne!(replayed.subject.as_str(), old_subject);
+    assert_eq!(event_to_republish(&old_subject), keyed);
+}

@@ -39,12 +39,14 @@ pub struct Summary {
     pub events: u64,
 }
 
-/// Runs the dispatcher until `shutdown`. The partition count and the replicas of the lease and
+/// Runs the dispatcher until `shutdown`, reporting partitions whose dispatch died to `health`
+/// (`/ready`). The partition count and the replicas of the lease and
 /// checkpoint buckets come from HERALD_EVENTS itself, so they never disagree with the stream.
 pub async fn run(
     js: jetstream::Context,
     settings: DispatcherSettings,
     observers: Arc<Observers>,
+    health: Arc<partition::Health>,
     shutdown: CancellationToken,
 ) -> Summary {
     let config = retry::until_ok("the events stream", &shutdown, || async {
@@ -61,7 +63,7 @@ pub async fn run(
     };
     let count = streams::event_partitions(&config);
     let dispatcher = Arc::new(Dispatcher::new(js, settings, observers));
-    partition::serve(Arc::clone(&dispatcher), count, shutdown).await;
+    partition::serve(Arc::clone(&dispatcher), count, health, shutdown).await;
     Summary {
         events: dispatcher.events.load(Ordering::Relaxed),
     }

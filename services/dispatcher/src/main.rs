@@ -93,8 +93,10 @@ async fn main() -> anyhow::Result<()> {
     let observers = observers.context("the observers file is loaded for a dispatcher run")?;
     let shutdown = herald_shared::shutdown::on_signals();
     let reloads = herald_dispatcher::reload_on_hangup(Arc::clone(&observers), shutdown.clone())?;
-    let (_, admin) = service::admin(&config, Readiness::new().nats(&nats), &shutdown).await?;
-    let summary = herald_dispatcher::run(js, settings, observers, shutdown).await;
+    let health = herald_dispatcher::partition::Health::new();
+    let readiness = health.readiness(Readiness::new().nats(&nats));
+    let (_, admin) = service::admin(&config, readiness, &shutdown).await?;
+    let summary = herald_dispatcher::run(js, settings, observers, health, shutdown).await;
     tracing::info!(events = summary.events, "dispatcher stopped");
     reloads.await?;
     admin.await?;

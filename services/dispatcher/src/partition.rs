@@ -14,16 +14,79 @@
 //! With N = 1 the single partition keeps the names of the unpartitioned dispatcher (consumer,
 //! checkpoint and lease all called `name`), reads every event, and the processes are
 //! active/standby exactly as before.
+//!
+//! A partition's dispatch that panics is noticed: it releases the partition's lease (a lease
+//! left renewing by a dead task would keep the partition from everyone), `/ready` fails
+//! (`Health`), and the partition is taken up again one turn later, by this process or another.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
+use herald_shared::admin::Readiness;
 use herald_shared::{retry, subjects};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{DispatchError, Dispatcher};
 use crate::lease::{self, Lease};
+
+/// Which partitions' dispatch died and is not yet served again, for `/ready`.
+#[derive(Debug, Default)]
+pub struct Health {
+    dead: Mutex<BTreeSet<u32>>,
+    deaths: AtomicU64,
+}
+
+impl Health {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// The partitions whose dispatch died and that no process serves again yet.
+    pub fn dead(&self) -> Vec<u32> {
+        self.lock().iter().copied().collect()
+    }
+
+    /// How many times a partition's dispatch died in this process.
+    pub fn deaths(&self) -> u64 {
+        self.deaths.load(Ordering::SeqCst)
+    }
+
+    /// Adds the check `partitions`: failing while a partition's dispatch is dead.
+    pub fn readiness(self: &Arc<Self>, readiness: Readiness) -> Readiness {
+        let health = Arc::clone(self);
+        readiness.check("partitions", move || {
+            let dead = health.dead();
+            async move {
+                if dead.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "the dispatch of partition(s) {dead:?} died and is restarting"
+                    ))
+                }
+            }
+        })
+    }
+
+    fn died(&self, index: u32) {
+        self.deaths.fetch_add(1, Ordering::SeqCst);
+        self.lock().insert(index);
+    }
+
+    fn served(&self, index: u32) {
+        self.lock().remove(&index);
+    }
+
+    /// A poisoned lock only means a panic elsewhere; the set inside is still valid.
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<u32>> {
+        self.dead
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 /// One partition of HERALD_EVENTS as a dispatcher serves it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,12 +140,52 @@ pub fn fair_share(count: u32, members: usize) -> usize {
 struct Served {
     /// Cancelled to let go of the partition (or when its lease is lost).
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    task: JoinHandle<Ended>,
+}
+
+/// How serving a partition ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// Let go of, its lease lost, or shut down.
+    Stopped,
+    /// Its dispatch panicked; the lease is released.
+    Died,
 }
 
 /// Serves partitions of `count` until `shutdown`, taking and letting go of them as processes
 /// come and go. Returns once every served partition has finished and released its lease.
-pub async fn serve(dispatcher: Arc<Dispatcher>, count: u32, shutdown: CancellationToken) {
+pub async fn serve(
+    dispatcher: Arc<Dispatcher>,
+    count: u32,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) {
+    serve_with(
+        dispatcher,
+        count,
+        health,
+        shutdown,
+        |d, p, tenure, stop| async move { d.consume(&p, tenure, &stop).await },
+    )
+    .await
+}
+
+/// `serve`, with `dispatch` binding to one partition's consumer and dispatching until its stop
+/// token is cancelled (so tests can make it die).
+async fn serve_with<D, Fut>(
+    dispatcher: Arc<Dispatcher>,
+    count: u32,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+    dispatch: D,
+) where
+    D: Fn(Arc<Dispatcher>, Partition, u64, CancellationToken) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    Fut: Future<Output = Result<(), DispatchError>> + Send + 'static,
+{
     let settings = &dispatcher.settings;
     let ttl = settings.lease_ttl;
     let Some(store) = retry::until_ok("the lease store", &shutdown, || {
@@ -97,7 +200,22 @@ pub async fn serve(dispatcher: Arc<Dispatcher>, count: u32, shutdown: Cancellati
     let mut served: BTreeMap<u32, Served> = BTreeMap::new();
     let mut announced_standby = false;
     loop {
-        served.retain(|_, s| !s.task.is_finished());
+        // A partition whose dispatch died rests for this turn: it is taken up again at the next
+        // one (by whichever process gets its lease), so a poison event is not retried in a
+        // tight loop, and `/ready` fails for at least a turn.
+        let mut resting = BTreeSet::new();
+        let finished: Vec<u32> = served
+            .iter()
+            .filter(|(_, s)| s.task.is_finished())
+            .map(|(i, _)| *i)
+            .collect();
+        for index in finished {
+            if let Some(ended) = served.remove(&index)
+                && !matches!(ended.task.await, Ok(Ended::Stopped))
+            {
+                resting.insert(index);
+            }
+        }
         let members = match lease::announce(&store, &settings.name, &holder).await {
             Ok(members) => Some(members),
             Err(e) => {
@@ -130,11 +248,12 @@ pub async fn serve(dispatcher: Arc<Dispatcher>, count: u32, shutdown: Cancellati
                     break;
                 }
                 let partition = &partitions[((offset + step) % count.max(1)) as usize];
-                if served.contains_key(&partition.index) {
+                if served.contains_key(&partition.index) || resting.contains(&partition.index) {
                     continue;
                 }
                 match lease::try_acquire(&store, &partition.name, &holder, ttl).await {
                     Ok(Some(lease)) => {
+                        health.served(partition.index);
                         tracing::info!(
                             partition = partition.index,
                             count,
@@ -149,11 +268,14 @@ pub async fn serve(dispatcher: Arc<Dispatcher>, count: u32, shutdown: Cancellati
                             partition.clone(),
                             lease,
                             stop.clone(),
+                            Arc::clone(&health),
+                            dispatch.clone(),
                         ));
                         served.insert(partition.index, Served { stop, task });
                         wanted -= 1;
                     }
-                    Ok(None) => {}
+                    // Another process serves it.
+                    Ok(None) => health.served(partition.index),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot reach the lease store");
                         break;
@@ -184,30 +306,61 @@ pub async fn serve(dispatcher: Arc<Dispatcher>, count: u32, shutdown: Cancellati
 
 /// Dispatches one partition while its lease is held and `stop` is not cancelled, then finishes
 /// what it holds, saves its checkpoint and releases the lease (still renewing it until then).
-async fn serve_one(
+/// Dispatch runs as a task of its own, so that if it panics the lease is still released and
+/// the death reported to `health`.
+async fn serve_one<D, Fut>(
     dispatcher: Arc<Dispatcher>,
     partition: Partition,
     lease: Lease,
     stop: CancellationToken,
-) {
+    health: Arc<Health>,
+    dispatch: D,
+) -> Ended
+where
+    D: Fn(Arc<Dispatcher>, Partition, u64, CancellationToken) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), DispatchError>> + Send + 'static,
+{
     let tenure = lease.tenure();
+    let index = partition.index;
     let done = CancellationToken::new();
     let holder = tokio::spawn(lease.hold(stop.clone(), done.clone()));
-    while !stop.is_cancelled() {
-        if let Err(e) = dispatcher.consume(&partition, tenure, &stop).await {
-            tracing::warn!(partition = partition.index, error = %e, "dispatch interrupted; binding to the consumer again");
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = tokio::time::sleep(dispatcher.settings.retry_delay) => {}
+    let work = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            while !stop.is_cancelled() {
+                let retry_delay = dispatcher.settings.retry_delay;
+                let bound = dispatch(
+                    Arc::clone(&dispatcher),
+                    partition.clone(),
+                    tenure,
+                    stop.clone(),
+                );
+                if let Err(e) = bound.await {
+                    tracing::warn!(partition = partition.index, error = %e, "dispatch interrupted; binding to the consumer again");
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::time::sleep(retry_delay) => {}
+                    }
+                }
             }
         }
-    }
+    });
+    let ended = match work.await {
+        Ok(()) => Ended::Stopped,
+        Err(e) => {
+            tracing::error!(partition = index, error = %e, "the dispatch of a partition died; releasing it to be served again");
+            metrics::counter!("herald_dispatcher_partition_deaths_total").increment(1);
+            health.died(index);
+            Ended::Died
+        }
+    };
     done.cancel();
     match holder.await {
         Ok(Some(lease)) => lease.release().await,
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "lease holder ended abnormally"),
     }
+    ended
 }
 
 #[cfg(test)]
@@ -231,6 +384,86 @@ mod tests {
             vec!["herald.events.*.*.*.0", "herald.events.*.*"]
         );
         assert_eq!(all[3].filters, vec!["herald.events.*.*.*.3"]);
+    }
+
+    /// A partition whose dispatch panics fails `/ready`, gives its lease back and is served
+    /// again; the other partition is not disturbed.
+    #[tokio::test]
+    async fn a_partition_whose_dispatch_dies_fails_readiness_and_is_served_again() {
+        use herald_shared::config::StreamsConfig;
+        use herald_test_support::{NatsServer, eventually_async};
+        use std::collections::HashMap;
+        use std::time::Duration;
+
+        let nats = NatsServer::start();
+        let js = async_nats::jetstream::new(nats.client().await);
+        let streams = StreamsConfig {
+            event_partitions: 2,
+            ..StreamsConfig::default()
+        };
+        herald_shared::streams::ensure(&js, &streams, &crate::STREAMS)
+            .await
+            .expect("provision streams");
+        let file = tempfile::NamedTempFile::new().expect("an observers file");
+        let settings = crate::DispatcherSettings {
+            observers: file.path().to_owned(),
+            lease_ttl: Duration::from_secs(2),
+            ..Default::default()
+        };
+        let observers = Arc::new(crate::Observers::load(file.path()).expect("an empty file"));
+        let dispatcher = Arc::new(Dispatcher::new(js.clone(), settings, observers));
+        let health = Health::new();
+        let readiness = health.readiness(Readiness::new());
+        let runs: Arc<Mutex<HashMap<u32, usize>>> = Arc::default();
+        let shutdown = CancellationToken::new();
+        let serving = tokio::spawn(serve_with(
+            dispatcher,
+            2,
+            Arc::clone(&health),
+            shutdown.clone(),
+            {
+                let runs = Arc::clone(&runs);
+                move |_, partition: Partition, _, stop: CancellationToken| {
+                    let run = {
+                        let mut runs = runs.lock().expect("runs lock");
+                        let run = runs.entry(partition.index).or_default();
+                        *run += 1;
+                        *run
+                    };
+                    async move {
+                        assert!(
+                            !(partition.index == 1 && run == 1),
+                            "a poison event in partition 1"
+                        );
+                        stop.cancelled().await;
+                        Ok(())
+                    }
+                }
+            },
+        ));
+        let runs_of = |index: u32| {
+            runs.lock()
+                .expect("runs lock")
+                .get(&index)
+                .copied()
+                .unwrap_or(0)
+        };
+        let wait = Duration::from_secs(20);
+        let failures = eventually_async("/ready to name the dead partition", wait, || async {
+            let failures = readiness.failures().await;
+            (!failures.is_empty()).then_some(failures)
+        })
+        .await;
+        assert!(failures[0].starts_with("partitions:"), "{failures:?}");
+        assert_eq!(health.dead(), vec![1]);
+        eventually_async("partition 1 to be served again", wait, || async {
+            (runs_of(1) == 2 && readiness.failures().await.is_empty()).then_some(())
+        })
+        .await;
+        assert_eq!(health.deaths(), 1);
+        assert_eq!(runs_of(0), 1, "the other partition ran on undisturbed");
+        shutdown.cancel();
+        serving.await.expect("serve ends at shutdown");
     }
 
     #[test]

@@ -75,6 +75,7 @@ impl App {
             js.clone(),
             settings,
             Arc::clone(&observers),
+            herald_dispatcher::partition::Health::new(),
             shutdown.clone(),
         ));
         Self {
