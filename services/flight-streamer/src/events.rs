@@ -8,8 +8,9 @@
 //! consumer is inactive once no pull request of its reader is waiting, which is at once when
 //! the reader goes. While the reader is alive a pull request is always waiting, except while a
 //! slow client holds the producer back for longer than the threshold; the server may then
-//! remove the consumer, and the ordered consumer creates a new one from the last sequence it
-//! delivered (that one has async-nats' own 30 s threshold), so nothing is missed or repeated.
+//! remove the consumer, and `ordered` creates a new one from the last sequence it delivered,
+//! with the same threshold, so nothing is missed or repeated and a cancelled stream's consumer
+//! is gone `INACTIVE_THRESHOLD` after its client, recreated or not.
 //!
 //! A replay runs from the ticket's start to the stream's last sequence at the moment of the
 //! request, then ends. In follow mode it then tails live events; a partial batch is sent after
@@ -39,6 +40,7 @@ use tonic::Status;
 
 use crate::event_batch::{self, EventBatch};
 use crate::frames::{FIRST_BATCH_ROWS, Frame};
+use crate::ordered::Ordered;
 use crate::schema::EntityTypes;
 use crate::ticket::EventsTicket;
 
@@ -157,7 +159,7 @@ pub async fn count(
 
 /// An opened event ticket, ready to produce.
 pub struct Opened {
-    messages: pull::Ordered,
+    messages: Ordered,
     /// Events the consumer had to deliver when it was created.
     pending: u64,
     /// The stream's last sequence at the request: a replay ends there.
@@ -185,18 +187,15 @@ pub async fn open(
         many => ordered.filter_subjects = many.to_vec(),
     }
     // The consumer an ordered config makes, but with a short inactivity threshold (async-nats
-    // fixes it at 30 s for ordered consumers); then read as an ordered consumer.
-    let mut config: pull::Config = ordered.clone().into();
+    // fixes it at 30 s for ordered consumers), kept by every consumer `Ordered` recreates.
+    let mut config: pull::Config = ordered.into();
     config.inactive_threshold = INACTIVE_THRESHOLD;
     let created = stream
-        .create_consumer(config)
+        .create_consumer(config.clone())
         .await
         .map_err(|e| EventsError::Stream(e.to_string()))?;
-    let consumer =
-        jetstream::consumer::Consumer::new(ordered, created.cached_info().clone(), js.clone());
-    let pending = consumer.cached_info().num_pending;
-    let messages = consumer
-        .messages()
+    let pending = created.cached_info().num_pending;
+    let messages = Ordered::new(js.clone(), EVENTS_STREAM, config, created)
         .await
         .map_err(|e| EventsError::Stream(e.to_string()))?;
     Ok(Opened {

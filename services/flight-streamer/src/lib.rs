@@ -8,7 +8,8 @@
 //! - `schema`: one Arrow schema per entity and table, from the gateway's schema file and the
 //!   database catalogue (`herald_gateway::schema`), the one source of truth for column types.
 //! - `events`: an ordered, ephemeral JetStream consumer per event ticket (never a durable,
-//!   never an ack), `event_batch` turning events into rows and `columns` typing each value.
+//!   never an ack; `ordered` reads it and recreates it when the server removed it),
+//!   `event_batch` turning events into rows and `columns` typing each value.
 //! - `export`: a binary COPY per export ticket, decoded by `copy` into the column builders.
 //! - `frames`: batches into Flight messages, schema first, resume cursor in `app_metadata`.
 //! - `service`: the Flight RPCs; `auth`: the bearer-token layer in front of them.
@@ -26,6 +27,7 @@ pub mod events;
 pub mod export;
 pub mod filter;
 pub mod frames;
+pub mod ordered;
 pub mod schema;
 pub mod service;
 pub mod settings;

@@ -606,4 +606,27 @@ async fn a_follow_client_that_pauses_past_the_inactivity_threshold_loses_and_rep
     let after = flight_consumers(&stack).await;
     assert_eq!(after.len(), 1, "one consumer again: {after:?}");
     assert_ne!(after, consumers, "recreated, not the removed one");
+
+    // The client cancels: the recreated consumer goes as promptly as the first would have, not
+    // after the 30 s async-nats gives the consumers its ordered reader recreates.
+    drop(reader);
+    drop(client);
+    let cancelled = tokio::time::Instant::now();
+    let bound = herald_flight_streamer::events::INACTIVE_THRESHOLD + Duration::from_secs(5);
+    loop {
+        let left = flight_consumers(&stack).await;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            cancelled.elapsed() < bound,
+            "the recreated consumer {left:?} still there {:?} after the client cancelled",
+            cancelled.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "recreated consumer gone {:?} after the cancel",
+        cancelled.elapsed()
+    );
 }
