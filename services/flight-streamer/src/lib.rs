@@ -181,7 +181,9 @@ pub async fn start(
     let router = builder
         .layer(auth::BearerAuth::new(token))
         .add_service(server);
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    // tonic's builder turns Nagle off for the listeners it binds, not for one passed in: without
+    // this a batch's last segment may wait for the client's delayed ACK.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tokio::spawn(async move {
         if let Err(e) = router
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
