@@ -5,10 +5,13 @@
 //! Batches are written as they arrive (memory stays at about one batch, whatever the table's
 //! size); the file is written beside its destination and renamed into place only once the
 //! export is complete, so an interrupted export never leaves a truncated file behind.
-//! Progress (rows, MB, rows/s) is a spinner on stderr when it is a terminal (`progress`).
+//! Progress (rows, MB, rows/s) is drawn on stderr when it is a terminal (`progress`): a bar
+//! over the rows the streamer counts for the ticket (GetFlightInfo's `total_records`), or a
+//! spinner when it cannot count in time (-1: a very large table). The count is asked for only
+//! when there is a terminal to draw on, since it costs the database a scan of its own.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -18,7 +21,7 @@ use crate::progress::Progress;
 use arrow::array::{ArrayRef, TimestampMicrosecondArray};
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
-use arrow_flight::{FlightClient, Ticket};
+use arrow_flight::{FlightClient, FlightDescriptor, Ticket};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -171,6 +174,17 @@ pub async fn run(
         .map_err(|e| connect(e.to_string()))?;
     let mut client = FlightClient::new(channel);
     client.add_header("authorization", &format!("Bearer {}", args.token))?;
+    let progress = if std::io::stderr().is_terminal() {
+        let info = client
+            .get_flight_info(FlightDescriptor::new_cmd(ticket.clone()))
+            .await?;
+        match u64::try_from(info.total_records) {
+            Ok(total) => Progress::bar(total, "rows"),
+            Err(_) => Progress::spinner("rows"),
+        }
+    } else {
+        Progress::spinner("rows")
+    };
     let mut stream = client.do_get(Ticket::new(ticket)).await?;
 
     let partial = args.out.with_extension("partial");
@@ -179,7 +193,6 @@ pub async fn run(
         message,
     };
     let file = File::create(&partial).map_err(|e| write_error(e.to_string()))?;
-    let progress = Progress::spinner("rows");
     let started = Instant::now();
     let (mut rows, mut bytes) = (0usize, 0usize);
     let mut writer: Option<Writer> = None;

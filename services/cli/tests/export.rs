@@ -197,3 +197,32 @@ async fn a_refused_filter_fails_with_the_reason_and_leaves_no_file() {
     let output = herald(&streamer, &["orders", "--out", "orders.xlsx"]).await;
     assert!(String::from_utf8_lossy(&output.stderr).contains(".parquet, .arrow or .csv"));
 }
+
+#[tokio::test]
+async fn on_a_terminal_the_progress_is_a_bar_over_the_rows_the_streamer_counts() {
+    let streamer = streamer_with_orders(1000).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("orders.csv");
+    let command = format!(
+        "{HERALD} export orders --out {} --flight-url {}",
+        path.to_str().expect("path"),
+        streamer.url
+    );
+    // util-linux `script` runs the command on a pseudo-terminal and copies what it draws.
+    let output = tokio::process::Command::new("script")
+        .args(["-qefc", &command, "/dev/null"])
+        .env_remove("HERALD_FLIGHT_URL")
+        .env("HERALD_FLIGHT_TOKEN", TOKEN)
+        .env("TERM", "xterm")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run herald export on a terminal");
+    let drawn = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{drawn}");
+    assert!(
+        drawn.contains("1,000/1,000 rows"),
+        "a bar to the count: {drawn}"
+    );
+    assert!(path.exists());
+}

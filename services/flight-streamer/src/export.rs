@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::columns::Column;
-use crate::copy::CopyReader;
+use crate::copy::{CopyError, CopyReader};
 use crate::filter::{FilterError, Param};
 use crate::frames::{FIRST_BATCH_ROWS, Frame};
 use crate::schema::{EntityTypes, TypedColumn};
@@ -52,6 +52,7 @@ pub struct ExportPlan {
     pub copy_sql: String,
     pub params: Vec<Param>,
     pub schema: SchemaRef,
+    table: String,
     columns: Vec<TypedColumn>,
 }
 
@@ -93,6 +94,7 @@ pub fn plan(types: &EntityTypes, ticket: &ExportTicket) -> Result<ExportPlan, Ex
         copy_sql: format!("SELECT {select} FROM {table} WHERE {copy_condition}"),
         params,
         schema: types.export_schema(&columns),
+        table: types.table.clone(),
         columns: columns.into_iter().cloned().collect(),
     })
 }
@@ -129,6 +131,29 @@ fn refused(e: sqlx::Error) -> Status {
             Status::invalid_argument(format!("export filter: {}", db.message()))
         }
         _ => Status::unavailable(format!("export failed: {e}")),
+    }
+}
+
+/// An error PostgreSQL raises once the COPY is under way. A data exception (class 22) there is
+/// a stored value that the cast to its column's type refuses (a `numeric` beyond float8's
+/// range): the table's fault, not the ticket's, unless no row came yet and the filter has
+/// values (their casts run on the first row too). It ends the stream with FailedPrecondition
+/// naming the table and the rows already sent.
+fn refused_midway(e: sqlx::Error, plan: &ExportPlan, rows: usize) -> Status {
+    match &e {
+        sqlx::Error::Database(db)
+            if db.code().is_some_and(|c| c.starts_with("22"))
+                && (rows > 0 || plan.params.is_empty()) =>
+        {
+            Status::failed_precondition(format!(
+                "export of `{}` stopped after {rows} rows: PostgreSQL cannot convert a stored \
+                 value to its column's type: {} (SQLSTATE {})",
+                plan.table,
+                db.message(),
+                db.code().unwrap_or_default()
+            ))
+        }
+        _ => refused(e),
     }
 }
 
@@ -268,6 +293,7 @@ async fn read_copy(
     let mut batch = ExportBatch::new(plan);
     let mut reader = CopyReader::new();
     let mut row_limit = rows_per_batch.min(FIRST_BATCH_ROWS);
+    let mut sent = 0;
     loop {
         let chunk = tokio::select! {
             _ = frames.closed() => return Stopped::Midway(Ok(())),
@@ -276,7 +302,9 @@ async fn read_copy(
         let chunk = match chunk {
             None => break,
             // sqlx has read up to the end of the statement: the connection is usable.
-            Some(Err(e)) => return Stopped::Done(Err(refused(e))),
+            Some(Err(e)) => {
+                return Stopped::Done(Err(refused_midway(e, plan, sent + batch.rows)));
+            }
             Some(Ok(chunk)) => chunk,
         };
         match reader.read(&chunk, &mut batch.columns) {
@@ -285,12 +313,11 @@ async fn read_copy(
                 batch.bytes += appended.bytes;
             }
             Err(e) => {
-                return Stopped::Midway(Err(Status::internal(format!(
-                    "cannot decode the export: {e}"
-                ))));
+                return Stopped::Midway(Err(undecodable(e, plan, sent + batch.rows)));
             }
         }
         if batch.rows >= row_limit || batch.bytes >= bytes_per_batch {
+            sent += batch.rows;
             if batch.send(frames).await.is_err() {
                 return Stopped::Midway(Ok(()));
             }
@@ -298,14 +325,29 @@ async fn read_copy(
         }
     }
     if let Err(e) = reader.finish() {
-        return Stopped::Done(Err(Status::internal(format!(
-            "cannot decode the export: {e}"
-        ))));
+        return Stopped::Done(Err(undecodable(e, plan, sent + batch.rows)));
     }
     if batch.rows > 0 {
         let _ = batch.send(frames).await;
     }
     Stopped::Done(Ok(()))
+}
+
+/// The COPY sent bytes the decoder refuses: the cast chosen for a column (`Kind::select`) does
+/// not yield what its builder reads, a defect here rather than in the data.
+fn undecodable(e: CopyError, plan: &ExportPlan, rows: usize) -> Status {
+    let table = &plan.table;
+    let column = match &e {
+        CopyError::Value { column, source } => plan.columns.get(*column).map(|c| (c, source)),
+        _ => None,
+    };
+    Status::internal(match column {
+        Some((c, source)) => format!(
+            "cannot decode the export of `{table}` after {rows} rows: column `{}` ({}): {source}",
+            c.name, c.sql_type
+        ),
+        None => format!("cannot decode the export of `{table}` after {rows} rows: {e}"),
+    })
 }
 
 struct ExportBatch {
@@ -395,6 +437,28 @@ mod tests {
                 table: "orders".into(),
                 column: "password".into()
             }
+        );
+    }
+
+    #[test]
+    fn an_undecodable_value_names_the_table_and_its_column() {
+        let Ok(Ticket::Export(ticket)) = Ticket::parse(b"export:orders::id,created_at") else {
+            panic!("an export ticket");
+        };
+        let plan = plan(&orders(), &ticket).expect("plans");
+        let error = CopyError::Value {
+            column: 1,
+            source: crate::columns::BinaryError::Width {
+                expected: 8,
+                found: 3,
+            },
+        };
+        let status = undecodable(error, &plan, 42);
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert_eq!(
+            status.message(),
+            "cannot decode the export of `orders` after 42 rows: column `created_at` \
+             (timestamp with time zone): a binary value of 3 bytes where 8 were expected"
         );
     }
 }

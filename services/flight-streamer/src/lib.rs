@@ -8,7 +8,8 @@
 //! - `schema`: one Arrow schema per entity and table, from the gateway's schema file and the
 //!   database catalogue (`herald_gateway::schema`), the one source of truth for column types.
 //! - `events`: an ordered, ephemeral JetStream consumer per event ticket (never a durable,
-//!   never an ack), `event_batch` turning events into rows and `columns` typing each value.
+//!   never an ack; `ordered` reads it and recreates it when the server removed it),
+//!   `event_batch` turning events into rows and `columns` typing each value.
 //! - `export`: a binary COPY per export ticket, decoded by `copy` into the column builders.
 //! - `frames`: batches into Flight messages, schema first, resume cursor in `app_metadata`.
 //! - `service`: the Flight RPCs; `auth`: the bearer-token layer in front of them.
@@ -26,6 +27,7 @@ pub mod events;
 pub mod export;
 pub mod filter;
 pub mod frames;
+pub mod ordered;
 pub mod schema;
 pub mod service;
 pub mod settings;
@@ -179,7 +181,9 @@ pub async fn start(
     let router = builder
         .layer(auth::BearerAuth::new(token))
         .add_service(server);
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    // tonic's builder turns Nagle off for the listeners it binds, not for one passed in: without
+    // this a batch's last segment may wait for the client's delayed ACK.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tokio::spawn(async move {
         if let Err(e) = router
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())

@@ -383,6 +383,24 @@ fn resident_bytes() -> u64 {
     pages * 4096
 }
 
+/// The process's peak RSS since `reset_peak_resident` (VmHWM), which sees the spikes between
+/// two samples of `resident_bytes`.
+fn peak_resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM");
+    kib * 1024
+}
+
+/// Resets VmHWM to the current RSS (Linux `clear_refs` value 5); false where it cannot.
+fn reset_peak_resident() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 #[tokio::test]
 async fn a_slow_reader_slows_the_producer_instead_of_growing_the_server_memory() {
     let stack = Stack::start_with(|s| {
@@ -423,12 +441,17 @@ async fn a_slow_reader_slows_the_producer_instead_of_growing_the_server_memory()
         .batch
         .num_rows();
     let baseline = resident_bytes();
+    let exact = reset_peak_resident();
     let mut peak = baseline;
-    // The slow client: a pause before each batch it takes, long enough in all for an unbounded
-    // producer to have read the whole stream into memory.
+    // The slow client: a pause before each batch it takes, long enough in all (8 s) for an
+    // unbounded producer to have read the whole stream into memory (it then grows by 60 MiB and
+    // more, even in a debug build; bounded, by a few MiB).
     for _ in 0..20 {
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
         peak = peak.max(resident_bytes());
+        if exact {
+            peak = peak.max(peak_resident_bytes());
+        }
         read += reader
             .next_rows(Duration::from_secs(10))
             .await
@@ -606,4 +629,27 @@ async fn a_follow_client_that_pauses_past_the_inactivity_threshold_loses_and_rep
     let after = flight_consumers(&stack).await;
     assert_eq!(after.len(), 1, "one consumer again: {after:?}");
     assert_ne!(after, consumers, "recreated, not the removed one");
+
+    // The client cancels: the recreated consumer goes as promptly as the first would have, not
+    // after the 30 s async-nats gives the consumers its ordered reader recreates.
+    drop(reader);
+    drop(client);
+    let cancelled = tokio::time::Instant::now();
+    let bound = herald_flight_streamer::events::INACTIVE_THRESHOLD + Duration::from_secs(5);
+    loop {
+        let left = flight_consumers(&stack).await;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            cancelled.elapsed() < bound,
+            "the recreated consumer {left:?} still there {:?} after the client cancelled",
+            cancelled.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "recreated consumer gone {:?} after the cancel",
+        cancelled.elapsed()
+    );
 }

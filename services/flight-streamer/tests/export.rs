@@ -426,3 +426,75 @@ async fn an_export_refused_by_the_database_leaves_its_connection_usable() {
     )
     .await;
 }
+
+const MEASURES: &str = "
+    create table measures (id bigint primary key, amount numeric);
+    insert into measures select i, i * 0.5 from generate_series(1, 5000) as i;
+    -- Beyond float8's range: its cast to the column's float64 fails when COPY reaches it.
+    insert into measures values (5001, 1e400);
+";
+
+const MEASURES_SCHEMA: &str = r#"
+[entities.Measure]
+table = "measures"
+key = "id"
+fields = { id = "Int", amount = "Float" }
+"#;
+
+#[tokio::test]
+async fn a_value_refused_mid_copy_ends_its_stream_with_a_clear_status_and_the_server_goes_on() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let schema_file = dir.path().join("schema.toml");
+    std::fs::write(&schema_file, MEASURES_SCHEMA).expect("write schema file");
+    let stack = Stack::start_with_sql(MEASURES, |s| {
+        s.schema_file = schema_file;
+        s.batch_rows = 1000;
+    })
+    .await;
+    let mut client = stack.client().await;
+    for _ in 0..3 {
+        let mut reader = Reader::open(&mut client, "export:measures").await;
+        let mut read = 0;
+        let err = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                match reader.next().await {
+                    Ok(Some(message)) => read += message.batch.num_rows(),
+                    Ok(None) => panic!("the export ended without its refused row ({read} rows)"),
+                    Err(e) => return e,
+                }
+            }
+        })
+        .await
+        .expect("the stream ends instead of hanging");
+        assert!(
+            read > 0,
+            "the refusal comes mid-stream, after rows were sent"
+        );
+        assert!(read < 5001, "the refused row is not sent: {read}");
+        assert_eq!(code(&err), Some(tonic::Code::FailedPrecondition), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("`measures`") && text.contains("out of range"),
+            "names the table and PostgreSQL's reason: {text}"
+        );
+        let ok = Reader::open(&mut client, "export:measures:id<=10:id,amount")
+            .await
+            .all()
+            .await;
+        assert_eq!(rows(&ok), 10, "the next export reads");
+    }
+    herald_test_support::eventually_async(
+        "no backend left in a transaction",
+        std::time::Duration::from_secs(5),
+        || async {
+            let left: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'",
+            )
+            .fetch_one(&stack.pool)
+            .await
+            .expect("pg_stat_activity");
+            (left == 0).then_some(())
+        },
+    )
+    .await;
+}
