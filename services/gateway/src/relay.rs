@@ -61,10 +61,6 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 /// Who dead-letters, in `Herald-Dead-Lettered-By`.
 const SERVICE: &str = "gateway";
 
-/// Chunks a pass's batch is claimed and published in: enough for PostgreSQL's and JetStream's
-/// work to overlap, few enough that each chunk's statements stay cheap.
-const CHUNKS_PER_PASS: usize = 4;
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RelaySettings {
@@ -269,12 +265,6 @@ impl Relay {
 
     /// One pass: take the lease, claim a batch in `seq` order (skipping keys whose head waits
     /// for a retry), publish it, delete what was acked, record or move aside what was refused.
-    ///
-    /// The batch is claimed and published in chunks, pipelined so that PostgreSQL and JetStream
-    /// work at the same time: while chunk k's acks are on their way, the rows acked so far are
-    /// deleted and chunk k+1 is claimed, and its first wave goes out before chunk k's acks are
-    /// read. That wave holds no key with an event still in flight, so a key never has two
-    /// unacked events, and one that failed sends nothing more in this pass (per-key order).
     pub async fn pass(&self) -> Result<Pass, RelayError> {
         let mut tx = self.pool.begin().await?;
         let (leader, commit_times, last_seq): (bool, bool, i64) = sqlx::query_as(
@@ -288,62 +278,29 @@ impl Relay {
         if !leader {
             return Ok(Pass::Standby);
         }
-        let span = tracing::info_span!("relay.pass", rows = tracing::field::Empty);
-        let batch = self.settings.batch_size as usize;
-        let chunk = batch.div_ceil(CHUNKS_PER_PASS);
-        let mut claimed = 0;
-        let mut oldest = None;
-        let mut after = i64::MIN;
-        let mut retried: Vec<i64> = Vec::new();
-        let mut deleted = 0;
-        let mut outcome = BatchOutcome::default();
-        let mut failed_keys: HashSet<(String, String)> = HashSet::new();
-        let mut in_flight = Wave::default();
-        loop {
-            // PostgreSQL's part of the pipeline, while the wave in flight is being acked.
-            if outcome.published.len() > deleted {
-                delete_published(&mut tx, &outcome.published[deleted..]).await?;
-                deleted = outcome.published.len();
-            }
-            let want = chunk.min(batch - claimed);
-            let rows = if want > 0 && outcome.error.is_none() {
-                self.claim(&mut tx, after, want, commit_times).await?
-            } else {
-                Vec::new()
-            };
-            let last_chunk = rows.len() < want || want == 0 || outcome.error.is_some();
-            claimed += rows.len();
-            if let Some(last) = rows.last() {
-                oldest.get_or_insert(rows[0].seq);
-                after = last.seq;
-            }
-            retried.extend(rows.iter().filter(|r| r.attempts > 0).map(|r| r.seq));
-            let busy: HashSet<(&str, &str)> = in_flight.keys().collect();
-            let mut chunk_waves = waves(rows, &busy).into_iter();
-            drop(busy);
-            let first = chunk_waves.next().unwrap_or_default();
-            let sent = self
-                .send(first, &mut outcome, &mut failed_keys)
-                .instrument(span.clone())
-                .await;
-            std::mem::replace(&mut in_flight, sent)
-                .settle(&mut outcome, &mut failed_keys)
-                .await;
-            for wave in chunk_waves {
-                std::mem::take(&mut in_flight)
-                    .settle(&mut outcome, &mut failed_keys)
-                    .await;
-                in_flight = self
-                    .send(wave, &mut outcome, &mut failed_keys)
-                    .instrument(span.clone())
-                    .await;
-            }
-            if last_chunk {
-                in_flight.settle(&mut outcome, &mut failed_keys).await;
-                break;
-            }
-        }
-        span.record("rows", claimed);
+        let rows: Vec<OutboxRow> = sqlx::query_as(
+            "SELECT o.seq, o.id, o.entity, o.op, o.key, o.data, o.before, o.changed, o.tx, o.at, \
+                    o.actor, o.traceparent, \
+                    CASE WHEN $2 THEN pg_xact_commit_timestamp(o.xmin) END AS committed_at, \
+                    coalesce(a.attempts, 0) AS attempts \
+             FROM herald_outbox o LEFT JOIN herald_outbox_attempts a ON a.seq = o.seq \
+             WHERE NOT EXISTS (SELECT 1 FROM herald_outbox_attempts h \
+                               WHERE h.entity = o.entity AND h.key = o.key AND h.retry_at > now()) \
+             ORDER BY o.seq LIMIT $1 FOR UPDATE OF o",
+        )
+        .bind(i64::from(self.settings.batch_size))
+        .bind(commit_times)
+        .fetch_all(&mut *tx)
+        .await?;
+        let claimed = rows.len();
+        let oldest = rows.first().map(|r| r.seq);
+        let retried: Vec<i64> = rows
+            .iter()
+            .filter(|r| r.attempts > 0)
+            .map(|r| r.seq)
+            .collect();
+        let span = tracing::info_span!("relay.pass", rows = claimed);
+        let mut outcome = self.publish_batch(rows).instrument(span).await;
         for refused in std::mem::take(&mut outcome.refused) {
             if refused.attempts >= self.settings.max_attempts {
                 outcome.unpublishable.push(Unpublishable {
@@ -368,9 +325,10 @@ impl Relay {
                 outcome.error.get_or_insert(e);
             }
         }
-        if outcome.published.len() > deleted {
-            delete_published(&mut tx, &outcome.published[deleted..]).await?;
-        }
+        sqlx::query("DELETE FROM herald_outbox WHERE seq = ANY($1)")
+            .bind(&outcome.published)
+            .execute(&mut *tx)
+            .await?;
         if !retried.is_empty() {
             sqlx::query("DELETE FROM herald_outbox_attempts WHERE seq = ANY($1) AND seq = ANY($2)")
                 .bind(&retried)
@@ -393,65 +351,51 @@ impl Relay {
         }
     }
 
-    /// Up to `limit` rows after `after` in `seq` order, locked for this pass, without the keys
-    /// whose head waits for a retry.
-    async fn claim(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-        after: i64,
-        limit: usize,
-        commit_times: bool,
-    ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT o.seq, o.id, o.entity, o.op, o.key, o.data, o.before, o.changed, o.tx, o.at, \
-                    o.actor, o.traceparent, \
-                    CASE WHEN $2 THEN pg_xact_commit_timestamp(o.xmin) END AS committed_at, \
-                    coalesce(a.attempts, 0) AS attempts \
-             FROM herald_outbox o LEFT JOIN herald_outbox_attempts a ON a.seq = o.seq \
-             WHERE o.seq > $3 AND NOT EXISTS (SELECT 1 FROM herald_outbox_attempts h \
-                               WHERE h.entity = o.entity AND h.key = o.key AND h.retry_at > now()) \
-             ORDER BY o.seq LIMIT $1 FOR UPDATE OF o",
-        )
-        .bind(limit as i64)
-        .bind(commit_times)
-        .bind(after)
-        .fetch_all(&mut **tx)
-        .await
-    }
-
-    /// Publishes one wave (at most one event per key) without awaiting its acks; a row of a key
-    /// that failed earlier in the pass stays in the outbox.
-    async fn send(
-        &self,
-        wave: Vec<OutboxRow>,
-        outcome: &mut BatchOutcome,
-        failed_keys: &mut HashSet<(String, String)>,
-    ) -> Wave {
-        let mut sent = Wave {
-            started: Some(Instant::now()),
-            pending: Vec::with_capacity(wave.len()),
-        };
-        for row in wave {
-            let identity = (row.entity.clone(), row.key.clone());
-            if failed_keys.contains(&identity) {
-                continue;
-            }
-            let (subject, message) = match self.prepare(&row) {
-                Ok(prepared) => prepared,
-                Err(failed) => {
-                    outcome.unpublishable.push(failed);
+    async fn publish_batch(&self, rows: Vec<OutboxRow>) -> BatchOutcome {
+        let mut outcome = BatchOutcome::default();
+        let mut failed_keys: HashSet<(String, String)> = HashSet::new();
+        for wave in waves(rows) {
+            let started = Instant::now();
+            let mut pending: Vec<(OutboxRow, String, PublishAckFuture)> =
+                Vec::with_capacity(wave.len());
+            for row in wave {
+                let identity = (row.entity.clone(), row.key.clone());
+                if failed_keys.contains(&identity) {
                     continue;
                 }
-            };
-            match self.js.send_publish(subject.clone(), message).await {
-                Ok(ack) => sent.pending.push((row, subject, ack)),
-                Err(e) => {
-                    failed_keys.insert(identity);
-                    outcome.fail(row, subject, e);
+                let (subject, message) = match self.prepare(&row) {
+                    Ok(prepared) => prepared,
+                    Err(failed) => {
+                        outcome.unpublishable.push(failed);
+                        continue;
+                    }
+                };
+                match self.js.send_publish(subject.clone(), message).await {
+                    Ok(ack) => pending.push((row, subject, ack)),
+                    Err(e) => {
+                        failed_keys.insert(identity);
+                        outcome.fail(row, subject, e);
+                    }
                 }
             }
+            for (row, subject, ack) in pending {
+                match ack.await {
+                    Ok(_) => {
+                        let lag = (Utc::now() - row.at()).to_std().unwrap_or_default();
+                        metrics::histogram!("herald_gateway_relay_lag_seconds")
+                            .record(lag.as_secs_f64());
+                        outcome.published.push(row.seq);
+                    }
+                    Err(e) => {
+                        failed_keys.insert((row.entity.clone(), row.key.clone()));
+                        outcome.fail(row, subject, e);
+                    }
+                }
+            }
+            metrics::histogram!("herald_gateway_publish_latency_seconds")
+                .record(started.elapsed().as_secs_f64());
         }
-        sent
+        outcome
     }
 
     /// The subject and message for one row, or why it can never be published.
@@ -711,75 +655,22 @@ impl BatchOutcome {
     }
 }
 
-/// Splits a chunk (in `seq` order) into waves holding at most one event per entity key, the
-/// n-th wave holding each key's n-th event, so a key's events are acked one after another. A
-/// key in `busy` (its event of the previous chunk is still in flight) starts at the second wave.
-fn waves(rows: Vec<OutboxRow>, busy: &HashSet<(&str, &str)>) -> Vec<Vec<OutboxRow>> {
+/// Splits a batch (in `seq` order) into waves holding at most one event per entity key, the
+/// n-th wave holding each key's n-th event, so a key's events are acked one after another.
+fn waves(rows: Vec<OutboxRow>) -> Vec<Vec<OutboxRow>> {
     let mut seen: HashMap<(String, String), usize> = HashMap::new();
     let mut waves: Vec<Vec<OutboxRow>> = Vec::new();
     for row in rows {
         let n = seen
             .entry((row.entity.clone(), row.key.clone()))
-            .or_insert_with(|| {
-                usize::from(busy.contains(&(row.entity.as_str(), row.key.as_str())))
-            });
-        while waves.len() <= *n {
+            .or_insert(0);
+        if waves.len() <= *n {
             waves.push(Vec::new());
         }
         waves[*n].push(row);
         *n += 1;
     }
     waves
-}
-
-/// A wave published and not yet acked.
-#[derive(Default)]
-struct Wave {
-    started: Option<Instant>,
-    pending: Vec<(OutboxRow, String, PublishAckFuture)>,
-}
-
-impl Wave {
-    fn keys(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.pending
-            .iter()
-            .map(|(row, _, _)| (row.entity.as_str(), row.key.as_str()))
-    }
-
-    /// Awaits the wave's acks: an acked row is published (its delete may follow), a failed one
-    /// holds its key for the rest of the pass.
-    async fn settle(self, outcome: &mut BatchOutcome, failed_keys: &mut HashSet<(String, String)>) {
-        let Some(started) = self.started else {
-            return;
-        };
-        for (row, subject, ack) in self.pending {
-            match ack.await {
-                Ok(_) => {
-                    let lag = (Utc::now() - row.at()).to_std().unwrap_or_default();
-                    metrics::histogram!("herald_gateway_relay_lag_seconds")
-                        .record(lag.as_secs_f64());
-                    outcome.published.push(row.seq);
-                }
-                Err(e) => {
-                    failed_keys.insert((row.entity.clone(), row.key.clone()));
-                    outcome.fail(row, subject, e);
-                }
-            }
-        }
-        metrics::histogram!("herald_gateway_publish_latency_seconds")
-            .record(started.elapsed().as_secs_f64());
-    }
-}
-
-async fn delete_published(
-    tx: &mut Transaction<'_, Postgres>,
-    seqs: &[i64],
-) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM herald_outbox WHERE seq = ANY($1)")
-        .bind(seqs)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -814,21 +705,10 @@ mod tests {
             row(4, "a"),
             row(5, "c"),
         ];
-        let waves: Vec<Vec<i64>> = waves(batch, &HashSet::new())
+        let waves: Vec<Vec<i64>> = waves(batch)
             .into_iter()
             .map(|wave| wave.into_iter().map(|r| r.seq).collect())
             .collect();
         assert_eq!(waves, vec![vec![1, 2, 5], vec![3], vec![4]]);
-    }
-
-    #[test]
-    fn a_key_still_in_flight_from_the_previous_chunk_waits_for_the_second_wave() {
-        let batch = vec![row(6, "a"), row(7, "b"), row(8, "a"), row(9, "c")];
-        let busy: HashSet<(&str, &str)> = [("Order", "b")].into_iter().collect();
-        let waves: Vec<Vec<i64>> = waves(batch, &busy)
-            .into_iter()
-            .map(|wave| wave.into_iter().map(|r| r.seq).collect())
-            .collect();
-        assert_eq!(waves, vec![vec![6, 9], vec![7, 8]]);
     }
 }
