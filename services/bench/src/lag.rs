@@ -117,7 +117,13 @@ pub async fn measure(
     }
     let mut event_to_action = Vec::new();
     let mut action_to_webhook = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (stored, action) in actions {
+        // A put-back or retry is a scheduled copy stored again on the same subject later; the
+        // action's lag runs from its first store (stream order).
+        if !seen.insert(action.id.clone()) {
+            continue;
+        }
         let key = &action.event.key;
         if let Some(event) = event_stored.get(key) {
             event_to_action.push(millis(stored, *event));

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
+use herald_shared::Op;
 use herald_shared::subjects::{self, ACTIONS_STREAM, EVENTS_STREAM};
 
 use crate::load::Gateway;
@@ -195,7 +196,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     let stage_lag = match lag::measure(
         &stack.js,
-        "herald.events.Order.insert",
+        // The relay publishes every event on its keyed subject (`…insert.<key token>`).
+        &format!("{}.>", subjects::event("Order", Op::Insert)?),
         &subjects::action("webhook", "order_created")?,
         &load.committed,
         &sink.wall_arrivals(),
