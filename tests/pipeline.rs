@@ -1723,20 +1723,34 @@ struct Watch {
 }
 
 impl Watch {
+    /// Retried for a while: on a cluster that just lost a node, JetStream API requests time out
+    /// until the leaders are elected again, as any client sees them do.
     async fn new(js: &jetstream::Context, stream: &str, subject: &str) -> Self {
-        let consumer = js
-            .get_stream(stream)
-            .await
-            .unwrap_or_else(|e| panic!("stream {stream}: {e}"))
-            .create_consumer(consumer::pull::Config {
-                filter_subject: subject.to_owned(),
-                deliver_policy: consumer::DeliverPolicy::All,
-                ack_policy: consumer::AckPolicy::None,
-                inactive_threshold: Duration::from_secs(120),
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| panic!("a consumer on {subject}: {e}"));
+        let create = || async {
+            js.get_stream(stream)
+                .await
+                .map_err(|e| format!("stream {stream}: {e}"))?
+                .create_consumer(consumer::pull::Config {
+                    filter_subject: subject.to_owned(),
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    ack_policy: consumer::AckPolicy::None,
+                    inactive_threshold: Duration::from_secs(120),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| format!("a consumer on {subject}: {e}"))
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let consumer = loop {
+            match create().await {
+                Ok(consumer) => break consumer,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    eprintln!("{e}; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
         Self {
             consumer,
             seen: Mutex::new(Vec::new()),
@@ -1749,13 +1763,14 @@ impl Watch {
         let mut arrived = Vec::new();
         loop {
             let before = arrived.len();
-            let mut batch = self
-                .consumer
-                .fetch()
-                .max_messages(BATCH)
-                .messages()
-                .await
-                .expect("fetch from the watch consumer");
+            // A fetch refused while a cluster elects its leaders is read again at the next poll.
+            let mut batch = match self.consumer.fetch().max_messages(BATCH).messages().await {
+                Ok(batch) => batch,
+                Err(e) => {
+                    eprintln!("fetch from the watch consumer: {e}; reading again next poll");
+                    break;
+                }
+            };
             while let Some(Ok(message)) = batch.next().await {
                 arrived.push(message);
             }
