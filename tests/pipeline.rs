@@ -1740,17 +1740,14 @@ impl Watch {
                 .await
                 .map_err(|e| format!("a consumer on {subject}: {e}"))
         };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        let consumer = loop {
-            match create().await {
-                Ok(consumer) => break consumer,
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    eprintln!("{e}; trying again");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => panic!("{e}"),
-            }
-        };
+        let what = format!("a watch consumer on {subject} of {stream}");
+        let consumer = eventually_async(&what, Duration::from_secs(60), || async {
+            create()
+                .await
+                .map_err(|e| eprintln!("{e}; trying again"))
+                .ok()
+        })
+        .await;
         Self {
             consumer,
             seen: Mutex::new(Vec::new()),

@@ -178,6 +178,24 @@ impl Drop for Place {
 mod tests {
     use super::*;
 
+    /// One long waiter per host, queued by the time this returns; abort them when done.
+    async fn wait_long(
+        pacer: &Arc<Pacer>,
+        hosts: &[&'static str],
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let waiters = hosts
+            .iter()
+            .map(|&host| {
+                let pacer = Arc::clone(pacer);
+                tokio::spawn(async move {
+                    pacer.enter_within(host, Duration::from_secs(60)).await;
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        waiters
+    }
+
     #[test]
     fn a_destination_gets_its_share_and_others_are_unaffected() {
         let pacer = Pacer::new(2, 100);
@@ -225,15 +243,7 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_millis(300));
 
         let pacer = Arc::new(pacer);
-        let waiters: Vec<_> = (0..QUEUE_PER_PLACE)
-            .map(|_| {
-                let pacer = Arc::clone(&pacer);
-                tokio::spawn(async move {
-                    pacer.enter_within("a:443", Duration::from_secs(60)).await;
-                })
-            })
-            .collect();
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        let waiters = wait_long(&pacer, &["a:443"; QUEUE_PER_PLACE]).await;
         let refused_at = tokio::time::Instant::now();
         assert!(
             pacer
@@ -276,16 +286,7 @@ mod tests {
         let pacer = Arc::new(Pacer::new(1, 2));
         let _a = pacer.enter("a:443").expect("a place at a");
         let _b = pacer.enter("b:443").expect("a place at b");
-        let waiters: Vec<_> = ["a:443", "b:443"]
-            .into_iter()
-            .map(|host| {
-                let pacer = Arc::clone(&pacer);
-                tokio::spawn(async move {
-                    pacer.enter_within(host, Duration::from_secs(60)).await;
-                })
-            })
-            .collect();
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        let waiters = wait_long(&pacer, &["a:443", "b:443"]).await;
         let refused_at = tokio::time::Instant::now();
         assert!(
             pacer

@@ -557,9 +557,10 @@ impl Worker {
     }
 
     /// Waits up to `PACE_PATIENCE` for a place against `host`, with the delivery's `slot` given
-    /// back meanwhile so that other destinations' actions run, and taken again once it has the
-    /// place. `None` when the destination's queue is full, the wait is over or the worker shuts
-    /// down; the delivery is then put back.
+    /// back meanwhile so that other destinations' actions run, and taken again afterwards, so
+    /// that running or putting back is bounded by `concurrency` as before. `None` when the
+    /// destination's queue is full, the wait is over or the worker shuts down; the delivery is
+    /// then put back.
     async fn wait_for_place(
         &self,
         host: &str,
@@ -569,9 +570,9 @@ impl Worker {
         let place = tokio::select! {
             _ = self.shutdown.cancelled() => None,
             place = self.pacer.enter_within(host, PACE_PATIENCE) => place,
-        }?;
+        };
         *slot = Arc::clone(&self.slots).acquire_owned().await.ok();
-        Some(place)
+        place
     }
 
     /// Puts back a delivery that did not run, counting it so it spends no attempt. `attempts` are
