@@ -222,6 +222,10 @@ impl Samples {
             event: event.clone(),
             created_at: at(1),
             schema_version: SCHEMA_VERSION,
+            order: Some(herald_shared::ActionOrder {
+                sequence: 1_207,
+                after: Some(1_180),
+            }),
         };
         let outcome = ActionOutcome {
             action_id: action_id.clone(),
@@ -276,6 +280,7 @@ impl Samples {
         s.event.changed = None;
         s.event.actor = None;
         s.action.event = s.event.clone();
+        s.action.order = None;
         s.outcome.error = None;
         s.outcome.http_status = None;
         s.job.action_id = None;

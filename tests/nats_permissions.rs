@@ -316,10 +316,10 @@ async fn the_flight_streamer_reads_through_ordered_consumers_and_can_touch_no_ot
 }
 
 #[tokio::test]
-async fn the_dispatcher_keeps_checkpoints_and_leases_in_its_kv_buckets() {
+async fn the_dispatcher_keeps_checkpoints_leases_and_order_lines_in_its_kv_buckets() {
     let nats = server_with_repo_users();
     let dispatcher = Session::open(&nats, "dispatcher").await;
-    for bucket in ["herald_checkpoints", "herald_leases"] {
+    for bucket in ["herald_checkpoints", "herald_leases", "herald_order"] {
         let kv = dispatcher
             .js
             .create_key_value(jetstream::kv::Config {

@@ -360,8 +360,8 @@ const CHAOS_WAIT: Duration = Duration::from_secs(90);
 /// dispatchers, so each holds several and a dead one's move to the survivor).
 const CLUSTER_REPLICAS: usize = 2;
 const CLUSTER_PARTITIONS: u32 = 4;
-/// The observer the cluster layout adds: a webhook for every change of an order, so the order
-/// of one key's webhooks can be held to its commit order.
+/// The observer the cluster layout adds: a webhook for every change of an order, declared
+/// `ordered`, so the order of one key's webhooks is held to its commit order.
 const ORDER_CHANGED: &str = "order_changed";
 const CHANGED_PATH: &str = "/webhooks/order-changed";
 
@@ -406,8 +406,8 @@ enum Strike {
 /// per pass, dispatchers sharing the partitions, action workers and job workers sharing their
 /// consumers and queue). One NATS node is killed -9 at a random point of 1,000 mutations, then
 /// one replica of each service at random later points. Nothing committed is lost, repeats are
-/// only repeated `webhook-id`s, and each key's events and actions keep commit order. Each key's
-/// webhooks are held to commit order only as a printed count (see the end).
+/// only repeated `webhook-id`s, and each key's events, actions and (for the ordered observer)
+/// delivered webhooks keep commit order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_cluster_with_two_of_every_service_a_thousand_mutations_survive_a_node_and_a_replica_each_killed()
  {
@@ -552,12 +552,10 @@ async fn on_a_cluster_with_two_of_every_service_a_thousand_mutations_survive_a_n
         actions_out.is_empty(),
         "each key's actions in commit order: {actions_out:?}"
     );
-    // Not asserted: the action worker does not deliver one key's actions in order (it runs
-    // `concurrency` at once, and a retry or a put-back for its destination's pace comes back
-    // behind later actions; worker.rs, contracts/README.md). Printed so the gap stays visible.
-    if let Some(first) = webhooks_out.first() {
-        println!("cluster chaos: e.g. webhooks of {first}");
-    }
+    assert!(
+        webhooks_out.is_empty(),
+        "each key's order_changed webhooks, first arrivals, in commit order: {webhooks_out:?}"
+    );
 }
 
 /// The seed of a crash test's random plan, printed; a failing run is repeated with
@@ -1526,7 +1524,7 @@ impl Stack {
         if let Layout::Cluster = layout {
             observers_file.push_str(&format!(
                 "\n[[observer]]\nname = \"{ORDER_CHANGED}\"\nentity = \"Order\"\n\
-                 ops = [\"insert\", \"update\"]\n\n[[observer.action]]\nkind = \"webhook\"\n\
+                 ops = [\"insert\", \"update\"]\nordered = true\n\n[[observer.action]]\nkind = \"webhook\"\n\
                  url = \"{}{CHANGED_PATH}\"\n",
                 sink.url()
             ));

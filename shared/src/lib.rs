@@ -28,7 +28,7 @@ pub mod tls;
 pub mod traceparent;
 
 pub use messages::{
-    ActionOutcome, ActionRequest, EntityEvent, JobRequest, JobState, JobStatus, Op, OutcomeStatus,
-    SCHEMA_VERSION,
+    ActionOrder, ActionOutcome, ActionRequest, EntityEvent, JobRequest, JobState, JobStatus, Op,
+    OutcomeStatus, SCHEMA_VERSION,
 };
 pub use retry::RetryPolicy;

@@ -95,11 +95,39 @@ pub struct ActionRequest {
     pub event: EntityEvent,
     pub created_at: DateTime<Utc>,
     pub schema_version: u32,
+    /// Set for an observer declared `ordered = true`: where this action stands among the
+    /// actions of the same observer, action index and entity key. A worker runs it only once
+    /// the action of `after` is settled (done or dead-lettered). Null otherwise (and read as
+    /// null when absent, as in requests from before this field).
+    #[serde(default)]
+    pub order: Option<ActionOrder>,
+}
+
+/// An ordered action's place in its key's line (`ActionRequest::order`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionOrder {
+    /// HERALD_EVENTS' sequence of the event this action is for.
+    pub sequence: u64,
+    /// HERALD_EVENTS' sequence of the event of the previous action in the line, or null for the
+    /// first (or for an older event replayed, which waits for nothing).
+    pub after: Option<u64>,
 }
 
 impl ActionRequest {
     pub fn action_id(event_id: Uuid, observer: &str, action_index: u32) -> String {
         format!("{event_id}:{observer}:{action_index}")
+    }
+
+    /// The line an ordered action waits in: `<observer>.<action index>.<entity>.<key token>`,
+    /// one per observer action and entity key (a valid KV key and Redis key alike).
+    pub fn order_line(&self) -> String {
+        format!(
+            "{}.{}.{}.{}",
+            self.observer,
+            self.action_index,
+            self.event.entity,
+            crate::subjects::key_token(&self.event.key)
+        )
     }
 }
 
@@ -324,6 +352,7 @@ mod tests {
             event: event(),
             created_at: Utc::now(),
             schema_version: SCHEMA_VERSION,
+            order: None,
         };
         let mut value = serde_json::to_value(&request).expect("serialise");
         assert!(decode::<ActionRequest>(value.to_string().as_bytes()).is_ok());

@@ -262,5 +262,6 @@ fn request(url: &str, index: usize) -> ActionRequest {
         event,
         created_at: Utc::now(),
         schema_version: SCHEMA_VERSION,
+        order: None,
     }
 }

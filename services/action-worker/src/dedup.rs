@@ -17,6 +17,14 @@
 //! (lease busy, circuit open). Those deferrals are counted per stream message in
 //! `dedup:<action id>:deferred:<stream sequence>`, read atomically with the claim.
 //!
+//! Ordered observers' lines (`ActionRequest::order`) are kept here too, in `order:<line>`: a
+//! hash whose `done` is the highest event sequence of the line whose action is settled
+//! (succeeded, or dead-lettered), and whose `since` is when an action first found its
+//! predecessor unsettled after the last advance. The claim takes a lease only when the
+//! request's `after` is settled, or when the line has not moved for the patience given (a
+//! predecessor stuck in retries, a mark lost with Redis): then the action runs out of line,
+//! and the claim says so. The clock is Redis's own, one for every worker.
+//!
 //! Redis being down is never read as "not a duplicate": every call here returns
 //! `DedupError::Unavailable`, and the worker holds the message and stops fetching until Redis
 //! answers again (see `worker.rs`).
@@ -65,12 +73,31 @@ pub enum DedupError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// This worker holds the lease; `deferrals` deliveries of this message were put back unrun.
-    Claimed { lease: Lease, deferrals: u32 },
+    /// `out_of_line`: an ordered action whose predecessor is still unsettled, its line having
+    /// waited that long, past the patience.
+    Claimed {
+        lease: Lease,
+        deferrals: u32,
+        out_of_line: Option<Duration>,
+    },
     /// The action's effect is already done; how, when the marker says (markers written before
     /// this field existed are a bare `done`).
     Done(Option<Completed>),
     /// Another worker (or a crashed one) holds the lease.
     Busy,
+    /// The action's predecessor in its line is not settled yet; the line has been waiting
+    /// that long.
+    Waiting(Duration),
+}
+
+/// An ordered action's line and place, as a claim and a settlement need them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinePlace {
+    /// `ActionRequest::order_line`.
+    pub line: String,
+    pub sequence: u64,
+    /// The predecessor's sequence; 0 when it waits for nothing.
+    pub after: u64,
 }
 
 /// The successful attempt a `done` marker records, so its outcome can be published by a later
@@ -121,13 +148,55 @@ pub struct Lease {
     token: String,
 }
 
+/// KEYS: the action's mark, its deferrals, its line (any key when it has none). ARGV: lease
+/// token, lease ms, `after` (0: none), patience ms, line TTL ms. Answers {1, deferrals, ms out
+/// of line or ''}, {2, 0, done marker}, {3, 0, ''} (busy) or {4, ms waited, ''}.
 const CLAIM: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {1, tonumber(redis.call('GET', KEYS[2]) or '0'), ''}
-end
 local held = redis.call('GET', KEYS[1])
-if held and string.sub(held, 1, 4) == 'done' then return {2, 0, held} end
-return {3, 0, ''}
+if held then
+  if string.sub(held, 1, 4) == 'done' then return {2, 0, held} end
+  return {3, 0, ''}
+end
+local late = ''
+local after = tonumber(ARGV[3])
+if after > 0 and tonumber(redis.call('HGET', KEYS[3], 'done') or '0') < after then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('HSETNX', KEYS[3], 'since', now)
+  redis.call('PEXPIRE', KEYS[3], ARGV[5])
+  local waited = now - tonumber(redis.call('HGET', KEYS[3], 'since'))
+  if waited < tonumber(ARGV[4]) then return {4, waited, ''} end
+  late = tostring(waited)
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {1, tonumber(redis.call('GET', KEYS[2]) or '0'), late}
+";
+
+/// Moves a line on to ARGV[1] (never back); the wait clock starts again with the next waiter.
+/// KEYS[1]: the line. ARGV: sequence, TTL ms.
+const ADVANCE: &str = r"
+local seq = tonumber(ARGV[1])
+if seq > tonumber(redis.call('HGET', KEYS[1], 'done') or '0') then
+  redis.call('HSET', KEYS[1], 'done', seq)
+  redis.call('HDEL', KEYS[1], 'since')
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+";
+
+/// Marks the action done and moves its line on, in one step. KEYS: the mark, the line (any key
+/// when it has none). ARGV: marker, TTL ms, sequence (0: no line).
+const COMPLETE: &str = r"
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local seq = tonumber(ARGV[3])
+if seq > 0 then
+  if seq > tonumber(redis.call('HGET', KEYS[2], 'done') or '0') then
+    redis.call('HSET', KEYS[2], 'done', seq)
+    redis.call('HDEL', KEYS[2], 'since')
+  end
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+return 1
 ";
 
 const FIRST_FAILURE: &str = r"
@@ -165,6 +234,8 @@ pub struct Dedup {
     release: Script,
     defer: Script,
     first_failure: Script,
+    advance: Script,
+    complete: Script,
 }
 
 impl Dedup {
@@ -186,6 +257,8 @@ impl Dedup {
             release: Script::new(RELEASE),
             defer: Script::new(DEFER),
             first_failure: Script::new(FIRST_FAILURE),
+            advance: Script::new(ADVANCE),
+            complete: Script::new(COMPLETE),
         })
     }
 
@@ -201,26 +274,57 @@ impl Dedup {
         format!("dedup:{action_id}:deferred:{stream_sequence}")
     }
 
-    pub async fn claim(&self, action_id: &str, stream_sequence: u64) -> Result<Claim, DedupError> {
+    fn line_key(line: &str) -> String {
+        format!("order:{line}")
+    }
+
+    /// Claims the action, unless it is done, running elsewhere, or (for an ordered action,
+    /// `place`) waiting for its predecessor for less than `patience`.
+    pub async fn claim(
+        &self,
+        action_id: &str,
+        stream_sequence: u64,
+        place: Option<&LinePlace>,
+        patience: Duration,
+    ) -> Result<Claim, DedupError> {
         let key = Self::key(action_id);
         let token = format!("running:{}:{}", self.worker, uuid::Uuid::now_v7());
-        let (state, deferrals, held): (u32, u32, String) = self
+        let line = place.map_or_else(|| key.clone(), |p| Self::line_key(&p.line));
+        let (state, count, text): (u32, u64, String) = self
             .claim
             .key(&key)
             .key(Self::deferrals_key(action_id, stream_sequence))
+            .key(line)
             .arg(&token)
             .arg(millis(self.settings.lease))
+            .arg(place.map_or(0, |p| p.after))
+            .arg(millis(patience))
+            .arg(millis(self.settings.done_ttl))
             .invoke_async(&mut self.redis.clone())
             .await?;
         match state {
             1 => Ok(Claim::Claimed {
                 lease: Lease { key, token },
-                deferrals,
+                deferrals: u32::try_from(count).unwrap_or(u32::MAX),
+                out_of_line: text.parse().ok().map(Duration::from_millis),
             }),
-            2 => Ok(Claim::Done(Completed::parse(&held))),
+            2 => Ok(Claim::Done(Completed::parse(&text))),
             3 => Ok(Claim::Busy),
+            4 => Ok(Claim::Waiting(Duration::from_millis(count))),
             other => Err(DedupError::Protocol(other.to_string())),
         }
+    }
+
+    /// Moves the line of a settled action on (a dead letter: its successors need not wait).
+    pub async fn advance(&self, place: &LinePlace) -> Result<(), DedupError> {
+        let _: i64 = self
+            .advance
+            .key(Self::line_key(&place.line))
+            .arg(place.sequence)
+            .arg(millis(self.settings.done_ttl))
+            .invoke_async(&mut self.redis.clone())
+            .await?;
+        Ok(())
     }
 
     /// Renews the lease; `false` when it is no longer ours (it expired and another took it).
@@ -235,15 +339,22 @@ impl Dedup {
         Ok(renewed == 1)
     }
 
-    /// Records that the effect is done, and how. Unconditional: the effect happened whoever
-    /// holds the lease now.
-    pub async fn complete(&self, lease: &Lease, completed: &Completed) -> Result<(), DedupError> {
-        redis::cmd("SET")
-            .arg(&lease.key)
+    /// Records that the effect is done, and how, and moves an ordered action's line on in the
+    /// same step. Unconditional: the effect happened whoever holds the lease now.
+    pub async fn complete(
+        &self,
+        lease: &Lease,
+        completed: &Completed,
+        place: Option<&LinePlace>,
+    ) -> Result<(), DedupError> {
+        let _: i64 = self
+            .complete
+            .key(&lease.key)
+            .key(place.map_or_else(|| lease.key.clone(), |p| Self::line_key(&p.line)))
             .arg(completed.marker())
-            .arg("PX")
             .arg(millis(self.settings.done_ttl))
-            .query_async::<()>(&mut self.redis.clone())
+            .arg(place.map_or(0, |p| p.sequence))
+            .invoke_async(&mut self.redis.clone())
             .await?;
         Ok(())
     }

@@ -47,6 +47,13 @@ pub struct Settings {
     /// The longest a receiver's `Retry-After` may postpone a retry; a longer one is cut to this.
     #[serde(with = "humantime_serde")]
     pub retry_after_ceiling: Duration,
+    /// How long an action of an ordered observer waits for the previous action of its line
+    /// (observer, action, entity key) to be settled, counted from the first wait since the line
+    /// last moved:
+    /// past it, the action runs out of line, with a warning (a predecessor retrying for that
+    /// long, or a line mark lost with Redis, must not stop the line for ever).
+    #[serde(with = "humantime_serde")]
+    pub order_patience: Duration,
     /// How often a worker that lost Redis tries again.
     #[serde(with = "humantime_serde")]
     pub redis_retry: Duration,
@@ -74,6 +81,7 @@ impl Default for Settings {
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 100_000,
             retry_after_ceiling: Duration::from_secs(3600),
+            order_patience: Duration::from_secs(600),
             redis_retry: Duration::from_millis(500),
             dedup: DedupSettings::default(),
             breaker: BreakerSettings::default(),
@@ -151,6 +159,9 @@ impl Validate for Settings {
         }
         if self.retry_after_ceiling.is_zero() {
             problems.push("retry_after_ceiling", "must be positive");
+        }
+        if self.order_patience.is_zero() {
+            problems.push("order_patience", "must be positive");
         }
         if self.redis_retry.is_zero() || self.redis_retry >= self.ack_wait {
             problems.push("redis_retry", "must be positive and below ack_wait");

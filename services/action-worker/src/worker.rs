@@ -18,9 +18,10 @@
 //! `herald.actions._scheduled.<kind>.<observer>.<token>` that the server publishes on the
 //! action's subject when its delay is over, and acks the delivery (`herald_shared::schedule`).
 //! However many actions wait for a retry, none counts against `max_ack_pending`, and one
-//! destination's failures never delay another's actions. Actions were never delivered in key
-//! order here (`concurrency` run at once, and a retry comes back behind later actions), and
-//! still are not.
+//! destination's failures never delay another's actions. Actions are not run in key order
+//! (`concurrency` run at once, and a retry comes back behind later actions), except those of an
+//! ordered observer: each waits, put back without spending an attempt, until the previous action
+//! of its line is settled (`dedup.rs`, contracts/README.md "Ordered observers").
 //!
 //! Attempts: the attempt number is the attempts of earlier copies (`Herald-Attempts` on a
 //! scheduled copy) plus JetStream's delivery count of this copy, minus the deliveries that were
@@ -59,7 +60,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::breaker::{Admission, Breakers, Verdict};
-use crate::dedup::{Claim, Completed, Dedup, DedupError, Lease};
+use crate::dedup::{Claim, Completed, Dedup, DedupError, Lease, LinePlace};
 use crate::error::ActionError;
 use crate::kind::{ActionKind, Registry, Success};
 use crate::pace::{Pacer, Place};
@@ -72,6 +73,8 @@ pub const SERVICE: &str = "action-worker";
 const BUSY_RECHECK: Duration = Duration::from_secs(1);
 /// The wait before an action put back for its destination's pace comes again.
 const PACE_RECHECK: Duration = Duration::from_millis(500);
+/// The wait before an ordered action whose predecessor is unsettled looks again.
+const ORDER_RECHECK: Duration = Duration::from_millis(200);
 /// How long an action over its destination's share waits for a place before it is put back.
 const PACE_PATIENCE: Duration = Duration::from_millis(500);
 
@@ -259,7 +262,9 @@ impl Worker {
                     Duration::ZERO,
                     first_failed_at,
                 );
-                self.settler.settle(message, disposition).await;
+                if self.settler.settle(message, disposition).await == Settled::DeadLettered {
+                    self.leave_line(message, &request).await;
+                }
                 return;
             }
         };
@@ -292,8 +297,13 @@ impl Worker {
             return;
         }
 
+        let place = place_in_line(&request);
+        let patience = self.settings.order_patience;
         let claim = self
-            .with_redis(message, || self.dedup.claim(&request.id, sequence))
+            .with_redis(message, || {
+                self.dedup
+                    .claim(&request.id, sequence, place.as_ref(), patience)
+            })
             .await;
         let (lease, deferrals) = match claim {
             None => return,
@@ -304,17 +314,43 @@ impl Worker {
                     .await;
                 return;
             }
-            Some(Claim::Busy) => {
+            Some(unclaimed @ (Claim::Busy | Claim::Waiting(_))) => {
                 if let Some(host) = &destination {
                     // The admission was a probe perhaps; nothing was learned about the host.
                     self.breakers.record(host, Verdict::Unknown, Instant::now());
                 }
-                let delay = BUSY_RECHECK.min(self.dedup.lease_duration() / 2);
+                let delay = if let Claim::Waiting(waited) = unclaimed {
+                    metrics::counter!("herald_actions_order_waits_total", "kind" => request.kind.clone())
+                        .increment(1);
+                    tracing::debug!(
+                        ?waited,
+                        "the previous action of this line is not settled; putting the action back"
+                    );
+                    ORDER_RECHECK
+                } else {
+                    BUSY_RECHECK.min(self.dedup.lease_duration() / 2)
+                };
                 self.put_back(message, &request, (prior, delivered), delay)
                     .await;
                 return;
             }
-            Some(Claim::Claimed { lease, deferrals }) => (lease, deferrals),
+            Some(Claim::Claimed {
+                lease,
+                deferrals,
+                out_of_line,
+            }) => {
+                if let Some(waited) = out_of_line {
+                    metrics::counter!("herald_actions_out_of_line_total", "kind" => request.kind.clone())
+                        .increment(1);
+                    tracing::warn!(
+                        ?waited,
+                        line = %request.order_line(),
+                        "the previous action of this line is still not settled after the \
+                         patience; running this one out of line"
+                    );
+                }
+                (lease, deferrals)
+            }
         };
         let attempt = prior.saturating_add(delivered.saturating_sub(deferrals).max(1));
 
@@ -346,6 +382,18 @@ impl Worker {
             .await;
     }
 
+    /// Moves the line of an ordered action that was dead-lettered on, so its successors run.
+    async fn leave_line(&self, message: &jetstream::Message, request: &ActionRequest) {
+        if let Some(place) = place_in_line(request)
+            && self
+                .with_redis(message, || self.dedup.advance(&place))
+                .await
+                .is_none()
+        {
+            tracing::warn!("line not moved on; its next action runs after the patience");
+        }
+    }
+
     /// Records how an executed attempt ended. A success is marked done in Redis before anything
     /// else, so an outcome that cannot be published never makes the action run again (the
     /// redelivery finds it done and publishes the outcome then). A failure releases the lease
@@ -373,8 +421,11 @@ impl Worker {
                     http_status: success.http_status,
                     latency_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
                 };
+                let place = place_in_line(request);
                 if self
-                    .with_redis(message, || self.dedup.complete(lease, &completed))
+                    .with_redis(message, || {
+                        self.dedup.complete(lease, &completed, place.as_ref())
+                    })
                     .await
                     .is_none()
                 {
@@ -441,14 +492,16 @@ impl Worker {
                 if let Disposition::DeadLetter(give_up) = &mut disposition {
                     give_up.reason = format!("{reason} (after {attempt} attempt(s))");
                 }
-                if self.settler.settle(message, disposition).await == Settled::DeadLettered
+                if self.settler.settle(message, disposition).await == Settled::DeadLettered {
+                    self.leave_line(message, request).await;
                     // A replay from the DLQ must run again, so the lease goes, not `done`.
-                    && self
+                    if self
                         .with_redis(message, || self.dedup.release(lease))
                         .await
                         .is_none()
-                {
-                    tracing::warn!("lease not released; it expires on its own");
+                    {
+                        tracing::warn!("lease not released; it expires on its own");
+                    }
                 }
             }
         }
@@ -670,6 +723,15 @@ impl Worker {
             }
         }
     }
+}
+
+/// An ordered action's line and place (`ActionRequest::order`), for its claim and settlement.
+fn place_in_line(request: &ActionRequest) -> Option<LinePlace> {
+    request.order.map(|order| LinePlace {
+        line: request.order_line(),
+        sequence: order.sequence,
+        after: order.after.unwrap_or(0),
+    })
 }
 
 fn succeeded(request: &ActionRequest, completed: &Completed) -> ActionOutcome {

@@ -50,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{self, Tracker};
 use crate::observers::{ObserverSet, Observers};
+use crate::order::{self, Lines};
 use crate::partition::Partition;
 use crate::settings::DispatcherSettings;
 
@@ -64,6 +65,8 @@ pub enum DispatchError {
     Consumer(String),
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error(transparent)]
+    Order(#[from] order::OrderError),
 }
 
 fn consumer_error(e: impl std::fmt::Display) -> DispatchError {
@@ -228,6 +231,26 @@ pub async fn publish_each(
     results
 }
 
+/// Gives each request of an ordered observer its place in its line, the batch's events in
+/// stream order. Repeating it after a failure gives the same places.
+async fn place(
+    observers: &ObserverSet,
+    outgoing: &mut [(usize, Outgoing)],
+    batch: &[Work],
+    lines: &mut Lines,
+) -> Result<(), order::OrderError> {
+    for (index, out) in outgoing.iter_mut() {
+        if observers
+            .get(&out.request.observer)
+            .is_some_and(|o| o.ordered)
+        {
+            let line = out.request.order_line();
+            out.request.order = Some(lines.place(&line, batch[*index].sequence).await?);
+        }
+    }
+    Ok(())
+}
+
 /// What every request of one partition's tenure carries, so that who published it is on
 /// record: `Herald-Partition` (`<index>/<count>`) and `Herald-Lease-Revision` (the tenure).
 struct Stamp {
@@ -353,6 +376,7 @@ impl Dispatcher {
         let info = consumer.info().await.map_err(consumer_error)?;
         let tracker = Arc::new(Tracker::new(info.ack_floor.stream_sequence));
         let store = checkpoint::bucket(&self.js).await?;
+        let lines = order::bucket(&self.js).await?;
         let stamp = Arc::new(Stamp {
             partition: format!("{}/{}", partition.index, partition.count),
             tenure: tenure.to_string(),
@@ -366,6 +390,7 @@ impl Dispatcher {
             senders.push(tx);
             lanes.spawn(Arc::clone(self).lane(
                 rx,
+                Lines::new(lines.clone()),
                 Arc::clone(&tracker),
                 Arc::clone(&stamp),
                 stop.clone(),
@@ -516,6 +541,7 @@ impl Dispatcher {
     async fn lane(
         self: Arc<Self>,
         mut queue: mpsc::Receiver<Work>,
+        mut lines: Lines,
         tracker: Arc<Tracker>,
         stamp: Arc<Stamp>,
         stop: CancellationToken,
@@ -529,7 +555,10 @@ impl Dispatcher {
                     nak(&work.message, self.settings.retry_delay).await;
                 }
             } else {
-                halted = self.dispatch(&batch, &tracker, &stamp, &stop).await == Lane::Halted;
+                halted = self
+                    .dispatch(&batch, &mut lines, &tracker, &stamp, &stop)
+                    .await
+                    == Lane::Halted;
             }
             batch.clear();
         }
@@ -540,6 +569,7 @@ impl Dispatcher {
     async fn dispatch(
         &self,
         batch: &[Work],
+        lines: &mut Lines,
         tracker: &Tracker,
         stamp: &Stamp,
         stop: &CancellationToken,
@@ -561,6 +591,12 @@ impl Dispatcher {
             failures.push(plan.failures);
         }
         let mut delay = self.settings.retry_delay;
+        // Ordered observers' requests take their places in their lines before they go out.
+        while let Err(error) = place(&observers, &mut outgoing, batch, lines).await {
+            if self.wait_to_retry(batch, stop, &mut delay, &error).await == Lane::Halted {
+                return Lane::Halted;
+            }
+        }
         // Every lane of every partition this process may serve can be publishing at once;
         // together they stay within ACKS_IN_FLIGHT.
         let window = (ACKS_IN_FLIGHT / stamp.lanes).max(1);
@@ -588,18 +624,15 @@ impl Dispatcher {
             // The rest of the batch is published again, in order: what was stored is absorbed
             // by Msg-Id, and no later request of a key overtakes an earlier one.
             pending = again;
-            tracing::warn!(error = %error, ?delay, "action requests not stored; retrying in place");
-            if stop.is_cancelled() {
-                for work in batch {
-                    nak(&work.message, delay).await;
-                }
+            if self.wait_to_retry(batch, stop, &mut delay, &error).await == Lane::Halted {
                 return Lane::Halted;
             }
-            for work in batch {
-                herald_shared::consume::progress(&work.message).await;
+        }
+        // The places go into the bucket before the events are acked (see `order.rs`).
+        while let Err(error) = lines.save().await {
+            if self.wait_to_retry(batch, stop, &mut delay, &error).await == Lane::Halted {
+                return Lane::Halted;
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(self.settings.ack_wait / 2);
         }
         for (work, failures) in batch.iter().zip(failures) {
             let disposition = if failures.is_empty() {
@@ -615,6 +648,30 @@ impl Dispatcher {
             metrics::histogram!("herald_dispatcher_dispatch_seconds")
                 .record(work.received.elapsed().as_secs_f64());
         }
+        Lane::Open
+    }
+
+    /// After a failure that retrying may mend: keeps the batch's events alive and waits
+    /// `delay` (doubling it for next time), or, when told to stop, NAKs the batch and halts.
+    async fn wait_to_retry(
+        &self,
+        batch: &[Work],
+        stop: &CancellationToken,
+        delay: &mut Duration,
+        error: &(dyn std::fmt::Display + Sync),
+    ) -> Lane {
+        tracing::warn!(%error, ?delay, "batch not dispatched; retrying in place");
+        if stop.is_cancelled() {
+            for work in batch {
+                nak(&work.message, *delay).await;
+            }
+            return Lane::Halted;
+        }
+        for work in batch {
+            herald_shared::consume::progress(&work.message).await;
+        }
+        tokio::time::sleep(*delay).await;
+        *delay = (*delay * 2).min(self.settings.ack_wait / 2);
         Lane::Open
     }
 

@@ -13,6 +13,7 @@ pub mod condition;
 pub mod dispatch;
 pub mod lease;
 pub mod observers;
+pub mod order;
 pub mod partition;
 pub mod settings;
 

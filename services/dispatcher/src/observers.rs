@@ -90,6 +90,9 @@ pub struct Observer {
     pub ops: Vec<Op>,
     pub condition: Option<Condition>,
     pub actions: Vec<Action>,
+    /// `ordered = true`: each action's requests carry their place in the line of their entity
+    /// key (`ActionRequest::order`), and workers run them in that order (`order.rs`).
+    pub ordered: bool,
 }
 
 /// Why an observer did not match an event although entity and operation fit.
@@ -148,6 +151,7 @@ impl Observer {
                     event: event.clone(),
                     created_at,
                     schema_version: SCHEMA_VERSION,
+                    order: None,
                 };
                 Ok((subject, request))
             })
@@ -468,6 +472,7 @@ impl Reader<'_> {
         let mut seen = HashSet::new();
         let (mut name, mut entity, mut ops, mut condition, mut actions) =
             (None, None, None, None, None);
+        let mut ordered = false;
         for (key, value) in entries {
             let key_path = format!("{path}.{}", key.get_ref());
             seen.insert(key.get_ref().to_string());
@@ -475,6 +480,10 @@ impl Reader<'_> {
                 "name" => name = self.subject_token(&key_path, "an observer", value),
                 "entity" => entity = self.subject_token(&key_path, "an entity", value),
                 "ops" => ops = self.ops(&key_path, value),
+                "ordered" => match value.get_ref() {
+                    DeValue::Boolean(b) => ordered = *b,
+                    _ => self.problem(&key_path, &value.span(), "must be true or false"),
+                },
                 "condition" => {
                     condition = self.string(&key_path, value).and_then(|source| {
                         Condition::compile(&source)
@@ -499,7 +508,7 @@ impl Reader<'_> {
                     &key_path,
                     &key.span(),
                     format!(
-                        "unknown key `{other}` (expected name, entity, ops, condition, action)"
+                        "unknown key `{other}` (expected name, entity, ops, condition, ordered, action)"
                     ),
                 ),
             }
@@ -518,6 +527,7 @@ impl Reader<'_> {
             ops: ops?,
             condition,
             actions: actions?,
+            ordered,
         })
     }
 

@@ -209,6 +209,7 @@ pub fn action(
         event,
         created_at: Utc::now(),
         schema_version: SCHEMA_VERSION,
+        order: None,
     }
 }
 
