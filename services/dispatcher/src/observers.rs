@@ -789,6 +789,31 @@ queue = "default"
     }
 
     #[test]
+    fn ordered_is_off_unless_declared_and_must_be_a_boolean() {
+        let set = ObserverSet::parse(VALID).expect("valid");
+        assert!(set.observers.iter().all(|o| !o.ordered));
+        let ordered = VALID.replacen(
+            "ops = [\"update\"]",
+            "ops = [\"update\"]\nordered = true",
+            1,
+        );
+        let set = ObserverSet::parse(&ordered).expect("valid");
+        assert!(set.get("order_shipped").expect("declared").ordered);
+        let wrong = VALID.replacen(
+            "ops = [\"update\"]",
+            "ops = [\"update\"]\nordered = \"yes\"",
+            1,
+        );
+        let found = problems(&wrong);
+        assert!(
+            found.iter().any(|p| p.key == "observer[0].ordered"
+                && p.line == 6
+                && p.message.contains("true or false")),
+            "{found:#?}"
+        );
+    }
+
+    #[test]
     fn every_problem_is_named_by_key_and_line_not_only_the_first() {
         let text = r#"[[observer]]
 name = "bad.name"
