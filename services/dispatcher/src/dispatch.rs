@@ -31,6 +31,9 @@
 //! can be replayed once the observer is fixed (what was published already is absorbed by
 //! Msg-Id). Every dead letter goes through `consume::Settler`; an event counts as done for the
 //! checkpoint only once its dead letter is stored.
+//!
+//! Requests of an ordered observer also get their place in their key's line before they are
+//! published, and the lines' places are saved before the events are acked (`order.rs`).
 
 use std::hash::BuildHasher;
 use std::sync::Arc;
