@@ -5,7 +5,8 @@
 //!
 //! Real servers from the test harness, on this machine. `cargo bench -p herald-gateway`;
 //! `HERALD_BENCH_ONLY=relay` runs the relay part alone (for a profiler), `HERALD_BENCH_BACKLOG`
-//! sets its size (default 20k).
+//! sets its size (default 20k); `HERALD_BENCH_ONLY=mutations` runs the mutations and their
+//! baseline alone, `HERALD_BENCH_MUTATIONS` sets how many (default 3000).
 
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,8 @@ const API_KEY: &str = "bench-api-key-0123456789";
 const QUERIES: usize = 500;
 const MUTATIONS: usize = 3000;
 const WRITERS: usize = 8;
+/// Mutation rounds, each followed by its baseline.
+const ROUNDS: usize = 6;
 const BACKLOG: i32 = 20_000;
 /// The relay's default batch: the baseline publishes in windows of the same size.
 const WINDOW: usize = 500;
@@ -118,22 +121,33 @@ async fn main() {
         .expect("gateway");
     let url = format!("http://{}/graphql", running.address);
     let http = reqwest::Client::new();
-    let relay_only = std::env::var("HERALD_BENCH_ONLY").is_ok_and(|only| only == "relay");
+    let only = std::env::var("HERALD_BENCH_ONLY").ok();
     let backlog: i32 = std::env::var("HERALD_BENCH_BACKLOG")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(BACKLOG);
-    if !relay_only {
-        queries_and_mutations(&db, &nats, &settings, &http, &url).await;
+    let mutations: usize = std::env::var("HERALD_BENCH_MUTATIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(MUTATIONS);
+    match only.as_deref() {
+        Some("relay") => relay(&db, &nats, backlog).await,
+        Some("mutations") => {
+            mutations_against_plain_inserts(&db, &nats, &http, &url, mutations).await
+        }
+        _ => {
+            queries(&db, &nats, &settings, &http, &url).await;
+            mutations_against_plain_inserts(&db, &nats, &http, &url, mutations).await;
+            relay(&db, &nats, backlog).await;
+        }
     }
-    relay(&db, &nats, backlog).await;
 
     shutdown.cancel();
     running.wait().await;
 }
 
-/// Parts 1 and 2: list queries against plain sqlx, and mutations against plain INSERTs.
-async fn queries_and_mutations(
+/// Part 1: list queries against plain sqlx.
+async fn queries(
     db: &PgPool,
     nats: &herald_shared::nats::Nats,
     settings: &GatewaySettings,
@@ -266,76 +280,99 @@ async fn queries_and_mutations(
             p50.as_secs_f64() / q50.as_secs_f64()
         );
     }
+}
 
-    // 2. Committed mutations per second, and events per second published for them.
-    let before = stream_messages(&nats.jetstream).await;
-    let started = Instant::now();
-    let writers: Vec<_> = (0..WRITERS)
-        .map(|w| {
-            let (http, url) = (http.clone(), url.clone());
-            tokio::spawn(async move {
-                for i in 0..MUTATIONS / WRITERS {
-                    let body = serde_json::json!({"query": format!(
-                        "mutation {{ createCustomer(input: {{name: \"w{w}-{i}\"}}) {{ id }} }}")});
-                    let answer: serde_json::Value = http
-                        .post(&url)
-                        .header("x-api-key", API_KEY)
-                        .json(&body)
-                        .send()
-                        .await
-                        .expect("post")
-                        .json()
-                        .await
-                        .expect("json");
-                    assert!(answer.get("errors").is_none(), "{answer}");
-                }
+/// Part 2: committed mutations per second, and events per second published for them, against
+/// the same INSERTs through plain sqlx. The two alternate in rounds (each round's events all
+/// published before its baseline starts), so the ratio compares the same moments of this
+/// (shared, loaded) machine rather than two phases seconds apart.
+async fn mutations_against_plain_inserts(
+    db: &PgPool,
+    nats: &herald_shared::nats::Nats,
+    http: &reqwest::Client,
+    url: &str,
+    mutations: usize,
+) {
+    let per_writer = (mutations / WRITERS / ROUNDS).max(1);
+    let total = (per_writer * WRITERS * ROUNDS) as u64;
+    let (mut committed, mut drained, mut plain) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    for round in 0..ROUNDS {
+        let before = stream_messages(&nats.jetstream).await;
+        let started = Instant::now();
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let (http, url) = (http.clone(), url.to_owned());
+                tokio::spawn(async move {
+                    for i in 0..per_writer {
+                        let body = serde_json::json!({"query": format!(
+                            "mutation {{ createCustomer(input: {{name: \"r{round}-w{w}-{i}\"}}) {{ id }} }}")});
+                        let answer: serde_json::Value = http
+                            .post(&url)
+                            .header("x-api-key", API_KEY)
+                            .json(&body)
+                            .send()
+                            .await
+                            .expect("post")
+                            .json()
+                            .await
+                            .expect("json");
+                        assert!(answer.get("errors").is_none(), "{answer}");
+                    }
+                })
             })
-        })
-        .collect();
-    for writer in writers {
-        writer.await.expect("writer");
+            .collect();
+        for writer in writers {
+            writer.await.expect("writer");
+        }
+        committed += started.elapsed();
+        let events = (per_writer * WRITERS) as u64;
+        drained += wait_for(&nats.jetstream, before + events).await - started;
+
+        // The baseline: the same INSERT through plain sqlx by the same number of clients, with
+        // capture off (no outbox row, no notify, no GraphQL, no HTTP): the row trigger and,
+        // since the notify moved to a statement trigger of its own, that one too.
+        sqlx::raw_sql(
+            "ALTER TABLE customers DISABLE TRIGGER herald_capture, \
+             DISABLE TRIGGER herald_capture_notify",
+        )
+        .execute(db)
+        .await
+        .expect("capture off");
+        let started = Instant::now();
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let db = db.clone();
+                tokio::spawn(async move {
+                    for i in 0..per_writer {
+                        let _: (i32,) =
+                            sqlx::query_as("INSERT INTO customers (name) VALUES ($1) RETURNING id")
+                                .bind(format!("plain r{round}-w{w}-{i}"))
+                                .fetch_one(&db)
+                                .await
+                                .expect("insert");
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.expect("writer");
+        }
+        plain += started.elapsed();
+        sqlx::raw_sql(
+            "ALTER TABLE customers ENABLE TRIGGER herald_capture, \
+             ENABLE TRIGGER herald_capture_notify",
+        )
+        .execute(db)
+        .await
+        .expect("capture on");
     }
-    let committed = started.elapsed();
-    let total = (MUTATIONS / WRITERS * WRITERS) as u64;
-    let drained = wait_for(&nats.jetstream, before + total).await - started;
     println!(
-        "mutations: {total} by {WRITERS} concurrent clients in {committed:?} = {:.0} committed/s; all events published after {drained:?} = {:.0} events/s",
+        "mutations: {total} by {WRITERS} concurrent clients in {ROUNDS} rounds, {committed:?} in all = {:.0} committed/s; all events published after {drained:?} = {:.0} events/s",
         total as f64 / committed.as_secs_f64(),
         total as f64 / drained.as_secs_f64()
     );
-
-    // The baseline for the mutations: the same INSERT through plain sqlx by the same number of
-    // clients, with the capture trigger off (no outbox row, no notify, no GraphQL, no HTTP).
-    sqlx::query("ALTER TABLE customers DISABLE TRIGGER herald_capture")
-        .execute(db)
-        .await
-        .expect("trigger off");
-    let started = Instant::now();
-    let writers: Vec<_> = (0..WRITERS)
-        .map(|w| {
-            let db = db.clone();
-            tokio::spawn(async move {
-                for i in 0..MUTATIONS / WRITERS {
-                    let _: (i32,) =
-                        sqlx::query_as("INSERT INTO customers (name) VALUES ($1) RETURNING id")
-                            .bind(format!("plain w{w}-{i}"))
-                            .fetch_one(&db)
-                            .await
-                            .expect("insert");
-                }
-            })
-        })
-        .collect();
-    for writer in writers {
-        writer.await.expect("writer");
-    }
-    let plain = started.elapsed();
-    sqlx::query("ALTER TABLE customers ENABLE TRIGGER herald_capture")
-        .execute(db)
-        .await
-        .expect("trigger on");
     println!(
-        "baseline: the same {total} INSERTs through plain sqlx by {WRITERS} clients, capture trigger off, in {plain:?} = {:.0}/s; gateway mutations ratio {:.2}",
+        "baseline: the same {total} INSERTs through plain sqlx by {WRITERS} clients, capture and notify triggers off, alternating with them, in {plain:?} = {:.0}/s; gateway mutations ratio {:.2}",
         total as f64 / plain.as_secs_f64(),
         plain.as_secs_f64() / committed.as_secs_f64()
     );

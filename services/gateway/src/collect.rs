@@ -10,8 +10,8 @@
 use std::collections::{HashMap, HashSet};
 
 use async_graphql::parser::types::{
-    Directive, DocumentOperations, Field, FragmentDefinition, OperationType, Selection as Item,
-    SelectionSet,
+    Directive, DocumentOperations, ExecutableDocument, Field, FragmentDefinition, OperationType,
+    Selection as Item, SelectionSet,
 };
 use async_graphql::{Name, Positioned, Value, Variables};
 
@@ -27,6 +27,15 @@ pub fn operation_selections(
     variables: &Variables,
 ) -> Option<(OperationType, Vec<Selection>)> {
     let document = async_graphql::parser::parse_query(text).ok()?;
+    document_selections(&document, operation_name, variables)
+}
+
+/// As `operation_selections`, for a document already parsed.
+pub fn document_selections(
+    document: &ExecutableDocument,
+    operation_name: Option<&str>,
+    variables: &Variables,
+) -> Option<(OperationType, Vec<Selection>)> {
     let operation = match (&document.operations, operation_name) {
         (DocumentOperations::Single(operation), _) => operation,
         (DocumentOperations::Multiple(operations), Some(name)) => operations.get(name)?,

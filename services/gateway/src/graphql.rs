@@ -19,7 +19,6 @@ use sqlx::PgPool;
 
 use crate::auth::Caller;
 use crate::budget::{self, Budget, Shape};
-use crate::capture::{ACTOR_SETTING, TRACEPARENT_SETTING};
 use crate::collect::{CollectError, Collector};
 use crate::query::{Access, Compiler, ListArgs, Param, QueryError, Selection, Statement};
 use crate::schema::{Catalog, CheckedEntity, RelationKind};
@@ -425,59 +424,32 @@ async fn resolve_root(
         .catalog
         .entity(entity)
         .is_some_and(|e| !e.permissions.is_empty());
-    let writer = || writer(ctx, governed);
-    let children = &selection.children;
-    let (statement, request) = match kind {
-        Root::ByKey => (
-            compiler.by_key(entity, &argument(ctx, key_arg), children)?,
-            None,
-        ),
-        Root::List => (
-            compiler.list(entity, &ListArgs::of(&selection), children)?,
-            None,
-        ),
-        Root::Aggregate => (
-            compiler.aggregate(entity, selection.argument("where"), children)?,
-            None,
-        ),
-        Root::Create => {
-            let request = writer()?;
-            (
-                compiler.create(entity, &argument(ctx, "input"), children)?,
-                Some(request),
-            )
-        }
-        Root::CreateMany => {
-            let request = writer()?;
-            (
-                compiler.create_many(entity, &argument(ctx, "inputs"), children)?,
-                Some(request),
-            )
-        }
-        Root::Upsert => {
-            let request = writer()?;
-            (
-                compiler.upsert(entity, &argument(ctx, "input"), children)?,
-                Some(request),
-            )
-        }
-        Root::Update => {
-            let request = writer()?;
-            let (key, input) = (argument(ctx, key_arg), argument(ctx, "input"));
-            (
-                compiler.update(entity, &key, &input, children)?,
-                Some(request),
-            )
-        }
-        Root::Delete => {
-            let request = writer()?;
-            (
-                compiler.delete(entity, &argument(ctx, key_arg), children)?,
-                Some(request),
-            )
-        }
+    let request = match kind {
+        Root::ByKey | Root::List | Root::Aggregate => None,
+        _ => Some(writer(ctx, governed)?),
     };
-    let row = fetch(backend, &statement, request).await?;
+    let compiler = match request {
+        Some(request) => compiler.writing_for(
+            request.caller.actor().unwrap_or_default().to_owned(),
+            request.traceparent.clone().unwrap_or_default(),
+        ),
+        None => compiler,
+    };
+    let children = &selection.children;
+    let statement = match kind {
+        Root::ByKey => compiler.by_key(entity, &argument(ctx, key_arg), children)?,
+        Root::List => compiler.list(entity, &ListArgs::of(&selection), children)?,
+        Root::Aggregate => compiler.aggregate(entity, selection.argument("where"), children)?,
+        Root::Create => compiler.create(entity, &argument(ctx, "input"), children)?,
+        Root::CreateMany => compiler.create_many(entity, &argument(ctx, "inputs"), children)?,
+        Root::Upsert => compiler.upsert(entity, &argument(ctx, "input"), children)?,
+        Root::Update => {
+            let (key, input) = (argument(ctx, key_arg), argument(ctx, "input"));
+            compiler.update(entity, &key, &input, children)?
+        }
+        Root::Delete => compiler.delete(entity, &argument(ctx, key_arg), children)?,
+    };
+    let row = fetch(backend, &statement).await?;
     let op = match kind {
         Root::ByKey | Root::List | Root::Aggregate => None,
         Root::Create | Root::CreateMany => Some("create"),
@@ -670,13 +642,11 @@ fn selection(ctx: &ResolverContext<'_>) -> Result<Selection, CollectError> {
     Collector::new(&env.fragments, &lookup).field(&ctx.ctx.item.node)
 }
 
-/// Runs a statement. A mutation runs in a transaction that first records the actor and trace
-/// for the capture trigger (`set_config(..., true)` is transaction-local, so a pooled connection
-/// never carries one caller's identity into another's request); a query is one round trip.
+/// Runs a statement: one round trip. A write is a single statement (its actor and trace set
+/// inside it, see `Compiler::writing_for`), and so its own transaction.
 async fn fetch(
     backend: &Backend,
     statement: &Statement,
-    mutation: Option<&RequestContext>,
 ) -> Result<Option<serde_json::Value>, ResolveError> {
     let mut query = sqlx::query_scalar::<_, Option<serde_json::Value>>(sqlx::AssertSqlSafe(
         statement.sql.clone(),
@@ -688,18 +658,5 @@ async fn fetch(
             Param::Int(n) => query.bind(*n),
         };
     }
-    let Some(request) = mutation else {
-        return Ok(query.fetch_optional(&backend.pool).await?.flatten());
-    };
-    let mut tx = backend.pool.begin().await?;
-    sqlx::query("SELECT set_config($1, $2, true), set_config($3, $4, true)")
-        .bind(ACTOR_SETTING)
-        .bind(request.caller.actor().unwrap_or_default())
-        .bind(TRACEPARENT_SETTING)
-        .bind(request.traceparent.clone().unwrap_or_default())
-        .execute(&mut *tx)
-        .await?;
-    let row = query.fetch_optional(&mut *tx).await?.flatten();
-    tx.commit().await?;
-    Ok(row)
+    Ok(query.fetch_optional(&backend.pool).await?.flatten())
 }

@@ -139,14 +139,27 @@ async fn execute(http: &Http, headers: &HeaderMap, request: async_graphql::Reque
         )
             .into_response();
     }
-    // The engine answers fields in completion order; keep what re-orders them by the document.
-    let ordering = (!request.query.is_empty()).then(|| {
-        (
-            request.query.clone(),
-            request.operation_name.clone(),
-            request.variables.clone(),
-        )
-    });
+    // The document is parsed once, here: the engine takes it as it is (its parse step, and the
+    // budget check on it, still run), and its collected selections re-order the engine's answer
+    // (which comes in completion order) and make the plan. A document that does not parse is
+    // left to the engine, which answers why.
+    let mut request = request;
+    let collected = if request.query.is_empty() {
+        None
+    } else {
+        async_graphql::parser::parse_query(&request.query)
+            .ok()
+            .map(|document| {
+                let collected = collect::document_selections(
+                    &document,
+                    request.operation_name.as_deref(),
+                    &request.variables,
+                );
+                request.set_parsed_query(document);
+                collected
+            })
+    };
+    let collected = collected.flatten();
     let mut response = http
         .schema
         .execute(request.data(RequestContext {
@@ -156,16 +169,13 @@ async fn execute(http: &Http, headers: &HeaderMap, request: async_graphql::Reque
         }))
         .instrument(span)
         .await;
-    if let Some((query, operation_name, variables)) = ordering
-        && let Some((_, selections)) =
-            collect::operation_selections(&query, operation_name.as_deref(), &variables)
-    {
-        order::in_selection_order(&mut response.data, &selections);
+    if let Some((_, selections)) = &collected {
+        order::in_selection_order(&mut response.data, selections);
     }
     if let (Some(plans), Some(probe)) = (&http.plans, probe)
         && response.is_ok()
     {
-        plans.learn(probe);
+        plans.learn(probe, collected);
     }
     axum::Json(response).into_response()
 }

@@ -73,9 +73,24 @@ async fn connect_pool(
         .options(extra.iter().copied());
     Ok(PgPoolOptions::new()
         .max_connections(size)
+        // sqlx pings a connection when it is released and, by default, again when it is next
+        // acquired: a round trip more per request. A connection back from a request a moment
+        // ago passed the release ping; one that sat idle longer is still pinged before use.
+        .test_before_acquire(false)
+        .before_acquire(|connection, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_AFTER_IDLE {
+                    sqlx::Connection::ping(connection).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_with(options)
         .await?)
 }
+
+/// How long a pooled connection may sit idle before it is pinged again on acquire.
+const PING_AFTER_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A started gateway.
 pub struct Running {

@@ -242,8 +242,10 @@ impl Plans {
         Some(ready)
     }
 
-    /// After the engine answered `probe`'s request without error: keep its plan.
-    pub fn learn(&self, probe: Probe) {
+    /// After the engine answered `probe`'s request without error: keep its plan. `collected`
+    /// is the request's operation type and root selections when the caller already has them
+    /// (else the document is read again).
+    pub fn learn(&self, probe: Probe, collected: Option<(OperationType, Vec<Selection>)>) {
         let text = match &probe.text {
             Some(text) => text.clone(),
             None => match self
@@ -261,7 +263,11 @@ impl Plans {
         {
             documents.put(probe.key.document.clone(), text.clone());
         }
-        let Some(roots) = self.plan_roots(&text, &probe) else {
+        let collected = collected.or_else(|| {
+            collect::operation_selections(&text, probe.key.operation.as_deref(), &probe.variables)
+        });
+        let Some(roots) = collected.and_then(|(ty, selections)| self.plan_roots(ty, selections))
+        else {
             return;
         };
         let plan = Arc::new(Plan {
@@ -273,9 +279,7 @@ impl Plans {
         }
     }
 
-    fn plan_roots(&self, text: &str, probe: &Probe) -> Option<Vec<Root>> {
-        let (ty, selections) =
-            collect::operation_selections(text, probe.key.operation.as_deref(), &probe.variables)?;
+    fn plan_roots(&self, ty: OperationType, selections: Vec<Selection>) -> Option<Vec<Root>> {
         if ty != OperationType::Query {
             return None;
         }

@@ -133,6 +133,8 @@ pub struct Compiler<'a> {
     /// Build the answer as `json` (keys in selection order, `__typename` filled in) for a
     /// response written as it comes from the database, rather than as `jsonb` for the engine.
     text: bool,
+    /// The actor and trace a write records for the capture trigger (`writing_for`).
+    request: Option<(String, String)>,
 }
 
 impl<'a> Compiler<'a> {
@@ -144,7 +146,16 @@ impl<'a> Compiler<'a> {
             params: Vec::new(),
             aliases: 0,
             text: false,
+            request: None,
         }
+    }
+
+    /// Writes record `actor` and `traceparent` for the capture trigger inside their own
+    /// statement (`written`), so a mutation is one statement and one round trip, its own
+    /// transaction, rather than BEGIN, set_config, the write and COMMIT.
+    pub fn writing_for(mut self, actor: String, traceparent: String) -> Self {
+        self.request = Some((actor, traceparent));
+        self
     }
 
     /// Answers in the response's own shape: a `json` value whose keys are the response keys in
@@ -284,6 +295,34 @@ impl<'a> Compiler<'a> {
             sql,
             params: self.params,
         }
+    }
+
+    /// `WITH alias AS (write RETURNING *) SELECT select FROM alias`, and with `writing_for`
+    /// the actor and trace set first in the same statement. `set_config(.., true)` lasts until
+    /// the statement's implicit transaction ends, so a pooled connection never carries one
+    /// caller's identity into another's request. The capture trigger reads them when its AFTER
+    /// ROW events fire, at the end of the statement, after every part of it has run; and no
+    /// changed row can be answered without reading `herald_request`, so whenever a row changed
+    /// the settings were made before its event was written.
+    fn written(&mut self, alias: &str, write: &str, select: &str) -> String {
+        let Some((actor, traceparent)) = self.request.take() else {
+            return format!("WITH {alias} AS ({write} RETURNING *) SELECT {select} FROM {alias}");
+        };
+        let settings = [
+            (crate::capture::ACTOR_SETTING, actor),
+            (crate::capture::TRACEPARENT_SETTING, traceparent),
+        ]
+        .map(|(name, value)| {
+            let name = self.bind(Param::Text(Some(name.to_owned())));
+            let value = self.bind(Param::Text(Some(value)));
+            format!("set_config({name}, {value}, true)")
+        });
+        format!(
+            "WITH herald_request AS MATERIALIZED (SELECT {} AS herald_actor, {} AS herald_trace), \
+             {alias} AS ({write} RETURNING *) \
+             SELECT {select} FROM {alias} CROSS JOIN herald_request",
+            settings[0], settings[1]
+        )
     }
 
     fn bind(&mut self, param: Param) -> String {
@@ -438,11 +477,11 @@ impl<'a> Compiler<'a> {
             )
         };
         let object = self.object(entity, &alias, selection)?;
-        let sql = format!(
-            "WITH {alias} AS ({insert} RETURNING *) \
-             SELECT coalesce({json}_agg({object}), '[]'::{json}) FROM {alias}",
-            json = self.json(),
+        let select = format!(
+            "coalesce({json}_agg({object}), '[]'::{json})",
+            json = self.json()
         );
+        let sql = self.written(&alias, &insert, &select);
         Ok(self.finish(sql))
     }
 
@@ -485,13 +524,12 @@ impl<'a> Compiler<'a> {
         let (columns, values): (Vec<_>, Vec<_>) = assignments.into_iter().unzip();
         let alias = self.alias();
         let object = self.object(entity, &alias, selection)?;
-        let sql = format!(
-            "WITH {alias} AS (INSERT INTO {table} ({}) VALUES ({}) \
-             ON CONFLICT ({key}) DO UPDATE SET {set}{reach} RETURNING *) \
-             SELECT {object} FROM {alias}",
+        let upsert = format!(
+            "INSERT INTO {table} ({}) VALUES ({}) ON CONFLICT ({key}) DO UPDATE SET {set}{reach}",
             columns.join(", "),
             values.join(", "),
         );
+        let sql = self.written(&alias, &upsert, &object);
         Ok(self.finish(sql))
     }
 
@@ -518,7 +556,7 @@ impl<'a> Compiler<'a> {
             )
         };
         let object = self.object(entity, &alias, selection)?;
-        let sql = format!("WITH {alias} AS ({insert} RETURNING *) SELECT {object} FROM {alias}");
+        let sql = self.written(&alias, &insert, &object);
         Ok(self.finish(sql))
     }
 
@@ -548,13 +586,13 @@ impl<'a> Compiler<'a> {
         let key_param = self.value_param(&entity.key, key, "key")?;
         let alias = self.alias();
         let object = self.object(entity, &alias, selection)?;
-        let sql = format!(
-            "WITH {alias} AS (UPDATE {table} SET {set} WHERE {key} = CAST({key_param} AS {ty}){reach} \
-             RETURNING *) SELECT {object} FROM {alias}",
+        let update = format!(
+            "UPDATE {table} SET {set} WHERE {key} = CAST({key_param} AS {ty}){reach}",
             table = quote_ident(&entity.table),
             key = quote_ident(&entity.key.name),
             ty = entity.key.base_type(),
         );
+        let sql = self.written(&alias, &update, &object);
         Ok(self.finish(sql))
     }
 
@@ -573,13 +611,13 @@ impl<'a> Compiler<'a> {
             .unwrap_or_default();
         let alias = self.alias();
         let object = self.object(entity, &alias, selection)?;
-        let sql = format!(
-            "WITH {alias} AS (DELETE FROM {table} WHERE {key} = CAST({key_param} AS {ty}){reach} \
-             RETURNING *) SELECT {object} FROM {alias}",
+        let delete = format!(
+            "DELETE FROM {table} WHERE {key} = CAST({key_param} AS {ty}){reach}",
             table = quote_ident(&entity.table),
             key = quote_ident(&entity.key.name),
             ty = entity.key.base_type(),
         );
+        let sql = self.written(&alias, &delete, &object);
         Ok(self.finish(sql))
     }
 
@@ -1180,6 +1218,40 @@ mod tests {
             "{}",
             statement.sql
         );
+    }
+
+    #[test]
+    fn a_write_sets_its_actor_and_trace_in_its_own_statement_as_parameters() {
+        let catalog = catalog();
+        let limits = Limits::default();
+        let actor = "x'); DROP TABLE customers; --";
+        let input = object(vec![("name", Value::String("a".into()))]);
+        let statement = Compiler::new(&catalog, &limits)
+            .writing_for(actor.into(), "00-trace".into())
+            .create("Customer", &input, &[selection("id")])
+            .expect("compiles");
+        assert!(!statement.sql.contains("DROP"), "{}", statement.sql);
+        assert_eq!(
+            statement.sql.matches("set_config(").count(),
+            2,
+            "{}",
+            statement.sql
+        );
+        assert!(
+            statement.sql.contains("CROSS JOIN herald_request"),
+            "the answer reads the settings, so they are made whenever a row changed: {}",
+            statement.sql
+        );
+        for value in [crate::capture::ACTOR_SETTING, actor, "00-trace"] {
+            assert!(
+                statement.params.contains(&Param::Text(Some(value.into()))),
+                "{value} is bound"
+            );
+        }
+        let plain = Compiler::new(&catalog, &limits)
+            .create("Customer", &input, &[selection("id")])
+            .expect("compiles");
+        assert!(!plain.sql.contains("set_config"), "{}", plain.sql);
     }
 
     #[test]

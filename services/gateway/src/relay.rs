@@ -605,10 +605,18 @@ fn span_id_for(id: Uuid) -> u64 {
     u64::from_be_bytes(tail).max(1)
 }
 
-/// Waits for a notification; `false` when the listener is gone or broke.
+/// Waits for a notification; `false` when the listener is gone or broke. The notifications
+/// already received with it are taken too: each says only that some transaction committed, and
+/// the next pass reads everything committed before it starts, so one pass answers them all
+/// (without this, writers committing one by one cost the relay one pass each, most finding
+/// nothing left to publish).
 async fn wake(listener: &mut Option<PgListener>) -> bool {
     match listener {
-        Some(listener) => listener.recv().await.is_ok(),
+        Some(listener) => {
+            let woken = listener.recv().await.is_ok();
+            while listener.next_buffered().is_some() {}
+            woken
+        }
         None => std::future::pending().await,
     }
 }
