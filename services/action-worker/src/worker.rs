@@ -73,8 +73,10 @@ pub const SERVICE: &str = "action-worker";
 const BUSY_RECHECK: Duration = Duration::from_secs(1);
 /// The wait before an action put back for its destination's pace comes again.
 const PACE_RECHECK: Duration = Duration::from_millis(500);
-/// The wait before an ordered action whose predecessor is unsettled looks again.
+/// The wait before an ordered action whose predecessor is unsettled looks again: at least the
+/// first, at most the second.
 const ORDER_RECHECK: Duration = Duration::from_millis(200);
+const ORDER_RECHECK_MAX: Duration = Duration::from_secs(5);
 /// How long an action over its destination's share waits for a place before it is put back.
 const PACE_PATIENCE: Duration = Duration::from_millis(500);
 
@@ -326,7 +328,10 @@ impl Worker {
                         ?waited,
                         "the previous action of this line is not settled; putting the action back"
                     );
-                    ORDER_RECHECK
+                    // Soon at first (the predecessor is usually running), less often the longer
+                    // the line has waited (a predecessor waiting out a retry or a crashed
+                    // worker's lease), so a long wait does not fill the stream with put-backs.
+                    (waited / 4).clamp(ORDER_RECHECK, ORDER_RECHECK_MAX)
                 } else {
                     BUSY_RECHECK.min(self.dedup.lease_duration() / 2)
                 };
