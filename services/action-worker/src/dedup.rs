@@ -172,32 +172,39 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return {1, tonumber(redis.call('GET', KEYS[2]) or '0'), late}
 ";
 
-/// Moves a line on to ARGV[1] (never back); the wait clock starts again with the next waiter.
-/// KEYS[1]: the line. ARGV: sequence, TTL ms.
-const ADVANCE: &str = r"
-local seq = tonumber(ARGV[1])
-if seq > tonumber(redis.call('HGET', KEYS[1], 'done') or '0') then
-  redis.call('HSET', KEYS[1], 'done', seq)
-  redis.call('HDEL', KEYS[1], 'since')
+/// The Lua that moves a line on to `seq` (never back); the wait clock starts again with the
+/// next waiter. Shared by `ADVANCE` and `COMPLETE`.
+macro_rules! move_line_on {
+    () => {
+        r"
+local function move_on(line, seq, ttl)
+  if seq > tonumber(redis.call('HGET', line, 'done') or '0') then
+    redis.call('HSET', line, 'done', seq)
+    redis.call('HDEL', line, 'since')
+  end
+  redis.call('PEXPIRE', line, ttl)
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-";
+"
+    };
+}
+
+/// Moves a line on. KEYS[1]: the line. ARGV: sequence, TTL ms.
+const ADVANCE: &str = concat!(
+    move_line_on!(),
+    "move_on(KEYS[1], tonumber(ARGV[1]), ARGV[2])\nreturn 1\n"
+);
 
 /// Marks the action done and moves its line on, in one step. KEYS: the mark, the line (any key
 /// when it has none). ARGV: marker, TTL ms, sequence (0: no line).
-const COMPLETE: &str = r"
+const COMPLETE: &str = concat!(
+    move_line_on!(),
+    r"
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local seq = tonumber(ARGV[3])
-if seq > 0 then
-  if seq > tonumber(redis.call('HGET', KEYS[2], 'done') or '0') then
-    redis.call('HSET', KEYS[2], 'done', seq)
-    redis.call('HDEL', KEYS[2], 'since')
-  end
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-end
+if seq > 0 then move_on(KEYS[2], seq, ARGV[2]) end
 return 1
-";
+"
+);
 
 const FIRST_FAILURE: &str = r"
 redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
