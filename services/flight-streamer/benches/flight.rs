@@ -142,17 +142,25 @@ async fn json_baseline(js: &jetstream::Context, count: usize) -> (Duration, usiz
     (started.elapsed(), ids.len())
 }
 
+/// The Flight messages of `ticket`, as they come.
+async fn do_get(
+    client: &mut FlightClient,
+    ticket: &str,
+) -> arrow_flight::decode::FlightDataDecoder {
+    client
+        .do_get(Ticket::new(ticket.to_owned()))
+        .await
+        .expect("DoGet")
+        .into_inner()
+}
+
 /// Time from DoGet to the first record batch of `ticket`, the stream dropped right after it
 /// (the server then ends its consumer or cursor): the median of `times` requests in a row.
 async fn first_batch_again(client: &mut FlightClient, ticket: &str, times: usize) -> Duration {
     let mut took = Vec::with_capacity(times);
     for _ in 0..times {
         let started = Instant::now();
-        let mut decoder = client
-            .do_get(Ticket::new(ticket.to_owned()))
-            .await
-            .expect("DoGet")
-            .into_inner();
+        let mut decoder = do_get(client, ticket).await;
         while let Some(data) = decoder.next().await {
             if let DecodedPayload::RecordBatch(_) = data.expect("a message").payload {
                 took.push(started.elapsed());
@@ -184,11 +192,7 @@ async fn read(client: &mut FlightClient, ticket: &str) -> Read {
     // After the RSS bookkeeping: resetting the peak walks every page table of this process
     // (milliseconds once it holds a few hundred MiB), which is the bench's cost, not Flight's.
     let started = Instant::now();
-    let mut decoder = client
-        .do_get(Ticket::new(ticket.to_owned()))
-        .await
-        .expect("DoGet")
-        .into_inner();
+    let mut decoder = do_get(client, ticket).await;
     let (mut rows, mut bytes, mut first_batch) = (0, 0, None);
     while let Some(data) = decoder.next().await {
         let data = data.expect("a message");
