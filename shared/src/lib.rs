@@ -6,6 +6,7 @@
 //! string or a header name; it asks this crate.
 
 pub mod admin;
+mod alloc;
 pub mod check_config;
 pub mod config;
 pub mod consume;

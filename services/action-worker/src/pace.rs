@@ -3,27 +3,34 @@
 //! that many slots, never all of them, and every other destination keeps its pace.
 //!
 //! An action over the limit first waits a short while for a place, without a worker slot (the
-//! worker gives its slot back meanwhile), in a queue of a few times the limit per destination:
-//! a burst to one fast receiver then runs at the receiver's pace instead of circling through
-//! put-backs. At most `concurrency` actions wait in all, so the worker never holds more than
-//! twice `concurrency` unacknowledged, however many destinations are slow. When the queue is
-//! full or the wait is over, the action is put back without running (no attempt spent) and
-//! comes again shortly.
+//! worker gives its slot back meanwhile), in a queue per destination: a burst to one fast
+//! receiver then runs at the receiver's pace instead of circling through put-backs. The queue
+//! holds what the destination can clear within the wait at its recent pace (how long its places
+//! were held by actions that ran), and a few times the limit while that pace is unknown, so a
+//! fast receiver takes a burst of hundreds while a crawling one queues no more than it can serve.
+//! At most `waiting_at_most` actions wait in all. When the queue is full or the wait is over, the
+//! action is put back without running (no attempt spent) and comes again shortly.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
-/// How many actions may wait for one destination, as a multiple of its running limit.
+/// How many actions may wait for one destination, as a multiple of its running limit, while its
+/// pace is unknown or slow (the least), and however fast it is (the most).
 const QUEUE_PER_PLACE: usize = 4;
+const QUEUE_PER_PLACE_MOST: usize = 256;
+/// Destinations whose pace is remembered; past this many the memory starts afresh.
+const PACES_REMEMBERED: usize = 1024;
+/// Weight of the newest hold time in a destination's pace.
+const PACE_WEIGHT: f64 = 0.2;
 
 /// Actions running and waiting per destination.
 #[derive(Debug)]
 pub struct Pacer {
     limit: usize,
-    queue: usize,
     waiting_at_most: usize,
     destinations: Arc<Mutex<Destinations>>,
 }
@@ -33,6 +40,9 @@ struct Destinations {
     by_name: HashMap<String, Destination>,
     /// Waiting for any destination.
     waiting: usize,
+    /// Per destination, how long a place was held by an action that ran (a moving average),
+    /// kept while the destination is idle so that its next burst is queued at its pace.
+    paces: HashMap<String, Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -48,6 +58,7 @@ struct Destination {
 pub struct Place {
     destination: String,
     destinations: Arc<Mutex<Destinations>>,
+    taken: Instant,
 }
 
 impl Pacer {
@@ -56,7 +67,6 @@ impl Pacer {
         let limit = limit.max(1);
         Self {
             limit,
-            queue: limit.saturating_mul(QUEUE_PER_PLACE),
             waiting_at_most,
             destinations: Arc::default(),
         }
@@ -76,8 +86,9 @@ impl Pacer {
     /// when the destination's queue is full, or when the wait is over.
     pub async fn enter_within(&self, destination: &str, patience: Duration) -> Option<Place> {
         let freed = {
-            let mut destinations = self.lock();
-            let everyone_waiting = destinations.waiting;
+            let mut guard = self.lock();
+            // Reborrowed so that the fields borrow apart.
+            let destinations = &mut *guard;
             let entry = destinations
                 .by_name
                 .entry(destination.to_owned())
@@ -85,8 +96,9 @@ impl Pacer {
             if let Some(place) = self.take_place(entry, destination) {
                 return Some(place);
             }
-            if entry.waiting >= self.queue || everyone_waiting >= self.waiting_at_most {
-                forget_if_idle(&mut destinations, destination);
+            let queue = self.queue(destinations.paces.get(destination).copied(), patience);
+            if entry.waiting >= queue || destinations.waiting >= self.waiting_at_most {
+                forget_if_idle(destinations, destination);
                 return None;
             }
             entry.waiting += 1;
@@ -120,7 +132,23 @@ impl Pacer {
         Some(Place {
             destination: destination.to_owned(),
             destinations: Arc::clone(&self.destinations),
+            taken: Instant::now(),
         })
+    }
+
+    /// How many may wait for a destination whose places are held for `pace` each: as many as
+    /// its places clear within `patience`.
+    fn queue(&self, pace: Option<Duration>, patience: Duration) -> usize {
+        let per_place = match pace {
+            Some(pace) if !pace.is_zero() => {
+                let cleared = patience.as_secs_f64() / pace.as_secs_f64();
+                // Saturating float-to-int cast; the clamp bounds it either way.
+                (cleared as usize).clamp(QUEUE_PER_PLACE, QUEUE_PER_PLACE_MOST)
+            }
+            Some(_) => QUEUE_PER_PLACE_MOST,
+            None => QUEUE_PER_PLACE,
+        };
+        self.limit.saturating_mul(per_place)
     }
 
     fn lock(&self) -> MutexGuard<'_, Destinations> {
@@ -160,6 +188,23 @@ impl Drop for Waiter<'_> {
             entry.waiting = entry.waiting.saturating_sub(1);
         }
         forget_if_idle(&mut destinations, self.destination);
+    }
+}
+
+impl Place {
+    /// Frees the place of an action that ran against the destination, learning its pace.
+    /// (Dropping the place of one that did not run frees it without that.)
+    pub fn ran(self) {
+        let held = self.taken.elapsed();
+        let mut destinations = lock(&self.destinations);
+        let paces = &mut destinations.paces;
+        if paces.len() >= PACES_REMEMBERED && !paces.contains_key(&self.destination) {
+            paces.clear();
+        }
+        paces
+            .entry(self.destination.clone())
+            .and_modify(|pace| *pace = pace.mul_f64(1.0 - PACE_WEIGHT) + held.mul_f64(PACE_WEIGHT))
+            .or_insert(held);
     }
 }
 
@@ -264,6 +309,66 @@ mod tests {
         for waiter in waiters {
             waiter.abort();
         }
+    }
+
+    /// Holds `destination`'s one place for `held`, as an action that ran.
+    async fn run_once(pacer: &Pacer, destination: &str, held: Duration) {
+        let place = pacer.enter(destination).expect("a free place");
+        tokio::time::sleep(held).await;
+        place.ran();
+    }
+
+    /// How many `enter_within(.., PATIENCE)` calls queue behind a held place before one is
+    /// refused at once.
+    async fn queued_before_refusal(pacer: &Arc<Pacer>, destination: &'static str) -> usize {
+        let _running = pacer.enter(destination).expect("a free place");
+        let mut waiters = Vec::new();
+        loop {
+            let pacer = Arc::clone(pacer);
+            let waiter =
+                tokio::spawn(async move { pacer.enter_within(destination, PATIENCE).await });
+            tokio::task::yield_now().await;
+            if waiter.is_finished() {
+                let queued = waiters.len();
+                for waiter in waiters {
+                    tokio::task::JoinHandle::abort(&waiter);
+                }
+                return queued;
+            }
+            waiters.push(waiter);
+        }
+    }
+
+    const PATIENCE: Duration = Duration::from_millis(500);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fast_destination_queues_what_it_clears_within_the_patience() {
+        let pacer = Arc::new(Pacer::new(1, 10_000));
+        assert_eq!(
+            queued_before_refusal(&pacer, "new:443").await,
+            QUEUE_PER_PLACE,
+            "an unknown pace queues the least"
+        );
+
+        run_once(&pacer, "fast:443", Duration::from_millis(2)).await;
+        assert_eq!(
+            queued_before_refusal(&pacer, "fast:443").await,
+            250,
+            "500 ms of 2 ms requests"
+        );
+
+        run_once(&pacer, "slow:443", Duration::from_millis(400)).await;
+        assert_eq!(
+            queued_before_refusal(&pacer, "slow:443").await,
+            QUEUE_PER_PLACE
+        );
+
+        // A place given back by an action that did not run teaches nothing.
+        drop(pacer.enter("unran:443"));
+        assert_eq!(
+            queued_before_refusal(&pacer, "unran:443").await,
+            QUEUE_PER_PLACE
+        );
     }
 
     #[tokio::test]

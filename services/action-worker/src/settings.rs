@@ -34,8 +34,9 @@ pub struct Settings {
     /// Actions in flight at once in this replica.
     pub concurrency: usize,
     /// Actions running against one destination (`host:port`) at once, at most, so a slow or
-    /// hanging receiver cannot take every slot; up to four times as many more wait briefly for
-    /// a place without a slot (at most `concurrency` waiting in all), the rest are put back.
+    /// hanging receiver cannot take every slot; as many more as the destination clears in half
+    /// a second at its recent pace (at least four times this) wait for a place without a slot
+    /// (at most 16 × `concurrency` waiting in all), the rest are put back.
     pub per_destination_concurrency: usize,
     /// JetStream's redelivery timer; renewed while an action runs or waits for Redis.
     #[serde(with = "humantime_serde")]

@@ -34,10 +34,12 @@
 //! retrying or dead-lettered), a delivery of an already-done action publishes a `duplicate` one,
 //! and a put-back delivery publishes none: it was not an attempt.
 //!
-//! One destination cannot take every slot: at most `per_destination_concurrency` actions run
-//! against one `host:port` at once (`pace.rs`); a few times that many more wait up to
-//! `PACE_PATIENCE` for a place with their slot given back, and the rest are put back without
-//! spending an attempt.
+//! One destination cannot take every slot: at most `per_destination_concurrency` requests run
+//! against one `host:port` at once (`pace.rs`; a place is held from the claim until the
+//! destination answers, not while the action is settled); as many more as the destination clears
+//! within `PACE_PATIENCE` at its recent pace wait for a place with their slot given back (at most
+//! `WAITING_PER_SLOT` × `concurrency` in all), and the rest are put back without spending an
+//! attempt.
 //!
 //! Redis down: a claim, `done` marker or release that cannot reach Redis is retried every
 //! `redis_retry` while the message is held (ack timer renewed), and the loop fetches nothing new
@@ -79,6 +81,10 @@ const ORDER_RECHECK: Duration = Duration::from_millis(200);
 const ORDER_RECHECK_MAX: Duration = Duration::from_secs(5);
 /// How long an action over its destination's share waits for a place before it is put back.
 const PACE_PATIENCE: Duration = Duration::from_millis(500);
+/// How many actions may wait for a place in all, per slot. A waiting action holds no slot, only
+/// its message (unacknowledged, for at most `PACE_PATIENCE`), so a burst to one fast receiver
+/// waits its turn instead of being put back and fetched again.
+const WAITING_PER_SLOT: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -122,7 +128,10 @@ impl Worker {
             registry,
             dedup,
             breakers: Breakers::new(settings.breaker.clone()),
-            pacer: Pacer::new(settings.per_destination_concurrency, settings.concurrency),
+            pacer: Pacer::new(
+                settings.per_destination_concurrency,
+                settings.concurrency.saturating_mul(WAITING_PER_SLOT),
+            ),
             slots: Arc::new(Semaphore::new(settings.concurrency)),
             settings,
             redis_up: watch::Sender::new(true),
@@ -272,7 +281,7 @@ impl Worker {
         };
 
         // Paced before the breaker is asked: a probe it admits must run.
-        let _place = match &destination {
+        let pace_place = match &destination {
             Some(host) => match self.pacer.enter(host) {
                 Some(place) => Some(place),
                 None => match self.wait_for_place(host, &mut slot).await {
@@ -381,6 +390,12 @@ impl Worker {
                 Err(ActionError::Permanent(_)) => Verdict::Unknown,
             };
             self.breakers.record(host, verdict, Instant::now());
+        }
+        // The destination is done with this action: its place goes to the next one while this
+        // one is settled (Redis, the outcome's publish ack, the message's ack), which the
+        // destination never sees.
+        if let Some(pace_place) = pace_place {
+            pace_place.ran();
         }
 
         self.settle(message, &request, attempt, &lease, result, elapsed)
