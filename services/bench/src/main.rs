@@ -98,7 +98,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let sink = sink::Sink::start()
         .await
         .context("start the webhook sink")?;
-    eprintln!("starting the stack (webhooks to {})", sink.url());
+    eprintln!(
+        "starting the stack (webhooks to {}; the action worker's per_destination_concurrency {})",
+        sink.url(),
+        stack::ONE_DESTINATION_CONCURRENCY
+    );
     let stack = stack::Stack::start(&sink.url()).await?;
     let gateway = Gateway {
         http: reqwest::Client::new(),
