@@ -59,6 +59,8 @@ pub struct Place {
     destination: String,
     destinations: Arc<Mutex<Destinations>>,
     taken: Instant,
+    /// Set by `ran`: the drop then learns the destination's pace under the same lock.
+    ran: bool,
 }
 
 impl Pacer {
@@ -133,6 +135,7 @@ impl Pacer {
             destination: destination.to_owned(),
             destinations: Arc::clone(&self.destinations),
             taken: Instant::now(),
+            ran: false,
         })
     }
 
@@ -194,28 +197,33 @@ impl Drop for Waiter<'_> {
 impl Place {
     /// Frees the place of an action that ran against the destination, learning its pace.
     /// (Dropping the place of one that did not run frees it without that.)
-    pub fn ran(self) {
-        let held = self.taken.elapsed();
-        let mut destinations = lock(&self.destinations);
-        let paces = &mut destinations.paces;
-        if paces.len() >= PACES_REMEMBERED && !paces.contains_key(&self.destination) {
-            paces.clear();
-        }
-        paces
-            .entry(self.destination.clone())
-            .and_modify(|pace| *pace = pace.mul_f64(1.0 - PACE_WEIGHT) + held.mul_f64(PACE_WEIGHT))
-            .or_insert(held);
+    pub fn ran(mut self) {
+        self.ran = true;
     }
 }
 
 impl Drop for Place {
     fn drop(&mut self) {
-        let mut destinations = lock(&self.destinations);
+        let mut guard = lock(&self.destinations);
+        let destinations = &mut *guard;
+        if self.ran {
+            let held = self.taken.elapsed();
+            let paces = &mut destinations.paces;
+            if paces.len() >= PACES_REMEMBERED && !paces.contains_key(&self.destination) {
+                paces.clear();
+            }
+            paces
+                .entry(self.destination.clone())
+                .and_modify(|pace| {
+                    *pace = pace.mul_f64(1.0 - PACE_WEIGHT) + held.mul_f64(PACE_WEIGHT);
+                })
+                .or_insert(held);
+        }
         if let Some(entry) = destinations.by_name.get_mut(&self.destination) {
             entry.running = entry.running.saturating_sub(1);
             entry.freed.notify_one();
         }
-        forget_if_idle(&mut destinations, &self.destination);
+        forget_if_idle(destinations, &self.destination);
     }
 }
 
@@ -322,7 +330,7 @@ mod tests {
     /// refused at once.
     async fn queued_before_refusal(pacer: &Arc<Pacer>, destination: &'static str) -> usize {
         let _running = pacer.enter(destination).expect("a free place");
-        let mut waiters = Vec::new();
+        let mut waiters: Vec<tokio::task::JoinHandle<Option<Place>>> = Vec::new();
         loop {
             let pacer = Arc::clone(pacer);
             let waiter =
@@ -331,7 +339,7 @@ mod tests {
             if waiter.is_finished() {
                 let queued = waiters.len();
                 for waiter in waiters {
-                    tokio::task::JoinHandle::abort(&waiter);
+                    waiter.abort();
                 }
                 return queued;
             }
