@@ -4,7 +4,7 @@
 //!
 //! Round trips are counted from `INFO commandstats`: Redis counts the commands a Lua script runs
 //! as calls too, so only the commands this service sends itself are summed (EVALSHA/EVAL for
-//! every transition, XRANGE/XDEL for the outbox, SMEMBERS for the reaper's queue list, SCRIPT LOAD).
+//! every transition, XRANGE/XTRIM (XDEL when parking) for the outbox, SMEMBERS for the reaper's queue list, SCRIPT LOAD).
 //!
 //! `cargo bench -p herald-job-worker --bench throughput` (JOBS=<n> to change the job count,
 //! CONCURRENCY=<n> the pool's size, HERALD_BENCH_REDIS_URL to run against a Redis already
@@ -27,10 +27,11 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 /// Commands the service sends itself (not from inside its scripts).
-const DIRECT: [&str; 7] = [
+const DIRECT: [&str; 8] = [
     "evalsha",
     "eval",
     "xrange",
+    "xtrim",
     "xdel",
     "smembers",
     "script|load",

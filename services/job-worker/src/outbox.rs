@@ -199,7 +199,10 @@ impl Outbox {
             }
         }
         self.settle(&mut acks, &mut done).await?;
-        self.queue.outbox_done(&done).await?;
+        // Every entry read is now published or parked (any other outcome returned above).
+        if let Some(last) = entries.last() {
+            self.queue.outbox_trim(&last.id).await?;
+        }
         let mut refusals = self.refusals.lock().await;
         for id in &done {
             refusals.remove(id);

@@ -248,3 +248,94 @@ async fn concurrent_stores_and_completions_share_script_calls_and_each_gets_its_
         );
     }
 }
+
+#[tokio::test]
+async fn a_completion_leases_the_next_pending_job_by_priority_in_the_same_step() {
+    let redis = RedisServer::start();
+    let queue = queue(&redis).await;
+    store(&queue, &request("first", 3)).await;
+    let low = request("low", 3);
+    store(&queue, &low).await;
+    let urgent = JobRequest {
+        priority: 5,
+        ..request("urgent", 3)
+    };
+    store(&queue, &urgent).await;
+
+    let first = queue.claim("q", 1, SHORT).await.expect("claim").remove(0);
+    assert_eq!(first.id, "urgent", "the highest priority is claimed first");
+    let done = Outcome::Succeeded { result: json!(1) };
+    let (recorded, next) = queue
+        .complete_and_claim(&first, &done, Some(Duration::from_secs(30)))
+        .await
+        .expect("complete and claim");
+    assert!(recorded);
+    let next = next.expect("a pending job was leased with the completion");
+    assert_eq!((next.id.as_str(), next.attempt), ("first", 1));
+    assert_ne!(
+        next.token, first.token,
+        "the next job has its own lease token"
+    );
+    let fields = queue.job("first").await.expect("read").expect("job exists");
+    assert_eq!(fields.get("state").map(String::as_str), Some("running"));
+    assert_eq!(fields.get("owner"), Some(&next.token));
+    assert_eq!(
+        queue.heartbeat(&next, SHORT).await.expect("heartbeat"),
+        Heartbeat::Held,
+        "the chained lease is in the running set like a claimed one"
+    );
+
+    // Without a lease asked for, nothing more is taken; with one and an empty queue, none comes.
+    let (recorded, none) = queue
+        .complete_and_claim(&next, &done, None)
+        .await
+        .expect("complete");
+    assert!(recorded && none.is_none());
+    let last = queue.claim("q", 5, SHORT).await.expect("claim").remove(0);
+    assert_eq!(last.id, "low");
+    let (recorded, none) = queue
+        .complete_and_claim(&last, &done, Some(SHORT))
+        .await
+        .expect("complete");
+    assert!(recorded && none.is_none());
+
+    // Every transition has its event, the chained `running` included, in order per job.
+    let events: Vec<(String, String)> = queue
+        .outbox(100)
+        .await
+        .expect("outbox")
+        .iter()
+        .map(|e| (e.fields["job"].clone(), e.fields["state"].clone()))
+        .collect();
+    for job in ["urgent", "first", "low"] {
+        let states: Vec<&str> = events
+            .iter()
+            .filter(|(id, _)| id == job)
+            .map(|(_, state)| state.as_str())
+            .collect();
+        assert_eq!(states, ["pending", "running", "succeeded"], "{job}");
+    }
+}
+
+#[tokio::test]
+async fn trimming_the_outbox_keeps_entries_written_after_the_read() {
+    let redis = RedisServer::start();
+    let queue = queue(&redis).await;
+    store(&queue, &request("a", 3)).await;
+    store(&queue, &request("b", 3)).await;
+    let read = queue.outbox(100).await.expect("outbox");
+    assert_eq!(read.len(), 2);
+    // Written while the first two were being published.
+    store(&queue, &request("c", 3)).await;
+
+    queue
+        .outbox_trim(&read[1].id)
+        .await
+        .expect("trim the published entries");
+    let left = queue.outbox(100).await.expect("outbox");
+    let jobs: Vec<&str> = left.iter().map(|e| e.fields["job"].as_str()).collect();
+    assert_eq!(jobs, ["c"]);
+    // A second publisher trimming the same read again changes nothing.
+    queue.outbox_trim(&read[1].id).await.expect("trim again");
+    assert_eq!(queue.outbox(100).await.expect("outbox").len(), 1);
+}
