@@ -277,7 +277,8 @@ impl Pool {
     }
 
     /// Records the outcome, retrying while Redis is unreachable, and unless the pool is stopping
-    /// (or the job was released for the stop), leases the queue's next job in the same step.
+    /// (or the job was released for the stop), leases the queue's next job in the same step (on
+    /// the first try only).
     /// Giving up is safe: the lease expires and the job runs again.
     async fn record(
         &self,
@@ -287,19 +288,24 @@ impl Pool {
         started: Instant,
     ) -> Option<Claimed> {
         let queue = &self.inner.queue;
-        let chain = !self.inner.stop.is_cancelled() && !matches!(outcome, Outcome::Released);
-        let next_lease = chain.then_some(self.inner.settings.lease);
-        let recorded = (|| queue.complete_and_claim(job, &outcome, next_lease))
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(50))
-                    .with_max_delay(Duration::from_secs(1))
-                    .with_max_times(30),
-            )
-            .notify(
-                |e, delay| tracing::warn!(error = %e, ?delay, "cannot record the job outcome yet"),
-            )
-            .await;
+        // Only the first try leases a next job: a try whose reply was lost may have leased one
+        // already (to a token nobody holds; the reaper takes it back), and every retry doing the
+        // same would strand one more job per lost reply.
+        let first_try = std::sync::atomic::AtomicBool::new(true);
+        let recorded = (|| {
+            let first = first_try.swap(false, std::sync::atomic::Ordering::Relaxed);
+            let chain =
+                first && !self.inner.stop.is_cancelled() && !matches!(outcome, Outcome::Released);
+            queue.complete_and_claim(job, &outcome, chain.then_some(self.inner.settings.lease))
+        })
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(50))
+                .with_max_delay(Duration::from_secs(1))
+                .with_max_times(30),
+        )
+        .notify(|e, delay| tracing::warn!(error = %e, ?delay, "cannot record the job outcome yet"))
+        .await;
         let (recorded, next) = match recorded {
             Ok((recorded, next)) => (Ok(recorded), next),
             Err(e) => (Err(e), None),

@@ -216,19 +216,23 @@ local function requeue(id, queue, attempt, now)
   redis.call('ZADD', set_key(queue, 'pending'), redis.call('HGET', key, 'score'), id)
   emit(id, 'pending', attempt, now)
 end
--- Leases `id`, just popped from `queue`'s pending set, to `token` (the caller adds it to the
--- running set). Returns id, attempt, base, request, traceparent; nil when its record is gone
--- (it expired or was removed), which leaves nothing to run.
+-- Leases `id`, just popped from `queue`'s pending set and already put in its running set (so a
+-- failure below leaves it where the reaper finds it), to `token`. Returns id, attempt, base,
+-- request, traceparent; nil when its record is gone (it expired or was removed), which leaves
+-- nothing to run: it leaves the running set again.
 local function lease_popped(queue, id, token, now)
   local key = job_key(id)
   local job = redis.call('HMGET', key, 'attempt', 'base', 'request', 'traceparent', 'job_type')
-  if not job[1] then return nil end
+  if not job[1] then
+    redis.call('ZREM', set_key(queue, 'running'), id)
+    return nil
+  end
   local attempt = tonumber(job[1]) + 1
   redis.call('HSET', key, 'attempt', attempt, 'state', 'running', 'owner', token,
     'started_at', now, 'updated_at', now)
   emit(id, 'running', attempt, now, nil, nil,
-    {queue = queue, job_type = job[5], traceparent = job[4]})
-  return {id, tostring(attempt), job[2], job[3], job[4] or ''}
+    {queue = queue, job_type = job[5] or '', traceparent = job[4]})
+  return {id, tostring(attempt), job[2] or '0', job[3] or '', job[4] or ''}
 end
 "#;
 
@@ -276,16 +280,19 @@ local popped = redis.call('ZPOPMIN', set_key(queue, 'pending'), tonumber(ARGV[6]
 local out = {}
 if #popped == 0 then return out end
 local now = now_ms()
+-- Into the running set first, all at once: from here on a popped job is always in a set.
 local leases = {}
+for i = 1, #popped, 2 do
+  table.insert(leases, now + lease)
+  table.insert(leases, popped[i])
+end
+redis.call('ZADD', set_key(queue, 'running'), unpack(leases))
 for i = 1, #popped, 2 do
   local leased = lease_popped(queue, popped[i], token, now)
   if leased then
-    table.insert(leases, now + lease)
-    table.insert(leases, popped[i])
     for _, v in ipairs(leased) do table.insert(out, v) end
   end
 end
-if #leases > 0 then redis.call('ZADD', set_key(queue, 'running'), unpack(leases)) end
 return out
 "#;
 
@@ -299,8 +306,9 @@ return 1
 "#;
 
 /// Per job, ARGV: queue, id, token, state, error, result, delay_ms, next_token, lease_ms. Answers
-/// {1} when recorded, {0} when the job is not ours any more; when `next_token` is not empty, the
-/// highest-priority pending job of the queue is leased to it in the same step and its id,
+/// {1} when recorded, {0} when the job is not ours any more; when it was recorded and
+/// `next_token` is not empty, the highest-priority pending job of the queue is leased to it in
+/// the same step and its id,
 /// attempt, base, request and traceparent follow (as `CLAIM` answers them), so a busy worker goes
 /// from one job to the next without a claim round trip. Many completions per call (see
 /// `Batcher`).
@@ -328,15 +336,22 @@ local function record(queue, id, token, state, err, result, delay)
   end
   return 1
 end
-return each(9, function(queue, id, token, state, err, result, delay, next_token, lease)
-  local out = {tostring(record(queue, id, token, state, err, result, delay))}
-  if next_token == '' then return out end
+local function lease_next(queue, token, lease)
   local popped = redis.call('ZPOPMIN', set_key(queue, 'pending'), 1)
-  if #popped == 0 then return out end
-  local leased = lease_popped(queue, popped[1], next_token, now)
-  if not leased then return out end
+  if #popped == 0 then return nil end
   redis.call('ZADD', set_key(queue, 'running'), now + tonumber(lease), popped[1])
-  for _, v in ipairs(leased) do table.insert(out, v) end
+  return lease_popped(queue, popped[1], token, now)
+end
+return each(9, function(queue, id, token, state, err, result, delay, next_token, lease)
+  local recorded = record(queue, id, token, state, err, result, delay)
+  local out = {tostring(recorded)}
+  -- Only after a recorded completion, and in its own pcall: a failure to lease the next job
+  -- must not turn a recorded completion into an error its caller would retry.
+  if recorded ~= 1 or next_token == '' then return out end
+  local ok, leased = pcall(lease_next, queue, next_token, lease)
+  if ok and leased then
+    for _, v in ipairs(leased) do table.insert(out, v) end
+  end
   return out
 end)
 "#;

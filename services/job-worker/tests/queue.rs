@@ -339,3 +339,36 @@ async fn trimming_the_outbox_keeps_entries_written_after_the_read() {
     queue.outbox_trim(&read[1].id).await.expect("trim again");
     assert_eq!(queue.outbox(100).await.expect("outbox").len(), 1);
 }
+
+#[tokio::test]
+async fn a_claim_that_fails_midway_leaves_the_job_where_the_reaper_finds_it() {
+    let redis = RedisServer::start();
+    let queue = queue(&redis).await;
+    store(&queue, &request("broken", 3)).await;
+    // A record no script writes: the lease cannot count its attempt.
+    let client = redis::Client::open(redis.url()).expect("redis url");
+    let mut raw = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let _: () = redis::AsyncCommands::hset(&mut raw, "herald:job:broken", "attempt", "x")
+        .await
+        .expect("corrupt the record");
+
+    assert!(queue.claim("q", 1, SHORT).await.is_err(), "the claim fails");
+    let running: Vec<String> = redis::AsyncCommands::zrange(&mut raw, "herald:q:q:running", 0, -1)
+        .await
+        .expect("read the running set");
+    assert_eq!(
+        running,
+        ["broken"],
+        "popped from pending, the job is in running, not nowhere"
+    );
+    let _: () = redis::AsyncCommands::hset(&mut raw, "herald:job:broken", "attempt", 0)
+        .await
+        .expect("mend the record");
+    let tick = reap(&queue).await;
+    assert_eq!(tick.reaped, 1);
+    let again = queue.claim("q", 1, SHORT).await.expect("claim").remove(0);
+    assert_eq!(again.id, "broken");
+}
