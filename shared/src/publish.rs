@@ -37,6 +37,10 @@ const PERMISSION_SUBJECTS: usize = 1024;
 const MESSAGE_TOO_LARGE: u64 = 10054;
 const HEADER_TOO_LARGE: u64 = 10097;
 const STREAM_NOT_FOUND: u64 = 10059;
+/// "duplicate message id is in process": another publisher (a second relay or job worker on the
+/// same outbox) is storing a message with this Msg-Id right now. It is no refusal of the message:
+/// a little later the same publish is answered as a duplicate of the stored copy.
+const DUPLICATE_IN_PROCESS: u64 = 10158;
 /// Message schedules disabled on the stream, a schedule pattern or a target it refuses.
 const SCHEDULE_REFUSED: std::ops::RangeInclusive<u64> = 10188..=10190;
 
@@ -126,7 +130,8 @@ pub async fn confirm(js: &jetstream::Context, failure: PublishFailure) -> Publis
 /// failures (`classify`) are set aside at once; a refusal the server answered with (an API error
 /// `classify` does not know to be permanent, or a permission complaint) is the message's own and
 /// worth a few tries before it is set aside; anything else is an outage that every message would
-/// meet, to be waited out without reordering.
+/// meet, to be waited out without reordering. So is "duplicate message id is in process": the
+/// message is being stored by another publisher of the same outbox, and waiting finds it stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     SetAside(PublishFailure),
@@ -144,6 +149,9 @@ pub fn verdict(subject: &str, error: &jetstream::context::PublishError) -> Verdi
             Verdict::Refused(failure)
         }
         PublishFailure::NoStream(_) => Verdict::Outage(failure),
+        PublishFailure::Transient(_) if api_error_code(error) == Some(DUPLICATE_IN_PROCESS) => {
+            Verdict::Outage(failure)
+        }
         PublishFailure::Transient(_) => match error.kind() {
             PublishErrorKind::Other
             | PublishErrorKind::WrongLastMessageId
@@ -289,6 +297,8 @@ mod tests {
         let sequence = jetstream::context::PublishError::new(PublishErrorKind::WrongLastSequence);
         assert!(refused(&verdict("herald.x", &sequence)));
         assert!(outage(&verdict("herald.x", &api_error(10059))));
+        // Another publisher is storing the same Msg-Id: wait, it is no fault of the message.
+        assert!(outage(&verdict("herald.x", &api_error(10158))));
         for kind in [
             PublishErrorKind::TimedOut,
             PublishErrorKind::BrokenPipe,
