@@ -4,7 +4,8 @@
 //!
 //! Round trips are counted from `INFO commandstats`: Redis counts the commands a Lua script runs
 //! as calls too, so only the commands this service sends itself are summed (EVALSHA/EVAL for
-//! every transition, XRANGE/XTRIM (XDEL when parking) for the outbox, SMEMBERS for the reaper's queue list, SCRIPT LOAD).
+//! every transition, XRANGE/XTRIM (XDEL when parking) for the outbox, SMEMBERS for the reaper's
+//! queue list, SCRIPT LOAD).
 //!
 //! `cargo bench -p herald-job-worker --bench throughput` (JOBS=<n> to change the job count,
 //! CONCURRENCY=<n> the pool's size, HERALD_BENCH_REDIS_URL to run against a Redis already

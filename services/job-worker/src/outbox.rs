@@ -174,7 +174,6 @@ impl Outbox {
         if entries.is_empty() {
             return Ok(0);
         }
-        let mut done: Vec<String> = Vec::with_capacity(entries.len());
         let mut acks: Vec<(&OutboxEntry, String, PublishAckFuture)> =
             Vec::with_capacity(entries.len());
         for entry in &entries {
@@ -188,24 +187,23 @@ impl Outbox {
                 },
                 Some("dlq") => {
                     // The dead letter must not overtake the `dead` status sent before it.
-                    self.settle(&mut acks, &mut done).await?;
+                    self.settle(&mut acks).await?;
                     self.dead_letter(entry).await
                 }
                 other => Err(unusable(entry, format!("unknown kind {other:?}"))),
             };
-            match published {
-                Ok(()) => done.push(entry.id.clone()),
-                Err(e) => self.failed(entry, e.into()).await?,
+            if let Err(e) = published {
+                self.failed(entry, e.into()).await?;
             }
         }
-        self.settle(&mut acks, &mut done).await?;
+        self.settle(&mut acks).await?;
         // Every entry read is now published or parked (any other outcome returned above).
         if let Some(last) = entries.last() {
             self.queue.outbox_trim(&last.id).await?;
         }
         let mut refusals = self.refusals.lock().await;
-        for id in &done {
-            refusals.remove(id);
+        for entry in &entries {
+            refusals.remove(&entry.id);
         }
         Ok(entries.len())
     }
@@ -214,15 +212,11 @@ impl Outbox {
     async fn settle(
         &self,
         acks: &mut Vec<(&OutboxEntry, String, PublishAckFuture)>,
-        done: &mut Vec<String>,
     ) -> Result<(), OutboxError> {
         for (entry, subject, ack) in acks.drain(..) {
-            match ack.await {
-                Ok(_) => done.push(entry.id.clone()),
-                Err(error) => {
-                    let failure = OutboxError::Publish { subject, error };
-                    self.failed(entry, failure.into()).await?;
-                }
+            if let Err(error) = ack.await {
+                let failure = OutboxError::Publish { subject, error };
+                self.failed(entry, failure.into()).await?;
             }
         }
         Ok(())

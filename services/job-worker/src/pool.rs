@@ -278,8 +278,7 @@ impl Pool {
 
     /// Records the outcome, retrying while Redis is unreachable, and unless the pool is stopping
     /// (or the job was released for the stop), leases the queue's next job in the same step (on
-    /// the first try only).
-    /// Giving up is safe: the lease expires and the job runs again.
+    /// the first try only). Giving up is safe: the lease expires and the job runs again.
     async fn record(
         &self,
         job: &Claimed,
@@ -291,9 +290,9 @@ impl Pool {
         // Only the first try leases a next job: a try whose reply was lost may have leased one
         // already (to a token nobody holds; the reaper takes it back), and every retry doing the
         // same would strand one more job per lost reply.
-        let first_try = std::sync::atomic::AtomicBool::new(true);
+        let mut first_try = true;
         let recorded = (|| {
-            let first = first_try.swap(false, std::sync::atomic::Ordering::Relaxed);
+            let first = std::mem::replace(&mut first_try, false);
             let chain =
                 first && !self.inner.stop.is_cancelled() && !matches!(outcome, Outcome::Released);
             queue.complete_and_claim(job, &outcome, chain.then_some(self.inner.settings.lease))
@@ -306,13 +305,12 @@ impl Pool {
         )
         .notify(|e, delay| tracing::warn!(error = %e, ?delay, "cannot record the job outcome yet"))
         .await;
+        // A next job is leased only with a recorded completion, whose notify below covers the
+        // leased job's `running` event too.
         let (recorded, next) = match recorded {
             Ok((recorded, next)) => (Ok(recorded), next),
             Err(e) => (Err(e), None),
         };
-        if next.is_some() {
-            self.inner.outbox.notify_one();
-        }
         match recorded {
             Ok(true) => {
                 self.inner.outbox.notify_one();

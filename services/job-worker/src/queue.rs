@@ -308,10 +308,9 @@ return 1
 /// Per job, ARGV: queue, id, token, state, error, result, delay_ms, next_token, lease_ms. Answers
 /// {1} when recorded, {0} when the job is not ours any more; when it was recorded and
 /// `next_token` is not empty, the highest-priority pending job of the queue is leased to it in
-/// the same step and its id,
-/// attempt, base, request and traceparent follow (as `CLAIM` answers them), so a busy worker goes
-/// from one job to the next without a claim round trip. Many completions per call (see
-/// `Batcher`).
+/// the same step and its id, attempt, base, request and traceparent follow (as `CLAIM` answers
+/// them), so a busy worker goes from one job to the next without a claim round trip. Many
+/// completions per call (see `Batcher`).
 const COMPLETE: &str = r#"
 local now = now_ms()
 local function record(queue, id, token, state, err, result, delay)
